@@ -1,0 +1,244 @@
+"""The loader API used by training and benchmarks: sharding, epochs, exact resume, bad-file accounting."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from swav_fast.errors import ConfigError
+
+from .folder import ImageFolderIndex, scan_image_folder
+from .pil import PILMultiCropDataset, Sample
+from .spec import MultiCropSpec
+
+#: Extra stream tag so the shuffle generator never coincides with a per-sample generator.
+_SHUFFLE_TAG = 0x5357_4156
+
+
+@dataclass
+class MultiCropBatch:
+    """One batch: ``views[v]`` is [B, 3, S_v, S_v] (globals first) in the spec's dtype / memory format."""
+
+    views: list[torch.Tensor]
+    labels: torch.Tensor
+    indices: torch.Tensor
+    num_bad: int
+    bad_paths: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def pin_memory(self) -> "MultiCropBatch":
+        """Used by DataLoader(pin_memory=True)."""
+        return MultiCropBatch([v.pin_memory() for v in self.views], self.labels.pin_memory(),
+                              self.indices.pin_memory(), self.num_bad, self.bad_paths)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False,
+           memory_format: torch.memory_format = torch.contiguous_format) -> "MultiCropBatch":
+        dev = torch.device(device)
+        views = [v.to(dev, non_blocking=non_blocking).contiguous(memory_format=memory_format) for v in self.views]
+        return MultiCropBatch(views, self.labels.to(dev, non_blocking=non_blocking),
+                              self.indices.to(dev, non_blocking=non_blocking), self.num_bad, self.bad_paths)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The global sample order of ``epoch`` (same on every rank)."""
+    return np.random.default_rng([int(seed), int(epoch), 0, _SHUFFLE_TAG]).permutation(n)
+
+
+class MultiCropLoader:
+    """Base loader: deterministic sharded order per epoch, ``start_batch`` resume, bad-sample counts.
+
+    Order: a permutation from ``(seed, epoch)``; with ``drop_last`` it is truncated to a multiple of
+    ``world_size`` (ranks strictly disjoint), otherwise padded by wrapping (ranks jointly cover every
+    sample).  Rank ``r`` takes every ``world_size``-th sample from position ``r``.  Backends override
+    :meth:`_iterate`.
+    """
+
+    def __init__(self, index: ImageFolderIndex, spec: MultiCropSpec, batch_size: int, device: Any = "cpu",
+                 rank: int = 0, world_size: int = 1, seed: int = 0, drop_last: bool = True) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size: must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"rank/world_size: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if seed < 0:
+            raise ConfigError(f"seed: must be >= 0, got {seed}")
+        self.index = index
+        self.spec = spec
+        self.batch_size = int(batch_size)
+        self.device = torch.device(device)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.epoch = 0
+        self.start_batch = 0
+        self.num_bad = 0
+        self.bad_paths: list[str] = []
+        n = len(index)
+        self.num_samples = n // self.world_size if self.drop_last else -(-n // self.world_size)
+        if self.drop_last and self.num_samples < self.batch_size:
+            raise ConfigError(f"batch_size {batch_size} x world_size {world_size} is larger than the dataset "
+                              f"({n} images) with drop_last; no full batch per epoch")
+
+    @property
+    def classes(self) -> list[str]:
+        return self.index.classes
+
+    @property
+    def dataset_size(self) -> int:
+        return len(self.index)
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank."""
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return -(-self.num_samples // self.batch_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch's order; skip the first ``start_batch`` batches of this rank (exact resume).
+
+        Holds for every following pass until the next call: call it once per epoch, like DistributedSampler.
+        """
+        if epoch < 0:
+            raise ConfigError(f"epoch: must be >= 0, got {epoch}")
+        if not 0 <= start_batch <= len(self):
+            raise ConfigError(f"start_batch: must be in [0, {len(self)}], got {start_batch}")
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def epoch_indices(self, epoch: int | None = None) -> np.ndarray:
+        """This rank's sample indices for ``epoch`` (all of them, before batching)."""
+        epoch = self.epoch if epoch is None else epoch
+        perm = epoch_permutation(len(self.index), self.seed, epoch)
+        total = self.num_samples * self.world_size
+        if total > len(perm):
+            perm = np.concatenate([perm, np.resize(perm, total - len(perm))])
+        return perm[:total][self.rank::self.world_size]
+
+    def batch_indices(self, epoch: int | None = None, start_batch: int | None = None) -> list[np.ndarray]:
+        """This rank's batches (index arrays) for ``epoch``, from ``start_batch`` on."""
+        idx = self.epoch_indices(epoch)
+        start = self.start_batch if start_batch is None else start_batch
+        return [idx[b * self.batch_size:(b + 1) * self.batch_size] for b in range(start, len(self))]
+
+    def __iter__(self) -> Iterator[MultiCropBatch]:
+        non_blocking = self.device.type == "cuda"
+        fmt = torch.channels_last if self.spec.channels_last else torch.contiguous_format
+        for batch in self._iterate(self.epoch, self.batch_indices()):
+            batch = batch.to(self.device, non_blocking=non_blocking, memory_format=fmt)
+            self.num_bad += batch.num_bad
+            self.bad_paths.extend(batch.bad_paths)
+            yield batch
+
+    def _iterate(self, epoch: int, batches: list[np.ndarray]) -> Iterator[MultiCropBatch]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release workers (if any)."""
+
+
+# -- PIL backend ---------------------------------------------------------------------------------
+class _EpochItems(Dataset):
+    """Dataset over ``(epoch, index)`` keys, so persistent workers never need a set_epoch broadcast."""
+
+    def __init__(self, dataset: PILMultiCropDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Sample:
+        epoch, i = key
+        s = self.dataset.load(i, epoch)
+        s.params = []  # not needed by the loader; keep IPC small
+        return s
+
+
+class _BatchList:
+    """A batch sampler whose batches are replaced before every pass."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class Collate:
+    """Stack samples into a CPU :class:`MultiCropBatch` in the spec's dtype and memory format."""
+
+    def __init__(self, spec: MultiCropSpec) -> None:
+        self.dtype = spec.torch_dtype
+        self.fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
+        self.num_views = spec.num_views
+
+    def __call__(self, samples: Sequence[Sample]) -> MultiCropBatch:
+        views = [torch.stack([s.views[v] for s in samples]).to(self.dtype).contiguous(memory_format=self.fmt)
+                 for v in range(self.num_views)]
+        return MultiCropBatch(
+            views=views,
+            labels=torch.tensor([s.label for s in samples], dtype=torch.int64),
+            indices=torch.tensor([s.index for s in samples], dtype=torch.int64),
+            num_bad=sum(not s.ok for s in samples),
+            bad_paths=[p for s in samples for p in s.bad_paths])
+
+
+class PILLoader(MultiCropLoader):
+    """PIL decode + augment in DataLoader worker processes (the official-style reference)."""
+
+    def __init__(self, index: ImageFolderIndex, spec: MultiCropSpec, batch_size: int, device: Any = "cpu",
+                 rank: int = 0, world_size: int = 1, seed: int = 0, num_workers: int = 0,
+                 drop_last: bool = True, prefetch_factor: int = 4) -> None:
+        super().__init__(index, spec, batch_size, device, rank, world_size, seed, drop_last)
+        if num_workers < 0:
+            raise ConfigError(f"num_workers: must be >= 0, got {num_workers}")
+        self.dataset = PILMultiCropDataset(index, spec, seed)
+        self._sampler = _BatchList()
+        extra: dict[str, Any] = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if num_workers else {}
+        self._loader = DataLoader(_EpochItems(self.dataset), batch_sampler=self._sampler, num_workers=num_workers,
+                                  collate_fn=Collate(spec), pin_memory=self.device.type == "cuda", **extra)
+
+    def _iterate(self, epoch: int, batches: list[np.ndarray]) -> Iterator[MultiCropBatch]:
+        self._sampler.batches = [[(epoch, int(i)) for i in b] for b in batches]
+        return iter(self._loader)
+
+    def close(self) -> None:
+        it = getattr(self._loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._loader._iterator = None
+
+
+# -- registry ------------------------------------------------------------------------------------
+LoaderFactory = Callable[..., MultiCropLoader]
+_BACKENDS: dict[str, LoaderFactory] = {}
+
+
+def register_backend(name: str, factory: LoaderFactory) -> None:
+    """Register ``factory(index, spec, batch_size, device=, rank=, world_size=, seed=, num_workers=, drop_last=)``."""
+    _BACKENDS[name] = factory
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+register_backend("pil", PILLoader)
+
+
+def build_loader(source: str | os.PathLike[str] | ImageFolderIndex, spec: MultiCropSpec, batch_size: int,
+                 backend: str = "pil", device: Any = "cpu", rank: int = 0, world_size: int = 1, seed: int = 0,
+                 num_workers: int = 0, drop_last: bool = True) -> MultiCropLoader:
+    """A multi-crop loader over an ImageFolder path (or a pre-scanned :class:`ImageFolderIndex`)."""
+    if backend not in _BACKENDS:
+        raise ConfigError(f"unknown loader backend {backend!r}; valid: {', '.join(available_backends())}")
+    index = source if isinstance(source, ImageFolderIndex) else scan_image_folder(source)
+    return _BACKENDS[backend](index, spec, batch_size, device=device, rank=rank, world_size=world_size,
+                              seed=seed, num_workers=num_workers, drop_last=drop_last)

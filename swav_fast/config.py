@@ -1,0 +1,294 @@
+"""Typed configuration: dataclasses, YAML recipes and ``section.key=value`` overrides.
+
+A config is :class:`Config`; recipes in ``swav_fast/recipes/*.yaml`` (or any YAML path) give values
+for some of its fields. Unknown keys and wrong types are rejected with the list of valid keys;
+impossible combinations are rejected by :meth:`Config.validate` before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from pipelines.spec import MultiCropSpec
+from swav_fast.errors import ConfigError
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"
+    hidden_dim: int = 2048
+    feat_dim: int = 128
+    num_prototypes: int = 3000
+    sync_bn: bool = False
+
+
+@dataclass
+class SwAVConfig:
+    temperature: float = 0.1
+    epsilon: float = 0.05
+    sinkhorn_iterations: int = 3
+    crops_for_assign: list[int] = field(default_factory=lambda: [0, 1])
+    queue_length: int = 0  # global queue length (split over ranks); 0 = no queue
+    epoch_queue_starts: int = 15
+    freeze_prototypes_niters: int = 313
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 100
+    batch_size: int = 64  # per process
+    base_lr: float = 4.8
+    final_lr: float = 0.0048
+    warmup_epochs: float = 10
+    start_warmup: float = 0.3
+    momentum: float = 0.9
+    weight_decay: float = 1e-6
+    lars: bool = True
+    trust_coefficient: float = 0.001
+    exclude_bias_and_norm: bool = True
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in dataset, generated once into ``cache_dir`` when ``data.path`` is empty."""
+    train_images: int = 2000
+    val_images: int = 500
+    classes: int = 10
+    size: list[int] = field(default_factory=lambda: [500, 375])
+    seed: int = 0
+    cache_dir: str = "~/.cache/swav-fast"
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None  # ImageFolder; None = built-in synthetic dataset
+    loader: str = "pil"
+    workers: int = 8
+    crops: MultiCropSpec = field(default_factory=MultiCropSpec)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class EvalConfig:
+    knn_data: Optional[str] = None  # folder with train/ and val/ (default: the synthetic set)
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    image_size: int = 224
+    batch_size: int = 128
+    at_end: bool = True  # kNN (trained vs random init) at the end of training
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/swav"
+    seed: int = 31
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    channels_last: bool = True  # on GPU
+    log_every: int = 10
+    checkpoint_every_steps: int = 0  # 0 = only at epoch ends
+    checkpoint_every_epochs: int = 1
+    keep_checkpoints: int = 3
+    max_steps: int = 0  # stop after this many steps (0 = run all epochs); the schedule is unchanged
+    tensorboard: bool = False
+    progress: bool = True
+    threads: int = 0  # torch CPU threads (0 = torch default)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    swav: SwAVConfig = field(default_factory=SwAVConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self, world_size: int = 1) -> "Config":
+        """Reject impossible combinations before any work; returns self."""
+        spec = self.data.crops
+        num_views = sum(spec.num_crops)
+        bad = [i for i in self.swav.crops_for_assign if not 0 <= i < num_views]
+        if bad or not self.swav.crops_for_assign:
+            raise ConfigError(f"swav.crops_for_assign={self.swav.crops_for_assign} must be non-empty view "
+                              f"indices in [0, {num_views - 1}] (there are {num_views} crops)")
+        if num_views < 2:
+            raise ConfigError("data.crops must give at least 2 views (swapped prediction needs a pair)")
+        if self.optim.batch_size < 1:
+            raise ConfigError(f"optim.batch_size={self.optim.batch_size} must be >= 1 (per process)")
+        global_batch = self.optim.batch_size * world_size
+        if self.swav.queue_length:
+            if self.swav.queue_length % global_batch:
+                lower = self.swav.queue_length - self.swav.queue_length % global_batch
+                raise ConfigError(
+                    f"swav.queue_length={self.swav.queue_length} must be a multiple of the global batch "
+                    f"{global_batch} (optim.batch_size {self.optim.batch_size} x world size {world_size}); "
+                    f"try {lower or global_batch} or {lower + global_batch}")
+        if self.optim.epochs < 1:
+            raise ConfigError(f"optim.epochs={self.optim.epochs} must be >= 1")
+        if self.optim.warmup_epochs > self.optim.epochs:
+            raise ConfigError(f"optim.warmup_epochs={self.optim.warmup_epochs} exceeds optim.epochs="
+                              f"{self.optim.epochs}")
+        if self.train.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"train.precision={self.train.precision!r}: valid are auto, fp32, bf16, fp16")
+        if self.swav.epsilon <= 0 or self.swav.temperature <= 0:
+            raise ConfigError("swav.epsilon and swav.temperature must be > 0")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# dict / YAML <-> dataclass
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """All dotted keys of a config class, e.g. ``optim.base_lr``."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for name in _fields(cls):
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            keys += valid_keys(tp, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert a YAML value to the annotated type; errors name the key."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if origin is list:
+        (elem,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a (nested) dict; unknown keys raise with the valid ones."""
+    if data is None:
+        data = {}
+    hints = typing.get_type_hints(cls)
+    known = _fields(cls)
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; valid keys under "
+                          f"'{prefix.rstrip('.') or 'top level'}': {', '.join(known)}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from exc
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def read_recipe(name_or_path: str) -> dict[str, Any]:
+    """A recipe by name (``swav_fast/recipes/NAME.yaml``) or path; ``base:`` keys chain recipes."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = RECIPE_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"recipe {name_or_path!r} not found (a YAML path, or one of: "
+                          f"{', '.join(available_recipes())})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of sections")
+    base = data.pop("base", None)
+    return _merge(read_recipe(base), data) if base else data
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``optim.base_lr=0.6`` -> ``{"optim": {"base_lr": 0.6}}`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | None = None,
+                extra: dict[str, Any] | None = None) -> Config:
+    """Recipe (or defaults) + dict ``extra`` + ``key=value`` overrides, type-checked."""
+    data: dict[str, Any] = read_recipe(recipe) if recipe else {}
+    if extra:
+        data = _merge(data, extra)
+    for o in overrides or []:
+        data = _merge(data, parse_override(o))
+    return from_dict(Config, data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

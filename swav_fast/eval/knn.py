@@ -1,0 +1,144 @@
+"""Weighted k-nearest-neighbour evaluation of frozen trunk features."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from pipelines.folder import ImageFolderIndex, scan_image_folder
+from swav_fast.errors import DataError
+
+log = logging.getLogger("swav_fast")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.228, 0.224, 0.225)
+
+
+def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                num_classes: int, k: int = 20, temperature: float = 0.07,
+                chunk: int = 1024) -> torch.Tensor:
+    r"""Class predictions by similarity-weighted voting of the k nearest training samples.
+
+    With L2-normalised features, each test sample x takes its k most cosine-similar training samples
+    :math:`\mathcal{N}_k(x)` and predicts :math:`\arg\max_c \sum_{i \in \mathcal{N}_k(x)}
+    \exp(\langle x, x_i \rangle / T)\,[y_i = c]` (Wu et al., 2018).
+    """
+    train_features = F.normalize(train_features.float(), dim=1)
+    test_features = F.normalize(test_features.float(), dim=1)
+    k = min(k, train_features.shape[0])
+    preds = []
+    for start in range(0, test_features.shape[0], chunk):
+        sim = test_features[start:start + chunk] @ train_features.t()
+        top_sim, top_idx = sim.topk(k, dim=1)
+        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
+        votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
+        preds.append(votes.argmax(dim=1))
+    return torch.cat(preds)
+
+
+def eval_transform(image_size: int) -> transforms.Compose:
+    """Resize the short side to ``size * 256/224``, centre crop ``size``, normalise."""
+    return transforms.Compose([
+        transforms.Resize(int(round(image_size * 256 / 224))),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class _EvalFolder(Dataset):
+    """Centre-cropped images of an ImageFolder; unreadable files give ``None`` (dropped, counted)."""
+
+    def __init__(self, index: ImageFolderIndex, image_size: int):
+        self.index = index
+        self.transform = eval_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.index.samples)
+
+    def __getitem__(self, i: int):
+        rel, label = self.index.samples[i]
+        try:
+            with Image.open(Path(self.index.root) / rel) as img:
+                return self.transform(img.convert("RGB")), label
+        except Exception as exc:  # corrupt / truncated / not an image
+            log.warning("skipping unreadable image %s: %s", rel, exc)
+            return None
+
+
+def _collate(items):
+    items = [it for it in items if it is not None]
+    if not items:
+        return None
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+@torch.no_grad()
+def extract_features(trunk: nn.Module, folder: str | Path | ImageFolderIndex, image_size: int = 224,
+                     batch_size: int = 128, device: str | torch.device = "cpu",
+                     workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised trunk features ``[N, D]`` and labels ``[N]`` of a folder (eval mode)."""
+    index = folder if isinstance(folder, ImageFolderIndex) else scan_image_folder(folder)
+    loader = DataLoader(_EvalFolder(index, image_size), batch_size=batch_size, num_workers=workers,
+                        collate_fn=_collate)
+    was_training = trunk.training
+    trunk.eval()
+    feats, labels = [], []
+    device = torch.device(device)
+    for batch in loader:
+        if batch is None:
+            continue
+        x, y = batch
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            f = trunk(x.to(device, non_blocking=True))
+        feats.append(F.normalize(f.float(), dim=1).cpu())
+        labels.append(y)
+    trunk.train(was_training)
+    if not feats:
+        raise DataError(f"no readable images in {index.root}")
+    return torch.cat(feats), torch.cat(labels)
+
+
+def split_dirs(data: str | Path) -> tuple[Path, Path]:
+    """``DATA/train`` and ``DATA/val`` (both must exist)."""
+    data = Path(data)
+    train, val = data / "train", data / "val"
+    if not data.exists():
+        raise DataError(f"kNN data folder {data} does not exist")
+    if not (train.is_dir() and val.is_dir()):
+        raise DataError(f"kNN data folder {data} must contain train/ and val/ ImageFolders")
+    return train, val
+
+
+@dataclass
+class KNNResult:
+    top1: float  # percent
+    k: int
+    temperature: float
+    num_train: int
+    num_val: int
+    num_classes: int
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def knn_eval(trunk: nn.Module, data: str | Path, image_size: int = 224, k: int = 20,
+             temperature: float = 0.07, batch_size: int = 128, device: str | torch.device = "cpu",
+             workers: int = 0) -> KNNResult:
+    """kNN top-1 (%) of ``trunk``: the bank is ``data/train``, queries are ``data/val``."""
+    train_dir, val_dir = split_dirs(data)
+    train_index, val_index = scan_image_folder(train_dir), scan_image_folder(val_dir)
+    if train_index.classes != val_index.classes:
+        raise DataError(f"{train_dir} and {val_dir} have different class folders")
+    ftr, ytr = extract_features(trunk, train_index, image_size, batch_size, device, workers)
+    fva, yva = extract_features(trunk, val_index, image_size, batch_size, device, workers)
+    pred = knn_predict(ftr, ytr, fva, len(train_index.classes), k, temperature)
+    top1 = 100.0 * (pred == yva).float().mean().item()
+    return KNNResult(top1, k, temperature, len(ytr), len(yva), len(train_index.classes))

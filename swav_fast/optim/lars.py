@@ -1,0 +1,84 @@
+"""LARS: SGD with momentum whose step is scaled per layer by a trust ratio."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+from torch.optim import Optimizer
+
+
+class LARS(Optimizer):
+    r"""Layer-wise adaptive rate scaling around SGD with momentum (as SwAV's apex LARC, no clipping).
+
+    For a parameter :math:`w` with gradient :math:`g` in a group with weight decay :math:`\lambda`:
+
+    .. math::
+        \eta = \frac{\text{trust} \cdot \lVert w \rVert}{\lVert g \rVert + \lambda \lVert w \rVert + \epsilon},
+        \qquad d = \eta\,(g + \lambda w) \quad (d = g \text{ if a norm is } 0),\\
+        m \leftarrow \mu\, m + d, \qquad w \leftarrow w - \text{lr}\cdot m
+
+    Groups with ``lars_exclude=True`` (biases, norm layers) get neither adaptation nor weight decay:
+    :math:`d = g`. No host synchronisation: the step can be captured in a CUDA graph, and ``lr`` may
+    be a 0-d tensor.
+    """
+
+    def __init__(self, params: Iterable, lr: float | torch.Tensor = 0.1, momentum: float = 0.9,
+                 weight_decay: float = 1e-6, trust_coefficient: float = 0.001, eps: float = 1e-8):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        trust_coefficient=trust_coefficient, eps=eps, lars_exclude=False)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["lars_exclude"]:
+                updates = grads
+            else:
+                wd, eps, trust = group["weight_decay"], group["eps"], group["trust_coefficient"]
+                p_norms = torch._foreach_norm(params)
+                g_norms = torch._foreach_norm(grads)
+                updates = []
+                for p, g, pn, gn in zip(params, grads, p_norms, g_norms):
+                    # apex LARC leaves g untouched (no decay either) where a norm is zero
+                    ok = (pn > 0) & (gn > 0)
+                    ratio = trust * pn / (gn + wd * pn + eps)
+                    d = g.add(p, alpha=wd).mul_(ratio)
+                    updates.append(torch.where(ok, d, g))
+            bufs = []
+            for p, d in zip(params, updates):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, updates)
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor):
+                torch._foreach_add_(params, torch._foreach_mul(bufs, -lr))
+            else:
+                torch._foreach_add_(params, bufs, alpha=-lr)
+        return loss
+
+
+def is_excluded(name: str, param: nn.Parameter) -> bool:
+    """Biases and normalisation parameters (1-d tensors) skip LARS adaptation and weight decay."""
+    return param.ndim <= 1 or name.endswith(".bias")
+
+
+def lars_param_groups(model: nn.Module, exclude_bias_and_norm: bool = True) -> list[dict]:
+    """Two groups: adapted (weights) and excluded (biases, BN/LN) parameters."""
+    adapted, excluded = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (excluded if exclude_bias_and_norm and is_excluded(name, p) else adapted).append(p)
+    groups = [{"params": adapted}]
+    if excluded:
+        groups.append({"params": excluded, "lars_exclude": True, "weight_decay": 0.0})
+    return groups

@@ -1,0 +1,38 @@
+"""FIFO feature queue (per rank) that enlarges the batch Sinkhorn sees when batches are small."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class FeatureQueue(nn.Module):
+    """``slots`` independent FIFO queues of ``length`` embeddings of size ``dim``.
+
+    ``push`` inserts the newest embeddings at the front (oldest fall off the end); ``is_full`` is
+    True once ``length`` embeddings have been pushed, and only then should the queue be used. The
+    buffers are part of ``state_dict`` so checkpoints carry the queue.
+    """
+
+    def __init__(self, slots: int, length: int, dim: int):
+        super().__init__()
+        self.register_buffer("items", torch.zeros(slots, length, dim))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    @property
+    def length(self) -> int:
+        return self.items.shape[1]
+
+    def is_full(self) -> bool:
+        return int(self.count) >= self.length
+
+    @torch.no_grad()
+    def push(self, embeddings: torch.Tensor) -> None:
+        """``embeddings``: ``[slots, B, dim]``, newest first after the call."""
+        b = embeddings.shape[1]
+        self.items[:, b:] = self.items[:, :-b].clone()
+        self.items[:, :b] = embeddings.detach().to(self.items.dtype)
+        self.count += b
+
+    def reset(self) -> None:
+        self.items.zero_()
+        self.count.zero_()

@@ -1,0 +1,43 @@
+"""Run logging: JSON lines (one record per line, appended and flushed) and optional TensorBoard."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+class RunLog:
+    """Appends ``{"kind": ..., "time": ..., **fields}`` records to ``run_dir/metrics.jsonl``."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = False, enabled: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self._tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:  # tensorboard is an optional extra
+                raise ImportError("train.tensorboard=true needs the 'tensorboard' extra: "
+                                  "pip install 'swav-fast[tensorboard]'") from exc
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def write(self, kind: str, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "time": round(time.time(), 3), **fields}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None and "step" in fields:
+            for key, value in fields.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"{kind}/{key}", value, fields["step"])
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

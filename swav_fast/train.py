@@ -1,0 +1,287 @@
+"""SwAV pretraining, readable top to bottom: data, model, objective, optimiser, loop, checkpoints.
+
+Library entry point: :func:`train` (the ``swav-fast train`` command is a thin layer over it).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipelines import build_loader
+from swav_fast import checkpoint as ckpt
+from swav_fast.distributed import world_size
+from swav_fast.config import Config, save_config
+from swav_fast.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+from swav_fast.eval.knn import knn_eval
+from swav_fast.methods.swav import SwAVObjective
+from swav_fast.models import SwAVModel
+from swav_fast.optim import LARS, lars_param_groups, warmup_cosine_lr
+from swav_fast.runlog import RunLog
+from swav_fast.step import TrainStep
+
+log = logging.getLogger("swav_fast")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available on this machine")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def synthetic_root(cfg: Config) -> Path:
+    """Generate (once, cached) and return the built-in dataset folder with ``train/`` and ``val/``."""
+    from swav_fast.data.synthetic import generate_synthetic
+
+    s = cfg.data.synthetic
+    w, h = s.size
+    root = Path(os.path.expanduser(s.cache_dir)) / (
+        f"synthetic-c{s.classes}-n{s.train_images}-v{s.val_images}-{w}x{h}-s{s.seed}")
+    generate_synthetic(root / "train", s.train_images, s.classes, (w, h), seed=s.seed,
+                       progress=cfg.train.progress)
+    generate_synthetic(root / "val", s.val_images, s.classes, (w, h), seed=s.seed + 7919,
+                       progress=cfg.train.progress)
+    return root
+
+
+def check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise DataError(f"output folder {folder} is not writable: {exc.strerror or exc}") from exc
+
+
+def build_model(cfg: Config) -> SwAVModel:
+    m = cfg.model
+    return SwAVModel(m.arch, m.hidden_dim, m.feat_dim, m.num_prototypes)
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    groups = lars_param_groups(model, o.exclude_bias_and_norm)
+    if o.lars:
+        return LARS(groups, lr=o.base_lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                    trust_coefficient=o.trust_coefficient)
+    for g in groups:
+        g.pop("lars_exclude", None)
+    return torch.optim.SGD(groups, lr=o.base_lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    steps: int
+    epochs: int
+    seconds: float
+    images_per_s: float
+    last_loss: float
+    knn: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """Holds a run's state; :meth:`fit` runs it. Build from a validated :class:`Config`."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg.validate()
+        t = cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.device = resolve_device(t.device)
+        self.run_dir = Path(t.output_dir)
+        check_writable(self.run_dir)
+        seed_everything(t.seed)
+
+        # data
+        self.knn_data: Path | None = Path(cfg.eval.knn_data) if cfg.eval.knn_data else None
+        if cfg.data.path:
+            data_path = Path(cfg.data.path)
+        else:
+            root = synthetic_root(cfg)
+            data_path = root / "train"
+            self.knn_data = self.knn_data or root
+        self.loader = build_loader(data_path, cfg.data.crops, cfg.optim.batch_size, backend=cfg.data.loader,
+                                   device=self.device, seed=t.seed, num_workers=cfg.data.workers)
+        self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{data_path} has fewer images ({self.loader.num_samples}) than one batch "
+                            f"({cfg.optim.batch_size})")
+        self.total_steps = cfg.optim.epochs * self.steps_per_epoch
+        self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
+
+        # model, objective, optimiser, step
+        torch.manual_seed(t.seed)  # the same seed gives the same init (evaluate_knn relies on it)
+        self.model = build_model(cfg).to(self.device)
+        channels_last = t.channels_last and self.device.type == "cuda"
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        s = cfg.swav
+        self.objective = SwAVObjective(sum(cfg.data.crops.num_crops), s.crops_for_assign, s.temperature,
+                                       s.epsilon, s.sinkhorn_iterations, s.queue_length // world_size(),
+                                       cfg.model.feat_dim
+                                       ).to(self.device)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.step_fn = TrainStep(self.model, self.objective, self.optimizer, self.device, t.precision,
+                                 channels_last, s.freeze_prototypes_niters)
+        self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
+        self.runlog = RunLog(self.run_dir, t.tensorboard)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": "swav-fast/1",
+            "model": self.model.state_dict(),
+            "objective": self.objective.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.step_fn.scaler.state_dict(),
+            "epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
+            "rng": ckpt.rng_state(),
+            "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            self.objective.load_state_dict(state["objective"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("scaler"):
+                self.step_fn.scaler.load_state_dict(state["scaler"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint does not match this config/model: "
+                                  f"{str(exc).splitlines()[0]}") from exc
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+        ckpt.set_rng_state(state["rng"])
+
+    def save_checkpoint(self) -> Path:
+        path = ckpt.checkpoint_path(self.run_dir, self.step)
+        ckpt.atomic_save(self.state_dict(), path)
+        ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        self.runlog.write("checkpoint", step=self.step, epoch=self.epoch, path=str(path))
+        return path
+
+    def resume(self, how: str) -> bool:
+        """``auto``: newest loadable checkpoint of the run folder (none: start fresh); else a path."""
+        if how == "auto":
+            found = ckpt.latest_valid_checkpoint(self.run_dir, log=log.warning)
+            if found is None:
+                log.info("no checkpoint in %s: starting from scratch", self.run_dir)
+                return False
+            path, state = found
+        else:
+            path, state = Path(how), ckpt.load_checkpoint(how)
+        self.load_state_dict(state)
+        log.info("resumed from %s (epoch %d, step %d)", path, self.epoch, self.step)
+        self.runlog.write("resume", step=self.step, epoch=self.epoch, path=str(path))
+        return True
+
+    # -- loop ----------------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        o = self.cfg.optim
+        return warmup_cosine_lr(step, self.total_steps, self.warmup_steps, o.base_lr, o.final_lr,
+                                o.start_warmup)
+
+    def _done(self) -> bool:
+        max_steps = self.cfg.train.max_steps
+        return self.step >= self.total_steps or bool(max_steps and self.step >= max_steps)
+
+    def fit(self) -> TrainResult:
+        cfg, t = self.cfg, self.cfg.train
+        save_config(cfg, self.run_dir / "config.yaml")
+        start_time, start_step, images = time.perf_counter(), self.step, 0
+        last_loss = float("nan")
+        batch = cfg.optim.batch_size
+        while not self._done():
+            epoch_start_step = self.step
+            self.objective.queue_active = (cfg.swav.queue_length > 0
+                                           and self.epoch >= cfg.swav.epoch_queue_starts)
+            self.loader.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
+            bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch, disable=not t.progress,
+                       desc=f"epoch {self.epoch}", dynamic_ncols=True, leave=False)
+            tick, tick_images = time.perf_counter(), 0
+            for data in self.loader:
+                lr = self.lr_at(self.step)
+                loss = self.step_fn(data.views, lr, self.step)
+                self.step += 1
+                self.batch_in_epoch += 1
+                images += batch
+                tick_images += batch
+                bar.update(1)
+                if self.step % t.log_every == 0 or self.batch_in_epoch == self.steps_per_epoch:
+                    last_loss = float(loss)
+                    if not math.isfinite(last_loss):
+                        raise TrainingDiverged(
+                            f"loss is {last_loss} at step {self.step}; the last checkpoint in "
+                            f"{self.run_dir / 'checkpoints'} is intact. Try a later/shorter queue, a smaller "
+                            "swav.epsilon (e.g. 0.03) or a longer prototype freeze")
+                    now = time.perf_counter()
+                    ips = tick_images / max(now - tick, 1e-9)
+                    tick, tick_images = now, 0
+                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.4g}", img_s=f"{ips:.1f}")
+                    self.runlog.write("step", step=self.step, epoch=self.epoch, loss=last_loss, lr=lr,
+                                      images_per_s=round(ips, 2), bad_images=self.loader.num_bad)
+                if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0:
+                    self.save_checkpoint()
+                if self._done():
+                    break
+            bar.close()
+            if self.batch_in_epoch >= self.steps_per_epoch:
+                self.runlog.write("epoch", step=self.step, epoch=self.epoch, loss=last_loss,
+                                  steps=self.step - epoch_start_step, bad_images=self.loader.num_bad)
+                log.info("epoch %d done: step %d, loss %.4f, bad images so far %d", self.epoch, self.step,
+                         last_loss, self.loader.num_bad)
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                if t.checkpoint_every_epochs and self.epoch % t.checkpoint_every_epochs == 0:
+                    self.save_checkpoint()
+        if not ckpt.checkpoint_path(self.run_dir, self.step).exists():
+            self.save_checkpoint()
+        seconds = time.perf_counter() - start_time
+        result = TrainResult(str(self.run_dir), self.step, self.epoch, seconds,
+                             images / max(seconds, 1e-9) if self.step > start_step else 0.0, last_loss)
+        if cfg.eval.at_end and self.knn_data is not None:
+            result.knn = self.evaluate_knn()
+        self.runlog.write("done", **{k: v for k, v in result.__dict__.items() if k != "knn"})
+        self.runlog.close()
+        return result
+
+    def evaluate_knn(self) -> dict[str, Any]:
+        """kNN top-1 of the trained trunk and of the same trunk at its random initialisation."""
+        e = self.cfg.eval
+        kw = dict(image_size=e.image_size, k=e.knn_k, temperature=e.knn_temperature,
+                  batch_size=e.batch_size, device=self.device)
+        trained = knn_eval(self.model.trunk, self.knn_data, **kw)
+        torch.manual_seed(self.cfg.train.seed)
+        random_init = knn_eval(build_model(self.cfg).to(self.device).trunk, self.knn_data, **kw)
+        out = {"trained_top1": trained.top1, "random_init_top1": random_init.top1, **{
+            k: v for k, v in trained.as_dict().items() if k != "top1"}}
+        self.runlog.write("knn", step=self.step, **out)
+        return out
+
+
+def train(cfg: Config, resume: str | None = None) -> TrainResult:
+    """Run (or continue, with ``resume="auto"`` or a checkpoint path) a pretraining."""
+    trainer = Trainer(cfg)
+    if resume:
+        trainer.resume(resume)
+    return trainer.fit()

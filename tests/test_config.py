@@ -1,0 +1,65 @@
+"""Typed config: recipes load, overrides apply, bad keys/types/combinations are rejected clearly."""
+import pytest
+
+from swav_fast.config import Config, available_recipes, load_config, parse_override, valid_keys
+from swav_fast.errors import ConfigError
+
+
+@pytest.mark.parametrize("name", available_recipes())
+def test_every_recipe_loads_and_validates(name):
+    cfg = load_config(name)
+    world = 64 if "bs4096" in name else 4 if "bs256" in name else 1
+    cfg.validate(world_size=world)
+    assert cfg.optim.batch_size * world in ({4096, 256} if world > 1 else {cfg.optim.batch_size})
+
+
+def test_paper_recipes():
+    big = load_config("swav_800ep_bs4096")
+    assert (big.optim.base_lr, big.optim.final_lr, big.optim.epochs, big.swav.queue_length) == (4.8, 0.0048, 800, 0)
+    assert big.swav.freeze_prototypes_niters == 313 and big.data.crops.size_crops == [224, 96]
+    small = load_config("swav_400ep_bs256")
+    assert (small.optim.base_lr, small.optim.final_lr, small.optim.warmup_epochs) == (0.6, 0.0006, 0)
+    assert (small.swav.queue_length, small.swav.epoch_queue_starts, small.swav.freeze_prototypes_niters) == \
+        (3840, 15, 5005)
+    assert load_config("swav_100ep_bs4096").optim.epochs == 100
+
+
+def test_overrides_and_types():
+    cfg = load_config("quick", ["optim.base_lr=0.25", "swav.crops_for_assign=[0]", "data.crops.flip_p=0"])
+    assert cfg.optim.base_lr == 0.25 and cfg.swav.crops_for_assign == [0] and cfg.data.crops.flip_p == 0.0
+    assert parse_override("a.b.c=3") == {"a": {"b": {"c": 3}}}
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["optim.base_lrr=1"])
+    msg = str(e.value)
+    assert "optim.base_lrr" in msg and "base_lr" in msg and "final_lr" in msg
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(None, ["bogus.x=1"])
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("optim.epochs=ten", "optim.epochs must be an integer"),
+    ("train.progress=3", "train.progress must be true or false"),
+    ("swav.crops_for_assign=5", "swav.crops_for_assign must be a list"),
+])
+def test_wrong_types(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, [override])
+
+
+def test_impossible_combinations():
+    with pytest.raises(ConfigError, match="crops_for_assign"):
+        load_config(None, ["swav.crops_for_assign=[0, 8]"]).validate()
+    with pytest.raises(ConfigError, match="multiple of the global batch"):
+        load_config(None, ["swav.queue_length=100", "optim.batch_size=64"]).validate()
+    load_config(None, ["swav.queue_length=3840", "optim.batch_size=64"]).validate(world_size=4)
+    with pytest.raises(ConfigError, match="try 3840"):
+        load_config(None, ["swav.queue_length=3900", "optim.batch_size=64"]).validate(world_size=4)
+
+
+def test_valid_keys_cover_sections():
+    keys = valid_keys()
+    assert "optim.base_lr" in keys and "data.crops.size_crops" in keys and "swav.epsilon" in keys
+    assert Config().swav.epsilon == 0.05

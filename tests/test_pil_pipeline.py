@@ -1,0 +1,250 @@
+"""Shared augmentation parameters (statistics) and the PIL reference dataset."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+from pipelines import MultiCropSpec, scan_image_folder
+from pipelines import pil as pil_mod
+from pipelines.params import (
+    JITTER_ORDERS,
+    sample_all_view_params,
+    sample_batch_params,
+    sample_params_for_indices,
+    sample_rng,
+    sample_view_params,
+)
+from pipelines.pil import PILMultiCropDataset, decode_rgb
+
+SMALL = MultiCropSpec(num_crops=[2, 2], size_crops=[32, 16])
+PLAIN = SMALL.replace(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+
+
+def write_jpeg(path: Path, w: int = 64, h: int = 48, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 255, w)[None, :, None] * rng.uniform(0.3, 1.0, 3)
+    arr = np.clip(ramp + rng.integers(0, 60, (h, w, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, quality=90)
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    for c in range(2):
+        for k in range(3):
+            write_jpeg(tmp_path / f"class{c}" / f"img{k}.jpg", seed=10 * c + k)
+    return tmp_path
+
+
+# -- params statistics ---------------------------------------------------------------------------
+def _rate_ok(hits: int, n: int, p: float) -> bool:
+    return abs(hits / n - p) <= 4.5 * math.sqrt(p * (1 - p) / n) + 1e-12
+
+
+@pytest.mark.parametrize("view", [0, 2])  # a global and a local view of the default spec
+def test_param_statistics(view: int) -> None:
+    spec = MultiCropSpec()
+    W, H, n = 500, 375, 4000
+    ps = [sample_view_params(spec, view, W, H, sample_rng(7, 0, i)) for i in range(n)]
+    smin, smax = spec.scale_range(view)
+    area = np.array([p.height * p.width / (W * H) for p in ps])
+    assert area.min() >= smin * 0.97 and area.max() <= smax * 1.03
+    span = smax - smin
+    # the top decile is rarer for global crops: large areas only fit at some aspect ratios (as in torchvision)
+    assert (area < smin + 0.1 * span).sum() > 100 and (area > smax - 0.1 * span).sum() > 10
+    aspect = np.array([p.width / p.height for p in ps])
+    assert aspect.min() >= 0.75 * 0.98 and aspect.max() <= 4 / 3 * 1.02
+    assert np.log(aspect).std() > 0.1  # spread over the log-ratio range
+    for p in ps:
+        assert 0 <= p.top and p.top + p.height <= H and 0 <= p.left and p.left + p.width <= W
+        assert p.size == spec.view_sizes[view]
+    assert _rate_ok(sum(p.flip for p in ps), n, 0.5)
+    assert _rate_ok(sum(p.jitter for p in ps), n, 0.8)
+    assert _rate_ok(sum(p.grayscale for p in ps), n, 0.2)
+    assert _rate_ok(sum(p.blur_sigma > 0 for p in ps), n, 0.5)
+    assert not any(p.solarize for p in ps)
+    sig = np.array([p.blur_sigma for p in ps if p.blur_sigma > 0])
+    assert sig.min() >= 0.1 and sig.max() <= 2.0 and sig.min() < 0.3 and sig.max() > 1.8
+    jit = [p for p in ps if p.jitter]
+    for name in ("brightness", "contrast", "saturation"):
+        f = np.array([getattr(p, name) for p in jit])
+        assert f.min() >= 0.2 and f.max() <= 1.8 and f.min() < 0.3 and f.max() > 1.7
+    hue = np.array([p.hue for p in jit])
+    assert hue.min() >= -0.2 and hue.max() <= 0.2 and abs(hue.mean()) < 0.02
+    assert len({p.jitter_order for p in jit}) == 24
+    off = [p for p in ps if not p.jitter]
+    assert all((p.brightness, p.contrast, p.saturation, p.hue) == (1, 1, 1, 0) for p in off)
+
+
+def test_crop_matches_torchvision_distribution() -> None:
+    from torchvision.transforms import RandomResizedCrop
+
+    spec = MultiCropSpec()
+    img = Image.new("RGB", (500, 375))
+    n = 2000
+    torch.manual_seed(0)
+    tv = np.array([np.prod(RandomResizedCrop.get_params(img, [0.14, 1.0], [3 / 4, 4 / 3])[2:]) for _ in range(n)])
+    ours = np.array([p.height * p.width for p in (sample_view_params(spec, 0, 500, 375, sample_rng(1, 0, i))
+                                                  for i in range(n))])
+    tv, ours = tv / (500 * 375), ours / (500 * 375)
+    assert abs(tv.mean() - ours.mean()) < 5 * math.sqrt((tv.var() + ours.var()) / n)
+
+
+def test_fallback_central_crop_for_extreme_aspect() -> None:
+    spec = MultiCropSpec(min_scale_crops=[1.0, 0.05], max_scale_crops=[1.0, 0.14])
+    p = sample_view_params(spec, 0, 400, 40, sample_rng(0, 0, 0))  # 10:1 image, scale 1 never fits
+    assert (p.height, p.width) == (40, round(40 * 4 / 3)) and p.top == 0 and p.left == (400 - p.width) // 2
+
+
+def test_batch_and_per_index_params() -> None:
+    spec = MultiCropSpec()
+    widths, heights = [500, 300, 64], [375, 400, 48]
+    per_view = sample_params_for_indices(spec, 3, 2, [5, 9, 11], widths, heights)
+    for j, (i, w, h) in enumerate(zip([5, 9, 11], widths, heights)):
+        ref = sample_all_view_params(spec, w, h, sample_rng(3, 2, i))
+        assert [per_view[v].row(j) for v in range(spec.num_views)] == ref
+    b = sample_batch_params(spec, 3, [500] * 4000, [375] * 4000, np.random.default_rng(0))
+    assert len(b) == 4000 and b.jitter_order.shape == (4000, 4)
+    assert _rate_ok(int(b.flip.sum()), 4000, 0.5) and _rate_ok(int(b.grayscale.sum()), 4000, 0.2)
+    frac = b.height * b.width / (500 * 375)
+    assert frac.min() >= 0.05 * 0.97 and frac.max() <= 0.14 * 1.03
+    assert set(map(tuple, b.jitter_order[b.jitter])) == set(map(tuple, JITTER_ORDERS))
+
+
+def test_solarize_rate() -> None:
+    spec = MultiCropSpec(solarize_p=0.2)
+    ps = [sample_view_params(spec, 0, 64, 48, sample_rng(0, 0, i)) for i in range(2000)]
+    assert _rate_ok(sum(p.solarize for p in ps), 2000, 0.2)
+
+
+# -- PIL dataset -----------------------------------------------------------------------------------
+def test_shapes_dtypes_ranges(folder: Path) -> None:
+    ds = PILMultiCropDataset(scan_image_folder(folder), SMALL, seed=0)
+    assert len(ds) == 6
+    lo = min((0 - m) / s for m, s in zip(SMALL.mean, SMALL.std)) - 1e-4
+    hi = max((1 - m) / s for m, s in zip(SMALL.mean, SMALL.std)) + 1e-4
+    for i in range(len(ds)):
+        views, label, index, ok = ds[i]
+        assert ok and index == i and label == i // 3
+        assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
+        for v in views:
+            assert v.dtype == torch.float32 and torch.isfinite(v).all()
+            assert v.min() >= lo and v.max() <= hi and v.std() > 0
+
+
+def test_deterministic_per_seed_epoch_index(folder: Path) -> None:
+    index = scan_image_folder(folder)
+    a = PILMultiCropDataset(index, SMALL, seed=5)
+    b = PILMultiCropDataset(index, SMALL, seed=5)
+    for va, vb in zip(a[4][0], b[4][0]):
+        assert torch.equal(va, vb)
+    b.set_epoch(1)
+    assert not all(torch.equal(x, y) for x, y in zip(a[4][0], b[4][0]))
+    assert all(torch.equal(x, y) for x, y in zip(a.load(4, epoch=1).views, b[4][0]))
+    c = PILMultiCropDataset(index, SMALL, seed=6)
+    assert not all(torch.equal(x, y) for x, y in zip(a[4][0], c[4][0]))
+
+
+def test_return_params(folder: Path) -> None:
+    ds = PILMultiCropDataset(scan_image_folder(folder), SMALL, seed=1, return_params=True)
+    views, label, index, ok, params = ds[2]
+    assert [p.size for p in params] == SMALL.view_sizes
+    assert params == sample_all_view_params(SMALL, 64, 48, sample_rng(1, 0, 2))
+
+
+def test_flip_is_horizontal(tmp_path: Path) -> None:
+    arr = np.zeros((48, 64, 3), np.uint8)
+    arr[:, :32] = 255  # bright left half
+    (tmp_path / "a").mkdir()
+    Image.fromarray(arr).save(tmp_path / "a" / "x.png")
+    index = scan_image_folder(tmp_path)
+    full = PLAIN.replace(min_scale_crops=[1.0, 1.0], max_scale_crops=[1.0, 1.0], ratio=[4 / 3, 4 / 3])
+    plain = PILMultiCropDataset(index, full)[0][0][0]
+    flipped = PILMultiCropDataset(index, full.replace(flip_p=1.0))[0][0][0]
+    assert plain[:, :, :8].mean() > 1.5 and plain[:, :, -8:].mean() < -1.5
+    assert flipped[:, :, :8].mean() < -1.5 and flipped[:, :, -8:].mean() > 1.5
+    # Same uniforms, only the flip differs: random crops are mirrored exactly.
+    a = PILMultiCropDataset(scan_image_folder(tmp_path), PLAIN, seed=3)[0][0]
+    b = PILMultiCropDataset(scan_image_folder(tmp_path), PLAIN.replace(flip_p=1.0), seed=3)[0][0]
+    for x, y in zip(a, b):
+        assert torch.equal(torch.flip(x, dims=[-1]), y)
+
+
+def test_grayscale_has_equal_channels(folder: Path) -> None:
+    spec = PLAIN.replace(grayscale_p=1.0, jitter_p=1.0)
+    ds = PILMultiCropDataset(scan_image_folder(folder), spec)
+    mean = torch.tensor(spec.mean).view(3, 1, 1)
+    std = torch.tensor(spec.std).view(3, 1, 1)
+    for v in ds[1][0]:
+        raw = v * std + mean
+        assert torch.allclose(raw[0], raw[1], atol=1e-5) and torch.allclose(raw[1], raw[2], atol=1e-5)
+    colour = PILMultiCropDataset(scan_image_folder(folder), PLAIN)[1][0][0] * std + mean
+    assert not torch.allclose(colour[0], colour[1], atol=1e-2)
+
+
+def test_jitter_blur_solarize_change_pixels(folder: Path) -> None:
+    index = scan_image_folder(folder)
+    base = PILMultiCropDataset(index, PLAIN)[0][0]
+    for change in ({"jitter_p": 1.0}, {"blur_p": 1.0}, {"solarize_p": 1.0}):
+        other = PILMultiCropDataset(index, PLAIN.replace(**change))[0][0]
+        assert all(a.shape == b.shape for a, b in zip(base, other))
+        assert not torch.equal(base[0], other[0]), change
+
+
+def _make_bad_files(root: Path) -> list[Path]:
+    good = root / "class0" / "img0.jpg"
+    data = good.read_bytes()
+    bad = [root / "class0" / "img0a_empty.jpg", root / "class1" / "img0a_trunc.jpg", root / "class1" / "zz_text.JPG"]
+    bad[0].write_bytes(b"")
+    bad[1].write_bytes(data[: len(data) // 2])
+    bad[2].write_text("this is not an image\n")
+    return bad
+
+
+def test_corrupt_files_are_replaced(folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    bad = _make_bad_files(folder)
+    index = scan_image_folder(folder)
+    ds = PILMultiCropDataset(index, SMALL)
+    bad_idx = [i for i in range(len(ds)) if Path(ds.path(i)) in bad]
+    assert len(bad_idx) == 3
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        for i in bad_idx:
+            views, label, index_out, ok = ds[i]
+            assert not ok and index_out == i
+            assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
+            s = ds.load(i)
+            assert s.bad_paths and Path(s.bad_paths[0]) == Path(ds.path(i))
+        ds[bad_idx[0]]
+    warned = [r for r in caplog.records if r.name == "pipelines" and "unreadable" in r.getMessage()]
+    assert len(warned) == 3  # once per path, however often it is hit
+    # the replacement is deterministic: the next decodable sample with its own stream
+    j = bad_idx[0] + 1
+    assert all(torch.equal(a, b) for a, b in zip(ds[bad_idx[0]][0], ds[j][0]))
+
+
+def test_truncated_jpeg_bad_even_if_global_flag_set(folder: Path) -> None:
+    bad = _make_bad_files(folder)
+    old = ImageFile.LOAD_TRUNCATED_IMAGES
+    try:
+        ImageFile.LOAD_TRUNCATED_IMAGES = True
+        with pytest.raises(OSError):
+            decode_rgb(str(bad[1]))
+        assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = old
+
+
+def test_oversized_image_is_bad(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pil_mod, "MAX_PIXELS", 64 * 48 - 1)
+    ds = PILMultiCropDataset(scan_image_folder(folder), SMALL)
+    with pytest.raises(Exception, match="consecutive unreadable"):
+        ds[0]
+    monkeypatch.setattr(pil_mod, "MAX_PIXELS", 10**9)
+    assert ds[0][3]

@@ -1,0 +1,69 @@
+"""Training loop: prototypes, freezing, queue start, exact resume, checkpoints."""
+from __future__ import annotations
+
+import torch
+
+from swav_fast import checkpoint as ckpt
+from swav_fast.runlog import read_log
+from swav_fast.train import Trainer, train
+from tests.helpers import tiny_config, write_image_folder
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_prototypes_unit_norm_and_frozen(tmp_path):
+    data = write_image_folder(tmp_path / "data", per_class=16)
+    trainer = Trainer(tiny_config(data, tmp_path / "run", "swav.freeze_prototypes_niters=3", "optim.epochs=1"))
+    protos = trainer.model.prototypes.weight
+    before = protos.detach().clone()
+    trunk_before = trainer.model.trunk.conv1.weight.detach().clone()
+    batches = iter(trainer.loader)
+    for it in range(5):
+        batch = next(batches)
+        trainer.step_fn(batch.views, 0.5, it)
+        torch.testing.assert_close(protos.norm(dim=1), torch.ones(protos.shape[0]), rtol=0, atol=1e-5)
+        if it < 3:
+            assert torch.equal(protos.detach(), before), f"prototypes moved while frozen (iteration {it})"
+    assert not torch.equal(protos.detach(), before), "prototypes never updated after the freeze"
+    assert not torch.equal(trainer.model.trunk.conv1.weight, trunk_before)
+
+
+def test_resume_is_exact(tmp_path):
+    """N steps straight == k steps, stop, resume, N-k more (crossing an epoch boundary)."""
+    data = write_image_folder(tmp_path / "data")  # 24 images, batch 8: 3 steps per epoch
+    common = ("optim.epochs=3", "swav.queue_length=16", "swav.epoch_queue_starts=1")
+    straight = Trainer(tiny_config(data, tmp_path / "a", *common))
+    straight.fit()
+    assert straight.step == 9
+
+    first = Trainer(tiny_config(data, tmp_path / "b", *common, "train.max_steps=4",
+                                "train.checkpoint_every_steps=2"))
+    first.fit()
+    assert first.step == 4 and first.epoch == 1 and first.batch_in_epoch == 1
+    del first
+    second = Trainer(tiny_config(data, tmp_path / "b", *common))
+    assert second.resume("auto")
+    assert second.step == 4
+    second.fit()
+    a, b = _params(straight.model), _params(second.model)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    assert torch.equal(straight.objective.queue.items, second.objective.queue.items)
+    assert int(straight.objective.queue.count) == 8 * 6  # filled from epoch 1 on: 6 steps x 8
+
+
+def test_checkpoint_contents_and_log(tmp_path):
+    data = write_image_folder(tmp_path / "data")
+    result = train(tiny_config(data, tmp_path / "run", "optim.epochs=1", "train.keep_checkpoints=2",
+                               "train.checkpoint_every_steps=1"))
+    paths = ckpt.list_checkpoints(tmp_path / "run")
+    assert len(paths) == 2 and paths[-1].name == "ckpt-000000003.pt"
+    state = torch.load(paths[-1], weights_only=True)
+    assert {"model", "optimizer", "objective", "scaler", "rng", "epoch", "step", "config"} <= state.keys()
+    kinds = [r["kind"] for r in read_log(tmp_path / "run")]
+    assert kinds.count("step") == 3 and "epoch" in kinds and kinds[-1] == "done"
+    assert result.steps == 3 and result.last_loss > 0
+    assert (tmp_path / "run" / "config.yaml").is_file()
