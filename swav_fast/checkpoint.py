@@ -1,10 +1,18 @@
-"""Atomic, safe checkpoints: temp file + fsync + rename; loaded with ``weights_only=True``.
+"""Atomic, verified, safe checkpoints.
+
+Writing: ``torch.save`` to a temp file in the same folder, fsync, a SHA-256 sidecar
+(``ckpt-N.pt.sha256``, ``sha256sum -c`` format) written the same way, then an atomic rename; a run
+killed at any moment leaves either the previous file or the complete new one, never a half-written
+file under a checkpoint name. Loading: the sidecar digest (when there is one) is checked, then
+``torch.load(path, weights_only=True)``.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (no pickled objects), so
-``torch.load(path, weights_only=True)`` can read it and a file that tries to run code is refused.
+``weights_only`` can read it and a file that tries to run code is refused.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import pickle
 import random
@@ -12,57 +20,155 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 import numpy as np
 import torch
 
+from swav_fast import faults
 from swav_fast.errors import CheckpointError
 
 CKPT_RE = re.compile(r"^ckpt-(\d{9})\.pt$")
+DIGEST_SUFFIX = ".sha256"
+#: Temp files of an unfinished write (``mkstemp(prefix=".NAME.", suffix=".tmp")``).
+TEMP_RE = re.compile(r"^\.ckpt-\d{9}\.pt\..+\.tmp$")
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``.
+class _HashingWriter:
+    """A write-only file wrapper that hashes what goes through it (one pass, no second read)."""
 
-    On any failure (full disk, read-only folder) the temp file is removed and the previous file at
-    ``path`` is left as it was; a :class:`CheckpointError` names the path and the cause.
-    """
+    def __init__(self, f: IO[bytes], digest: Any):
+        self.f = f
+        self.digest = digest
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def digest_path(path: str | Path) -> Path:
     path = Path(path)
-    tmp = None
+    return path.with_name(path.name + DIGEST_SUFFIX)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_temp(folder: Path, name: str, write: Callable[[IO[bytes]], None]) -> str:
+    """Write via ``write(f)`` to a fsynced temp file in ``folder``; returns its path."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        raise CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc}; "
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _os_error(exc: BaseException | None) -> OSError | None:
+    """The OSError behind ``exc`` (itself, or its cause/context chain), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def atomic_save(obj: Any, path: str | Path, *, checksum: bool = False) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``.
+
+    With ``checksum``, a ``path.sha256`` sidecar is written (atomically, before the rename) and
+    :func:`load_checkpoint` verifies it. On any failure (full disk, read-only folder) the temp files
+    are removed and the previous file at ``path`` is left as it was; a :class:`CheckpointError`
+    names the path and the cause.
+    """
+    path = Path(path)
+    temps: list[str] = []
+    new_digest = False  # a new sidecar is in place but the checkpoint is not (yet)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        temps.append(_write_temp(path.parent, path.name, lambda f: torch.save(obj, _HashingWriter(f, digest))))
+        faults.pause_in_checkpoint_write()  # testing only: a window for a kill before the rename
+        if checksum:
+            line = f"{digest.hexdigest()}  {path.name}\n".encode()
+            temps.append(_write_temp(path.parent, digest_path(path).name, lambda f: f.write(line)))
+            os.replace(temps[-1], digest_path(path))
+            temps.pop()
+            new_digest = True
+        os.replace(temps[-1], path)
+        temps.pop()
+        new_digest = False
+        _fsync_dir(path.parent)
+    except (OSError, RuntimeError) as exc:  # torch.save turns a failed write into a RuntimeError
+        cause = _os_error(exc)
+        reason = (cause.strerror or str(cause)) if cause is not None else str(exc).splitlines()[0]
+        raise CheckpointError(f"could not write checkpoint {path}: {reason}; "
                               "the previous checkpoint is unchanged") from exc
     finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if new_digest:  # it would not match the file left at ``path`` (if any)
+            digest_path(path).unlink(missing_ok=True)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_digest(path: str | Path) -> bool:
+    """Check ``path`` against its ``.sha256`` sidecar; False when there is none, raises on mismatch."""
+    path = Path(path)
+    sidecar = digest_path(path)
+    if not sidecar.is_file():
+        return False
+    try:
+        expected = sidecar.read_text().split()[0].lower()
+        actual = file_sha256(path)
+    except (OSError, IndexError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: unreadable checksum file {sidecar.name} ({exc})") from exc
+    if actual != expected:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its SHA-256 {actual[:12]}... does not match "
+                              f"{sidecar.name} ({expected[:12]}...)")
+    return True
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load with ``weights_only=True``; foreign, truncated or unsafe files raise CheckpointError."""
+    """Verify the sidecar digest (if any), load with ``weights_only=True``.
+
+    Foreign, truncated, corrupt or unsafe files raise :class:`CheckpointError` naming the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    verify_digest(path)
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path} is truncated or not a torch checkpoint: not a zip archive")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain "
                               f"data (weights_only load failed: {str(exc).splitlines()[0]})") from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged archive makes the reader raise
         raise CheckpointError(f"checkpoint {path} is truncated or not a torch checkpoint: "
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     if not isinstance(obj, dict) or "model" not in obj:
@@ -92,11 +198,31 @@ def latest_valid_checkpoint(run_dir: str | Path, log=print) -> tuple[Path, dict]
     return None
 
 
+def remove_checkpoint(path: str | Path) -> None:
+    """Delete a checkpoint and its digest sidecar."""
+    Path(path).unlink(missing_ok=True)
+    digest_path(path).unlink(missing_ok=True)
+
+
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
     if keep <= 0:
         return
     for path in list_checkpoints(run_dir)[:-keep]:
-        path.unlink(missing_ok=True)
+        remove_checkpoint(path)
+
+
+def remove_leftovers(run_dir: str | Path) -> list[Path]:
+    """Delete what an interrupted write left behind: temp files and sidecars without a checkpoint."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.iterdir():
+        orphan = p.name.endswith(DIGEST_SUFFIX) and not p.with_name(p.name[:-len(DIGEST_SUFFIX)]).exists()
+        if TEMP_RE.match(p.name) or (orphan and CKPT_RE.match(p.name[:-len(DIGEST_SUFFIX)])):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def rng_state() -> dict[str, Any]:

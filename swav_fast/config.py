@@ -19,6 +19,8 @@ from pipelines.spec import MultiCropSpec
 from swav_fast.errors import ConfigError
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
+#: ``train.on_checkpoint_error``: what a failed checkpoint write does (the previous one stays intact).
+CHECKPOINT_ERROR_POLICIES = ("stop", "continue")
 
 
 @dataclass
@@ -84,6 +86,7 @@ class EvalConfig:
     image_size: int = 224
     batch_size: int = 128
     at_end: bool = True  # kNN (trained vs random init) at the end of training
+    knn_every_epochs: int = 0  # also kNN every N epochs during training (0 = never), logged
 
 
 @dataclass
@@ -101,6 +104,11 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool = True
     threads: int = 0  # torch CPU threads (0 = torch default)
+    # -- fault handling (see swav_fast/guards.py) ---------------------------------------------
+    max_nonfinite_steps: int = 10  # stop after this many consecutive NaN/inf steps (0 = never stop)
+    collapse_patience: int = 0  # stop after this many consecutive collapsed log checks (0 = warn only)
+    on_checkpoint_error: str = "stop"  # a failed checkpoint write: "stop" or "continue" (warn)
+    debug_nan_steps: list[int] = field(default_factory=list)  # TESTING ONLY: NaN inputs at these steps
 
 
 @dataclass
@@ -117,6 +125,8 @@ class Config:
 
     def validate(self, world_size: int = 1) -> "Config":
         """Reject impossible combinations before any work; returns self."""
+        self._validate_choices()
+        self._validate_ranges()
         spec = self.data.crops
         num_views = sum(spec.num_crops)
         bad = [i for i in self.swav.crops_for_assign if not 0 <= i < num_views]
@@ -140,11 +150,51 @@ class Config:
         if self.optim.warmup_epochs > self.optim.epochs:
             raise ConfigError(f"optim.warmup_epochs={self.optim.warmup_epochs} exceeds optim.epochs="
                               f"{self.optim.epochs}")
-        if self.train.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"train.precision={self.train.precision!r}: valid are auto, fp32, bf16, fp16")
         if self.swav.epsilon <= 0 or self.swav.temperature <= 0:
             raise ConfigError("swav.epsilon and swav.temperature must be > 0")
         return self
+
+    def _validate_choices(self) -> None:
+        """Names that select an implementation: rejected with the valid ones listed."""
+        from pipelines.loader import available_backends
+        from swav_fast.models.trunks import available_trunks
+
+        choices = {
+            "model.arch": (self.model.arch, available_trunks()),
+            "data.loader": (self.data.loader, available_backends()),
+            "train.precision": (self.train.precision, ["auto", "fp32", "bf16", "fp16"]),
+            "train.on_checkpoint_error": (self.train.on_checkpoint_error, list(CHECKPOINT_ERROR_POLICIES)),
+        }
+        for key, (value, valid) in choices.items():
+            if value not in valid:
+                raise ConfigError(f"{key}={value!r} is not valid; valid: {', '.join(valid)}")
+        device = self.train.device
+        if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+            raise ConfigError(f"train.device={device!r} is not valid; valid: auto, cpu, cuda, cuda:N")
+
+    def _validate_ranges(self) -> None:
+        """Counts that must be positive (>= 1) or non-negative (>= 0)."""
+        positive = {"model.num_prototypes": self.model.num_prototypes, "model.feat_dim": self.model.feat_dim,
+                    "swav.sinkhorn_iterations": self.swav.sinkhorn_iterations,
+                    "train.log_every": self.train.log_every}
+        non_negative = {"swav.queue_length": self.swav.queue_length,
+                        "swav.epoch_queue_starts": self.swav.epoch_queue_starts,
+                        "swav.freeze_prototypes_niters": self.swav.freeze_prototypes_niters,
+                        "data.workers": self.data.workers, "train.max_steps": self.train.max_steps,
+                        "train.checkpoint_every_steps": self.train.checkpoint_every_steps,
+                        "train.checkpoint_every_epochs": self.train.checkpoint_every_epochs,
+                        "train.keep_checkpoints": self.train.keep_checkpoints,
+                        "train.max_nonfinite_steps": self.train.max_nonfinite_steps,
+                        "train.collapse_patience": self.train.collapse_patience}
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key}={value} must be >= 1")
+        for key, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(f"{key}={value} must be >= 0")
+        bad_steps = [s for s in self.train.debug_nan_steps if s < 0]
+        if bad_steps:
+            raise ConfigError(f"train.debug_nan_steps={self.train.debug_nan_steps}: steps must be >= 0")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("swav_fast")
 
 
 class RunLog:
@@ -26,8 +29,11 @@ class RunLog:
         if not self.enabled:
             return
         record = {"kind": kind, "time": round(time.time(), 3), **fields}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:  # a full disk must not kill the run; checkpoints report their own errors
+            log.warning("could not append a %r record to %s: %s", kind, self.path, exc.strerror or exc)
         if self._tb is not None and "step" in fields:
             for key, value in fields.items():
                 if key != "step" and isinstance(value, (int, float)):

@@ -1,6 +1,12 @@
 """SwAV pretraining, readable top to bottom: data, model, objective, optimiser, loop, checkpoints.
 
 Library entry point: :func:`train` (the ``swav-fast train`` command is a thin layer over it).
+
+Faults: NaN/inf steps are skipped on the device and counted (:mod:`swav_fast.guards`), too many in
+a row stop the run; collapse signs are reported; SIGTERM/SIGINT write a checkpoint and return
+(:mod:`swav_fast.preemption`); a failed checkpoint write keeps the previous one and stops or
+continues per ``train.on_checkpoint_error``; ``resume("auto")`` takes the newest checkpoint that
+passes its checksum and loads.
 """
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -22,14 +28,17 @@ from swav_fast import checkpoint as ckpt
 from swav_fast.distributed import world_size
 from swav_fast.config import Config, save_config
 from swav_fast.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
-from swav_fast.eval.knn import knn_eval
+from swav_fast.eval.knn import knn_due, knn_eval, periodic_knn
+from swav_fast.guards import COLLAPSE_REMEDIES, CollapseMonitor, NonFiniteCounts
 from swav_fast.methods.swav import SwAVObjective
 from swav_fast.models import SwAVModel
 from swav_fast.optim import LARS, lars_param_groups, warmup_cosine_lr
+from swav_fast.preemption import StopSignals
 from swav_fast.runlog import RunLog
 from swav_fast.step import TrainStep
 
 log = logging.getLogger("swav_fast")
+T = TypeVar("T")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,20 +105,42 @@ class TrainResult:
     seconds: float
     images_per_s: float
     last_loss: float
+    bad_images: int = 0  # unreadable images skipped (replaced) by the loader
+    nonfinite_steps: int = 0  # steps skipped because the loss or a gradient was NaN/inf
+    signal: int | None = None  # set when SIGTERM/SIGINT stopped the run (a checkpoint was written)
     knn: dict[str, Any] = field(default_factory=dict)
+
+
+def until_stopped(batches: Iterable[T], stop: StopSignals) -> Iterator[T]:
+    """``batches`` until a stop is requested; a loader failure after the request (its workers got
+    the same signal) also just ends the epoch."""
+    it = iter(batches)
+    while not stop.requested:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except Exception:
+            if stop.requested:
+                log.info("data loader stopped after %s", stop.name)
+                return
+            raise
+        yield item
 
 
 class Trainer:
     """Holds a run's state; :meth:`fit` runs it. Build from a validated :class:`Config`."""
 
     def __init__(self, cfg: Config):
-        self.cfg = cfg.validate()
+        self.cfg = cfg.validate(world_size())
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
         self.device = resolve_device(t.device)
         self.run_dir = Path(t.output_dir)
         check_writable(self.run_dir)
+        for leftover in ckpt.remove_leftovers(self.run_dir):
+            log.info("removed %s (left by an interrupted checkpoint write)", leftover)
         seed_everything(t.seed)
 
         # data
@@ -142,8 +173,13 @@ class Trainer:
                                        ).to(self.device)
         self.optimizer = build_optimizer(cfg, self.model)
         self.step_fn = TrainStep(self.model, self.objective, self.optimizer, self.device, t.precision,
-                                 channels_last, s.freeze_prototypes_niters)
+                                 channels_last, s.freeze_prototypes_niters, debug_nan_steps=t.debug_nan_steps)
+        self.collapse = CollapseMonitor(s.temperature, s.freeze_prototypes_niters, t.collapse_patience)
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
+        self.last_loss = float("nan")  # at the last log step with a finite loss
+        self.images = 0  # trained this fit()
+        self._nonfinite_reported = 0
+        self._save_attempted_at: int | None = None  # one checkpoint attempt per step
         self.runlog = RunLog(self.run_dir, t.tensorboard)
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -156,6 +192,7 @@ class Trainer:
             "scaler": self.step_fn.scaler.state_dict(),
             "epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
             "rng": ckpt.rng_state(),
+            "nonfinite": self.step_fn.guard.state_dict(),
             "config": self.cfg.to_dict(),
         }
 
@@ -166,19 +203,86 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             if state.get("scaler"):
                 self.step_fn.scaler.load_state_dict(state["scaler"])
+            if "nonfinite" in state:
+                self.step_fn.guard.load_state_dict(state["nonfinite"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint does not match this config/model: "
                                   f"{str(exc).splitlines()[0]}") from exc
         self.epoch, self.step = state["epoch"], state["step"]
         self.batch_in_epoch = state["batch_in_epoch"]
         ckpt.set_rng_state(state["rng"])
+        self._nonfinite_reported = self.step_fn.guard.counts().total
 
-    def save_checkpoint(self) -> Path:
+    def _last_checkpoint_note(self) -> str:
+        existing = ckpt.list_checkpoints(self.run_dir)
+        return f"the last checkpoint {existing[-1]} is intact" if existing else "no checkpoint was written"
+
+    def save_checkpoint(self) -> Path | None:
+        """Checkpoint the current state (refused once the run has diverged); on a write failure the
+        previous checkpoint stays and ``train.on_checkpoint_error`` says whether to stop."""
+        self.check_nonfinite()
         path = ckpt.checkpoint_path(self.run_dir, self.step)
-        ckpt.atomic_save(self.state_dict(), path)
+        if self._save_attempted_at == self.step:  # e.g. a step that is also an epoch end
+            return path if path.exists() else None
+        self._save_attempted_at = self.step
+        try:
+            ckpt.atomic_save(self.state_dict(), path, checksum=True)
+        except CheckpointError as exc:
+            self._checkpoint_failed(path, exc)
+            return None
         ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
         self.runlog.write("checkpoint", step=self.step, epoch=self.epoch, path=str(path))
         return path
+
+    def _checkpoint_failed(self, path: Path, exc: CheckpointError) -> None:
+        policy, kept = self.cfg.train.on_checkpoint_error, self._last_checkpoint_note()
+        self.runlog.write("checkpoint_error", step=self.step, epoch=self.epoch, path=str(path), error=str(exc),
+                          policy=policy)
+        if policy == "stop":
+            raise CheckpointError(f"{exc}; {kept}. Stopping (train.on_checkpoint_error=stop): free space or "
+                                  "fix the folder, then continue with --resume auto") from exc
+        log.error("%s; %s; training continues (train.on_checkpoint_error=continue)", exc, kept)
+
+    # -- health --------------------------------------------------------------------------------
+    def check_nonfinite(self) -> NonFiniteCounts:
+        """Report newly skipped NaN/inf steps; raise TrainingDiverged after too many in a row."""
+        counts = self.step_fn.guard.counts()
+        if counts.total > self._nonfinite_reported:
+            log.warning("step %d: %d NaN/inf step(s) skipped since the last check (%d in all)", self.step,
+                        counts.total - self._nonfinite_reported, counts.total)
+            self.runlog.write("nonfinite", step=self.step, skipped=counts.total - self._nonfinite_reported,
+                              total=counts.total, streak=counts.streak)
+            self._nonfinite_reported = counts.total
+        limit = self.cfg.train.max_nonfinite_steps
+        if limit and counts.worst_streak >= limit:
+            msg = (f"the loss was NaN/inf for {counts.worst_streak} consecutive steps by step {self.step} "
+                   f"(train.max_nonfinite_steps={limit}); those steps were skipped and "
+                   f"{self._last_checkpoint_note()}. Try a lower optim.base_lr or a longer warmup, "
+                   "train.precision=bf16 or fp32 instead of fp16, or check the data")
+            self.runlog.write("diverged", step=self.step, reason="nonfinite", message=msg)
+            raise TrainingDiverged(msg)
+        return counts
+
+    def check_collapse(self, loss: float) -> None:
+        """Report SwAV collapse signs; raise TrainingDiverged after ``train.collapse_patience`` checks."""
+        scores = self.step_fn.last_scores
+        if scores is not None:
+            scores = scores.view(self.objective.num_views, -1, scores.shape[-1])[self.objective.crops_for_assign]
+        signs = self.collapse.check(self.step, loss, scores)
+        if signs is None:
+            return
+        self.runlog.write("collapse", step=self.step, loss=loss, ln_k=signs.ln_k,
+                          prototypes_used=signs.prototypes_used, samples=signs.samples,
+                          prediction_entropy=round(signs.prediction_entropy, 4), signs=signs.signs,
+                          remedies=list(COLLAPSE_REMEDIES))
+        if self.collapse.streak == 1:
+            log.warning("step %d: %s", self.step, signs.message())
+        if self.collapse.should_stop:
+            msg = (f"stopped at step {self.step} after {self.collapse.streak} consecutive collapsed checks "
+                   f"(train.collapse_patience={self.collapse.patience}); {self._last_checkpoint_note()}. "
+                   f"{signs.message()}")
+            self.runlog.write("diverged", step=self.step, reason="collapse", message=msg)
+            raise TrainingDiverged(msg)
 
     def resume(self, how: str) -> bool:
         """``auto``: newest loadable checkpoint of the run folder (none: start fresh); else a path."""
@@ -206,64 +310,94 @@ class Trainer:
         return self.step >= self.total_steps or bool(max_steps and self.step >= max_steps)
 
     def fit(self) -> TrainResult:
+        """Train to the end (or ``train.max_steps``, or a SIGTERM/SIGINT: checkpoint and return)."""
+        cfg = self.cfg
+        try:
+            save_config(cfg, self.run_dir / "config.yaml")
+        except OSError as exc:
+            raise DataError(f"cannot write {self.run_dir / 'config.yaml'}: {exc.strerror or exc}") from exc
+        start_time, start_step, self.images = time.perf_counter(), self.step, 0
+        try:
+            with StopSignals() as stop:
+                while not self._done() and not stop.requested:
+                    self._run_epoch(stop)
+                if not ckpt.checkpoint_path(self.run_dir, self.step).exists():
+                    self.save_checkpoint()
+            seconds = time.perf_counter() - start_time
+            result = TrainResult(str(self.run_dir), self.step, self.epoch, seconds,
+                                 self.images / max(seconds, 1e-9) if self.step > start_step else 0.0,
+                                 self.last_loss, self.loader.num_bad, self.step_fn.guard.counts().total,
+                                 stop.signum)
+            if stop.requested:
+                log.warning("stopped by %s at step %d; continue with --resume auto", stop.name, self.step)
+                self.runlog.write("preempted", step=self.step, epoch=self.epoch, signal=stop.name)
+                return result
+            if cfg.eval.at_end and self.knn_data is not None:
+                result.knn = self.evaluate_knn()
+            self.runlog.write("done", **{k: v for k, v in result.__dict__.items() if k != "knn"})
+            return result
+        finally:
+            self.runlog.close()
+
+    def _run_epoch(self, stop: StopSignals) -> None:
+        """The rest of the current epoch (from ``batch_in_epoch``), up to max_steps or a stop request."""
         cfg, t = self.cfg, self.cfg.train
-        save_config(cfg, self.run_dir / "config.yaml")
-        start_time, start_step, images = time.perf_counter(), self.step, 0
-        last_loss = float("nan")
         batch = cfg.optim.batch_size
-        while not self._done():
-            epoch_start_step = self.step
-            self.objective.queue_active = (cfg.swav.queue_length > 0
-                                           and self.epoch >= cfg.swav.epoch_queue_starts)
-            self.loader.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
-            bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch, disable=not t.progress,
-                       desc=f"epoch {self.epoch}", dynamic_ncols=True, leave=False)
-            tick, tick_images = time.perf_counter(), 0
-            for data in self.loader:
-                lr = self.lr_at(self.step)
-                loss = self.step_fn(data.views, lr, self.step)
-                self.step += 1
-                self.batch_in_epoch += 1
-                images += batch
-                tick_images += batch
-                bar.update(1)
-                if self.step % t.log_every == 0 or self.batch_in_epoch == self.steps_per_epoch:
-                    last_loss = float(loss)
-                    if not math.isfinite(last_loss):
-                        raise TrainingDiverged(
-                            f"loss is {last_loss} at step {self.step}; the last checkpoint in "
-                            f"{self.run_dir / 'checkpoints'} is intact. Try a later/shorter queue, a smaller "
-                            "swav.epsilon (e.g. 0.03) or a longer prototype freeze")
-                    now = time.perf_counter()
-                    ips = tick_images / max(now - tick, 1e-9)
-                    tick, tick_images = now, 0
-                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.4g}", img_s=f"{ips:.1f}")
-                    self.runlog.write("step", step=self.step, epoch=self.epoch, loss=last_loss, lr=lr,
-                                      images_per_s=round(ips, 2), bad_images=self.loader.num_bad)
-                if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0:
-                    self.save_checkpoint()
-                if self._done():
-                    break
-            bar.close()
-            if self.batch_in_epoch >= self.steps_per_epoch:
-                self.runlog.write("epoch", step=self.step, epoch=self.epoch, loss=last_loss,
-                                  steps=self.step - epoch_start_step, bad_images=self.loader.num_bad)
-                log.info("epoch %d done: step %d, loss %.4f, bad images so far %d", self.epoch, self.step,
-                         last_loss, self.loader.num_bad)
-                self.epoch += 1
-                self.batch_in_epoch = 0
-                if t.checkpoint_every_epochs and self.epoch % t.checkpoint_every_epochs == 0:
-                    self.save_checkpoint()
-        if not ckpt.checkpoint_path(self.run_dir, self.step).exists():
-            self.save_checkpoint()
-        seconds = time.perf_counter() - start_time
-        result = TrainResult(str(self.run_dir), self.step, self.epoch, seconds,
-                             images / max(seconds, 1e-9) if self.step > start_step else 0.0, last_loss)
-        if cfg.eval.at_end and self.knn_data is not None:
-            result.knn = self.evaluate_knn()
-        self.runlog.write("done", **{k: v for k, v in result.__dict__.items() if k != "knn"})
-        self.runlog.close()
-        return result
+        epoch_start_step = self.step
+        self.objective.queue_active = (cfg.swav.queue_length > 0 and self.epoch >= cfg.swav.epoch_queue_starts)
+        self.loader.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
+        bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch, disable=not t.progress,
+                   desc=f"epoch {self.epoch}", dynamic_ncols=True, leave=False)
+        tick, tick_images = time.perf_counter(), 0
+        wait, fetch_start = 0.0, tick  # time spent waiting for the loader since the last log step
+        for data in until_stopped(self.loader, stop):
+            wait += time.perf_counter() - fetch_start
+            lr = self.lr_at(self.step)
+            loss = self.step_fn(data.views, lr, self.step)
+            self.step += 1
+            self.batch_in_epoch += 1
+            self.images += batch
+            tick_images += batch
+            bar.update(1)
+            if self.step % t.log_every == 0 or self.batch_in_epoch == self.steps_per_epoch:
+                loss_value = float(loss)  # syncs the device, so the interval below is complete
+                now = time.perf_counter()
+                ips = tick_images / max(now - tick, 1e-9)
+                wait_fraction = min(1.0, wait / max(now - tick, 1e-9))
+                tick, tick_images, wait = now, 0, 0.0
+                self._log_step(loss_value, lr, ips, wait_fraction, bar)
+            if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0:
+                self.save_checkpoint()
+            if self._done() or stop.requested:
+                break
+            fetch_start = time.perf_counter()
+        bar.close()
+        if self.batch_in_epoch >= self.steps_per_epoch:
+            self.runlog.write("epoch", step=self.step, epoch=self.epoch, loss=self.last_loss,
+                              steps=self.step - epoch_start_step, bad_images=self.loader.num_bad)
+            log.info("epoch %d done: step %d, loss %.4f, bad images so far %d", self.epoch, self.step,
+                     self.last_loss, self.loader.num_bad)
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            if self.knn_data is not None and knn_due(self.epoch, cfg.eval.knn_every_epochs):
+                out = periodic_knn(self.model.trunk, self.knn_data, cfg.eval, self.device)
+                self.runlog.write("knn", step=self.step, epoch=self.epoch, periodic=True, **out)
+                log.info("kNN top-1 after epoch %d: %.2f%%", self.epoch, out["top1"])
+            if t.checkpoint_every_epochs and self.epoch % t.checkpoint_every_epochs == 0:
+                self.save_checkpoint()
+
+    def _log_step(self, loss: float, lr: float, images_per_s: float, loader_wait: float, bar: tqdm) -> None:
+        """A log step (the loss is already on the host): record, check NaN streaks and collapse."""
+        counts = self.check_nonfinite()
+        finite = math.isfinite(loss)
+        if finite:
+            self.last_loss = loss
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.4g}", img_s=f"{images_per_s:.1f}")
+        self.runlog.write("step", step=self.step, epoch=self.epoch, loss=loss if finite else None, lr=lr,
+                          images_per_s=round(images_per_s, 2), loader_wait_fraction=round(loader_wait, 4),
+                          bad_images=self.loader.num_bad,
+                          nonfinite_steps=counts.total)
+        self.check_collapse(loss)
 
     def evaluate_knn(self) -> dict[str, Any]:
         """kNN top-1 of the trained trunk and of the same trunk at its random initialisation."""

@@ -62,8 +62,24 @@ def test_checkpoint_contents_and_log(tmp_path):
     paths = ckpt.list_checkpoints(tmp_path / "run")
     assert len(paths) == 2 and paths[-1].name == "ckpt-000000003.pt"
     state = torch.load(paths[-1], weights_only=True)
-    assert {"model", "optimizer", "objective", "scaler", "rng", "epoch", "step", "config"} <= state.keys()
+    assert {"model", "optimizer", "objective", "scaler", "rng", "epoch", "step", "config", "nonfinite"} <= state.keys()
+    assert ckpt.verify_digest(paths[-1])  # sha256 sidecar, checked again on load/resume
+    assert sorted(p.name for p in paths[-1].parent.iterdir()) == [
+        "ckpt-000000002.pt", "ckpt-000000002.pt.sha256", "ckpt-000000003.pt", "ckpt-000000003.pt.sha256"]
     kinds = [r["kind"] for r in read_log(tmp_path / "run")]
     assert kinds.count("step") == 3 and "epoch" in kinds and kinds[-1] == "done"
     assert result.steps == 3 and result.last_loss > 0
     assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_periodic_knn_and_loader_wait_are_logged(tmp_path):
+    data = write_image_folder(tmp_path / "knn" / "train")
+    write_image_folder(tmp_path / "knn" / "val", per_class=3, seed=1)
+    train(tiny_config(data, tmp_path / "run", "optim.epochs=2", f"eval.knn_data={tmp_path / 'knn'}",
+                      "eval.knn_every_epochs=1", "eval.image_size=32"))
+    records = read_log(tmp_path / "run")
+    periodic = [r for r in records if r["kind"] == "knn" and r.get("periodic")]
+    assert [r["epoch"] for r in periodic] == [1, 2]
+    assert all(0 <= r["top1"] <= 100 and r["num_val"] == 9 for r in periodic)
+    waits = [r["loader_wait_fraction"] for r in records if r["kind"] == "step"]
+    assert waits and all(0.0 <= w <= 1.0 for w in waits) and max(waits) > 0.0

@@ -64,6 +64,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"run folder: {result.run_dir}")
     print(f"trained {result.steps} steps ({result.epochs} epochs) in {result.seconds:.1f} s, "
           f"{result.images_per_s:.1f} images/s, last loss {result.last_loss:.4f}")
+    if result.bad_images:
+        print(f"skipped {result.bad_images} unreadable image(s); see the log for their paths")
+    if result.nonfinite_steps:
+        print(f"skipped {result.nonfinite_steps} step(s) with a NaN/inf loss; see metrics.jsonl")
+    if result.signal:
+        print(f"stopped by signal {result.signal} after writing a checkpoint; continue with --resume auto")
+        return 128 + result.signal  # the shell's code for death by this signal (143 TERM, 130 INT)
     if result.knn:
         k = result.knn
         print(f"kNN top-1 (k={k['k']}, T={k['temperature']}, {k['num_train']} train / {k['num_val']} val, "

@@ -45,14 +45,15 @@ __all__ = [
 ]
 
 #: Bumped whenever the rendering changes, so a cached dataset from an older renderer is redone.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 _FORMAT = "swav-fast-synthetic"
 
 SHAPES = ("disc", "square", "triangle", "star", "ring", "cross", "hexagon")
 TEXTURES = ("stripes", "checker", "dots", "waves", "crosshatch", "zigzag")
-#: Texture frequencies, in cycles per short side of the image (period 11-31 px at 500x375).
-_FREQS = (12.0, 17.0, 24.0, 34.0)
+#: Texture frequencies, in cycles per short side of the image (period 31-94 px at 500x375). Coarse
+#: enough that the class evidence survives crops downscaled to 64-96 px, as in CPU-sized recipes.
+_FREQS = (4.0, 5.5, 8.0, 12.0)
 _N_ANGLES = 8  # texture orientations, 0..78.75 degrees in steps of 11.25
 
 _F32 = np.float32
@@ -214,7 +215,7 @@ def render_image(class_index: int, num_classes: int, rng: np.random.Generator,
     gx = _F32(math.cos(g_ang) / max(span, 1e-6))
     gy = _F32(math.sin(g_ang) / max(span, 1e-6))
     grad = xs * gx + (ys * gy + _F32(0.5))
-    bg_mod = _F32(rng.uniform(0.10, 0.22)) * tex
+    bg_mod = _F32(rng.uniform(0.18, 0.32)) * tex
     bg_mod += _F32(1.0)
     img = np.empty((3, height, width), dtype=_F32)
     for c in range(3):
@@ -223,7 +224,7 @@ def render_image(class_index: int, num_classes: int, rng: np.random.Generator,
         img[c] *= bg_mod
 
     # --- lattice of small objects covering the whole frame
-    cell = rng.uniform(0.14, 0.24)  # cell size in short sides
+    cell = rng.uniform(0.22, 0.34)  # cell size in short sides
     l_ang = rng.uniform(0, 2 * math.pi)
     cl, sl = math.cos(l_ang) / cell, math.sin(l_ang) / cell
     lu = xs * _F32(cl) + (ys * _F32(sl) + _F32(rng.random()))

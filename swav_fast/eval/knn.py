@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,3 +143,35 @@ def knn_eval(trunk: nn.Module, data: str | Path, image_size: int = 224, k: int =
     pred = knn_predict(ftr, ytr, fva, len(train_index.classes), k, temperature)
     top1 = 100.0 * (pred == yva).float().mean().item()
     return KNNResult(top1, k, temperature, len(ytr), len(yva), len(train_index.classes))
+
+
+def knn_due(epochs_done: int, every: int) -> bool:
+    """Whether the periodic kNN runs after ``epochs_done`` completed epochs (``every`` 0 = never)."""
+    return every > 0 and epochs_done > 0 and epochs_done % every == 0
+
+
+def periodic_knn(trunk: nn.Module, data: str | Path, cfg_eval, device: str | torch.device = "cpu",
+                 workers: int = 0) -> dict:
+    """kNN top-1 of the current trunk during training, as a flat dict ready for the run log.
+
+    ``data`` holds ``train/`` (the bank) and ``val/`` (held-out queries); ``cfg_eval`` is the run's
+    :class:`~swav_fast.config.EvalConfig` (``knn_k``, ``knn_temperature``, ``image_size``,
+    ``batch_size``). The trunk's train/eval mode is restored afterwards, its weights are untouched.
+    Returns ``{"top1", "k", "temperature", "num_train", "num_val", "num_classes", "seconds"}``.
+
+    Wiring (``Trainer.fit``, rank 0, right after an epoch completes and ``self.epoch`` is
+    incremented)::
+
+        every = self.cfg.eval.knn_every_epochs
+        if self.knn_data is not None and knn_due(self.epoch, every):
+            out = periodic_knn(self.model.trunk, self.knn_data, self.cfg.eval, self.device)
+            self.runlog.write("knn", step=self.step, epoch=self.epoch, periodic=True, **out)
+
+    ``RunLog`` then also writes the TensorBoard scalar ``knn/top1``; ``swav-fast report`` plots
+    ``top1`` of periodic records (and ``trained_top1`` of the end-of-training record) against steps.
+    """
+    t0 = time.perf_counter()
+    result = knn_eval(trunk, data, image_size=cfg_eval.image_size, k=cfg_eval.knn_k,
+                      temperature=cfg_eval.knn_temperature, batch_size=cfg_eval.batch_size, device=device,
+                      workers=workers)
+    return {**result.as_dict(), "seconds": round(time.perf_counter() - t0, 3)}

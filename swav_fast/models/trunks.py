@@ -21,14 +21,14 @@ def register_trunk(name: str):
 
 
 class WideResNet(ResNet):
-    """ResNet whose every stage is ``width`` times wider (SwAV's resnet50w2/w4/w5).
+    """ResNet whose every stage is ``width`` times wider (SwAV's resnet50w2/w4/w5; or narrower).
 
     Unlike torchvision's ``wide_resnet50_2`` (wider bottleneck only), stem and all stages scale.
     """
 
-    def __init__(self, block: type, layers: list[int], width: int):
+    def __init__(self, block: type, layers: list[int], width: float):
         super().__init__(block, layers)
-        base = 64 * width
+        base = int(64 * width)
         self.inplanes = base
         self.conv1 = nn.Conv2d(3, base, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(base)
@@ -53,6 +53,8 @@ for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wid
 for _w in (2, 4, 5):
     register_trunk(f"resnet50w{_w}")(lambda _w=_w: _strip(WideResNet(Bottleneck, [3, 4, 6, 3], _w)))
 register_trunk("resnet18w2")(lambda: _strip(WideResNet(BasicBlock, [2, 2, 2, 2], 2)))
+# A ResNet-10 at half width (256-d features): ~10x cheaper than resnet18, for CPU demos and tests.
+register_trunk("resnet10_half")(lambda: _strip(WideResNet(BasicBlock, [1, 1, 1, 1], 0.5)))
 
 
 def available_trunks() -> list[str]:

@@ -1,0 +1,164 @@
+"""Training health: non-finite steps undone on the device, and SwAV collapse detection.
+
+:class:`NonFiniteGuard` makes a step whose loss (or gradient) is NaN/inf a no-op without a host
+synchronisation: the step runs, then every tensor it may have changed (parameters, buffers such as
+batch-norm statistics and the queue, optimiser state) is put back with ``torch.where`` on a device
+flag. Counters stay on the device; the trainer reads them only where it syncs anyway (log steps,
+checkpoints).
+
+:func:`collapse_signs` looks for SwAV's known failure: every sample on one prototype, or uniform
+predictions (the loss then sits at ln K).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+COLLAPSE_REMEDIES = (
+    "start the queue later or make it shorter (swav.epoch_queue_starts, swav.queue_length)",
+    "use a smaller swav.epsilon (e.g. 0.03)",
+    "freeze the prototypes for longer (swav.freeze_prototypes_niters)",
+)
+
+
+def state_tensors(modules: Iterable[nn.Module], optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every tensor a training step may change: parameters, buffers, optimiser state."""
+    out: list[torch.Tensor] = []
+    for m in modules:
+        out += list(m.parameters())  # the objects themselves: identity is stable between calls
+        out += list(m.buffers())
+    for state in optimizer.state.values():
+        out += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return out
+
+
+def is_finite(loss: torch.Tensor, grads: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """0-d bool tensor on the loss's device: the loss and (optionally) all gradients are finite."""
+    finite = torch.isfinite(loss.detach()).all()
+    if grads:
+        finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(list(grads))).sum())
+    return finite
+
+
+@dataclass
+class NonFiniteCounts:
+    """Host copy of the guard's counters."""
+    total: int  # non-finite steps so far (each skipped)
+    streak: int  # current run of consecutive non-finite steps
+    worst_streak: int  # longest such run so far
+
+
+class NonFiniteGuard:
+    """Snapshot before a step, keep or restore after it; count non-finite steps on the device."""
+
+    def __init__(self, device: torch.device):
+        self._counts = torch.zeros(3, dtype=torch.long, device=device)  # total, streak, worst streak
+        self._snapshot: list[torch.Tensor] = []
+        self._before: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def begin(self, tensors: list[torch.Tensor]) -> None:
+        """Remember the values of ``tensors`` (copied into reused buffers)."""
+        if [(t.shape, t.dtype, t.device) for t in tensors] != [
+                (s.shape, s.dtype, s.device) for s in self._snapshot]:
+            self._snapshot = [torch.empty_like(t) for t in tensors]
+        if tensors:
+            torch._foreach_copy_(self._snapshot, tensors)
+        self._before = tensors
+
+    @torch.no_grad()
+    def end(self, finite: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+        """Keep the step's values where ``finite``, else restore the snapshot.
+
+        Tensors created during the step (e.g. a first momentum buffer) are zeroed instead, which for
+        SGD and LARS is the same as not existing yet.
+        """
+        index = {id(t): i for i, t in enumerate(self._before)}
+        for t in tensors:
+            i = index.get(id(t))
+            old = self._snapshot[i] if i is not None else torch.zeros((), dtype=t.dtype, device=t.device)
+            torch.where(finite, t, old, out=t)
+        self._before = []
+        bad = (~finite).long()
+        total, streak, worst = self._counts.unbind()
+        streak = (streak + bad) * bad
+        self._counts.copy_(torch.stack([total + bad, streak, torch.maximum(worst, streak)]))
+
+    def counts(self) -> NonFiniteCounts:
+        """Read the counters (a host synchronisation: call at log steps and checkpoints only)."""
+        total, streak, worst = (int(v) for v in self._counts.tolist())
+        return NonFiniteCounts(total, streak, worst)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"counts": self._counts.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._counts.copy_(state["counts"])
+
+
+# ----------------------------------------------------------------------------------------------
+# collapse
+
+
+@dataclass
+class CollapseSigns:
+    """Collapse indicators of one batch (the assigned views' prototype scores)."""
+    loss: float
+    ln_k: float  # the loss of uniform predictions over K prototypes
+    prototypes_used: int  # distinct argmax prototypes over the batch (the most of any view)
+    samples: int  # batch size
+    prediction_entropy: float  # mean entropy of softmax(scores / T), as a fraction of ln K
+    signs: list[str] = field(default_factory=list)
+
+    @property
+    def collapsed(self) -> bool:
+        return bool(self.signs)
+
+    def message(self) -> str:
+        return (f"SwAV collapse signs: {'; '.join(self.signs)}. Usual remedies: "
+                f"{'; '.join(COLLAPSE_REMEDIES)}")
+
+
+@torch.no_grad()
+def collapse_signs(loss: float, scores: torch.Tensor, temperature: float,
+                   uniform_fraction: float = 0.99) -> CollapseSigns:
+    """Indicators from ``scores`` ``[..., B, K]`` of the assigned views (a host sync)."""
+    k = scores.shape[-1]
+    views = scores.detach().float().reshape(-1, scores.shape[-2], k)  # [A, B, K]
+    log_p = torch.log_softmax(views / temperature, dim=-1)
+    entropy = float(-(log_p.exp() * log_p).sum(-1).mean()) / math.log(k) if k > 1 else 0.0
+    used = max(int(v.argmax(-1).unique().numel()) for v in views)  # per view: the batch's assignments
+    batch = views.shape[1]
+    out = CollapseSigns(loss, math.log(k), used, batch, entropy)
+    if used == 1 and batch > 1 and k > 1:
+        out.signs.append(f"all {batch} samples of a view are assigned to one of {k} prototypes")
+    if entropy >= uniform_fraction:
+        out.signs.append(f"predictions are uniform over the prototypes (loss {loss:.4f}, ln K = "
+                         f"{out.ln_k:.4f})")
+    return out
+
+
+class CollapseMonitor:
+    """Counts consecutive collapsed checks after the prototype freeze; says when to stop."""
+
+    def __init__(self, temperature: float, start_step: int, patience: int = 0):
+        self.temperature = temperature
+        self.start_step = start_step
+        self.patience = patience
+        self.streak = 0
+
+    def check(self, step: int, loss: float, scores: torch.Tensor | None) -> CollapseSigns | None:
+        """The signs when this check looks collapsed (None when healthy or too early)."""
+        if scores is None or step <= self.start_step or not math.isfinite(loss):
+            return None
+        signs = collapse_signs(loss, scores, self.temperature)
+        self.streak = self.streak + 1 if signs.collapsed else 0
+        return signs if signs.collapsed else None
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.streak >= self.patience
