@@ -33,9 +33,8 @@ def test_report_of_a_short_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| steps | 6 |" in out and "| epochs completed | 2 |" in out and "kNN top-1 (%)" in out
     report = run / "report"
-    for name in ("loss", "lr", "images_per_s", "knn", "overview"):
+    for name in ("loss", "lr", "images_per_s", "loader_wait", "knn", "overview"):
         _check_png(report / f"{name}.png")
-    assert not (report / "loader_wait.png").exists()  # not logged by this run
     assert not [p for p in report.iterdir() if p.name.endswith(".tmp")]
     summary = json.loads((report / "summary.json").read_text())
     records = read_log(run)
@@ -49,7 +48,7 @@ def test_report_of_a_short_run(tmp_path, capsys):
 
     assert main(["report", str(run), "--out", str(tmp_path / "elsewhere"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert len(result["plots"]) == 5 and result["summary"]["steps"] == 6
+    assert len(result["plots"]) == 6 and result["summary"]["steps"] == 6
 
 
 def _write_log(run, records, tail=""):
