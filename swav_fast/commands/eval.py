@@ -77,6 +77,15 @@ def load_trunk(path: str, device_name: str):
     return model.trunk.to(device), state, cfg, device
 
 
+def _emit(args: argparse.Namespace, state: dict, result, text: str) -> int:
+    """Print the result as one JSON object (``--json``) or as the human-readable ``text``."""
+    if args.json:
+        print(json.dumps({"checkpoint": args.checkpoint, "step": state.get("step"), **result.as_dict()}))
+    else:
+        print(text)
+    return 0
+
+
 def run_knn(args: argparse.Namespace) -> int:
     from swav_fast.eval.knn import knn_eval
 
@@ -84,13 +93,9 @@ def run_knn(args: argparse.Namespace) -> int:
     result = knn_eval(trunk, args.data, image_size=args.image_size or cfg.eval.image_size,
                       k=args.k, temperature=args.temperature, batch_size=args.batch_size, device=device,
                       workers=args.workers)
-    out = {"checkpoint": args.checkpoint, "step": state.get("step"), **result.as_dict()}
-    if args.json:
-        print(json.dumps(out))
-    else:
-        print(f"kNN top-1: {result.top1:.2f}% (k={result.k}, T={result.temperature}, "
-              f"{result.num_train} train / {result.num_val} val images, {result.num_classes} classes)")
-    return 0
+    return _emit(args, state, result,
+                 f"kNN top-1: {result.top1:.2f}% (k={result.k}, T={result.temperature}, "
+                 f"{result.num_train} train / {result.num_val} val images, {result.num_classes} classes)")
 
 
 def run_linear(args: argparse.Namespace) -> int:
@@ -106,13 +111,9 @@ def run_linear(args: argparse.Namespace) -> int:
                           standardize_features=not args.no_standardize, seed=args.seed,
                           feature_batch_size=args.feature_batch_size, device=device, workers=args.workers,
                           cache_dir=args.cache_dir)
-    out = {"checkpoint": args.checkpoint, "step": state.get("step"), **result.as_dict()}
-    if args.json:
-        print(json.dumps(out))
-    else:
-        print(f"linear probe: top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}% "
-              f"({result.epochs} epochs, lr {result.lr:g}, batch {result.batch_size}; "
-              f"{result.num_train} train / {result.num_val} val images, {result.num_classes} classes; "
-              f"features {'from cache' if result.features_cached else 'extracted'} in "
-              f"{result.extract_seconds:.1f} s, classifier {result.train_seconds:.1f} s)")
-    return 0
+    return _emit(args, state, result,
+                 f"linear probe: top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}% "
+                 f"({result.epochs} epochs, lr {result.lr:g}, batch {result.batch_size}; "
+                 f"{result.num_train} train / {result.num_val} val images, {result.num_classes} classes; "
+                 f"features {'from cache' if result.features_cached else 'extracted'} in "
+                 f"{result.extract_seconds:.1f} s, classifier {result.train_seconds:.1f} s)")
