@@ -104,6 +104,8 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool = True
     threads: int = 0  # torch CPU threads (0 = torch default)
+    method: str = "swav"  # self-supervised method (swav_fast.methods registry)
+    step_mode: str = "eager"  # eager | compile (torch.compile of forward + loss)
     # -- fault handling (see swav_fast/guards.py) ---------------------------------------------
     max_nonfinite_steps: int = 10  # stop after this many consecutive NaN/inf steps (0 = never stop)
     collapse_patience: int = 0  # stop after this many consecutive collapsed log checks (0 = warn only)
@@ -157,12 +159,16 @@ class Config:
     def _validate_choices(self) -> None:
         """Names that select an implementation: rejected with the valid ones listed."""
         from pipelines.loader import available_backends
+        from swav_fast.methods import available_methods
         from swav_fast.models.trunks import available_trunks
+        from swav_fast.step import MODES
 
         choices = {
             "model.arch": (self.model.arch, available_trunks()),
             "data.loader": (self.data.loader, available_backends()),
             "train.precision": (self.train.precision, ["auto", "fp32", "bf16", "fp16"]),
+            "train.method": (self.train.method, available_methods()),
+            "train.step_mode": (self.train.step_mode, list(MODES)),
             "train.on_checkpoint_error": (self.train.on_checkpoint_error, list(CHECKPOINT_ERROR_POLICIES)),
         }
         for key, (value, valid) in choices.items():

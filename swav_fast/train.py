@@ -30,8 +30,7 @@ from swav_fast.config import Config, save_config
 from swav_fast.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from swav_fast.eval.knn import knn_due, knn_eval, periodic_knn
 from swav_fast.guards import COLLAPSE_REMEDIES, CollapseMonitor, NonFiniteCounts
-from swav_fast.methods.swav import SwAVObjective
-from swav_fast.models import SwAVModel
+from swav_fast.methods import Method, build_method
 from swav_fast.optim import LARS, lars_param_groups, warmup_cosine_lr
 from swav_fast.preemption import StopSignals
 from swav_fast.runlog import RunLog
@@ -81,9 +80,9 @@ def check_writable(folder: Path) -> None:
         raise DataError(f"output folder {folder} is not writable: {exc.strerror or exc}") from exc
 
 
-def build_model(cfg: Config) -> SwAVModel:
-    m = cfg.model
-    return SwAVModel(m.arch, m.hidden_dim, m.feat_dim, m.num_prototypes)
+def build_model(cfg: Config) -> torch.nn.Module:
+    """The online network (with ``.trunk``) of ``cfg``'s method, as saved under ``"model"``."""
+    return build_method(cfg.train.method, cfg).model
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -162,18 +161,15 @@ class Trainer:
 
         # model, objective, optimiser, step
         torch.manual_seed(t.seed)  # the same seed gives the same init (evaluate_knn relies on it)
-        self.model = build_model(cfg).to(self.device)
+        self.method: Method = build_method(t.method, cfg).to(self.device)
         channels_last = t.channels_last and self.device.type == "cuda"
         if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.method = self.method.to(memory_format=torch.channels_last)
+        self.model = self.method.model  # the online network (trunk + heads)
         s = cfg.swav
-        self.objective = SwAVObjective(sum(cfg.data.crops.num_crops), s.crops_for_assign, s.temperature,
-                                       s.epsilon, s.sinkhorn_iterations, s.queue_length // world_size(),
-                                       cfg.model.feat_dim
-                                       ).to(self.device)
-        self.optimizer = build_optimizer(cfg, self.model)
-        self.step_fn = TrainStep(self.model, self.objective, self.optimizer, self.device, t.precision,
-                                 channels_last, s.freeze_prototypes_niters, debug_nan_steps=t.debug_nan_steps)
+        self.optimizer = build_optimizer(cfg, self.method.trainable())
+        self.step_fn = TrainStep(self.method, self.optimizer, self.device, t.precision, channels_last,
+                                 mode=t.step_mode, debug_nan_steps=t.debug_nan_steps)
         self.collapse = CollapseMonitor(s.temperature, s.freeze_prototypes_niters, t.collapse_patience)
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.last_loss = float("nan")  # at the last log step with a finite loss
@@ -187,7 +183,7 @@ class Trainer:
         return {
             "format": "swav-fast/1",
             "model": self.model.state_dict(),
-            "objective": self.objective.state_dict(),
+            "objective": self.method.extra_state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.step_fn.scaler.state_dict(),
             "epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
@@ -199,7 +195,7 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
             self.model.load_state_dict(state["model"])
-            self.objective.load_state_dict(state["objective"])
+            self.method.load_extra_state_dict(state["objective"])
             self.optimizer.load_state_dict(state["optimizer"])
             if state.get("scaler"):
                 self.step_fn.scaler.load_state_dict(state["scaler"])
@@ -265,9 +261,10 @@ class Trainer:
 
     def check_collapse(self, loss: float) -> None:
         """Report SwAV collapse signs; raise TrainingDiverged after ``train.collapse_patience`` checks."""
-        scores = self.step_fn.last_scores
-        if scores is not None:
-            scores = scores.view(self.objective.num_views, -1, scores.shape[-1])[self.objective.crops_for_assign]
+        assigned = getattr(self.method, "assigned_scores", None)
+        if assigned is None:  # the prototype-usage checks are SwAV's
+            return
+        scores = assigned()
         signs = self.collapse.check(self.step, loss, scores)
         if signs is None:
             return
@@ -344,7 +341,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         batch = cfg.optim.batch_size
         epoch_start_step = self.step
-        self.objective.queue_active = (cfg.swav.queue_length > 0 and self.epoch >= cfg.swav.epoch_queue_starts)
+        self.method.on_epoch_start(self.epoch)
         self.loader.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
         bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch, disable=not t.progress,
                    desc=f"epoch {self.epoch}", dynamic_ncols=True, leave=False)
@@ -353,7 +350,7 @@ class Trainer:
         for data in until_stopped(self.loader, stop):
             wait += time.perf_counter() - fetch_start
             lr = self.lr_at(self.step)
-            loss = self.step_fn(data.views, lr, self.step)
+            loss = self.step_fn(data.views, lr, self.step, data.indices)
             self.step += 1
             self.batch_in_epoch += 1
             self.images += batch

@@ -63,7 +63,7 @@ def recipe(tmp_path_factory) -> Path:
 def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
     """Everything a step may change: model (params + BN stats), queue, optimiser state."""
     out = {f"model.{k}": v.detach().clone() for k, v in trainer.model.state_dict().items()}
-    out.update({f"objective.{k}": v.detach().clone() for k, v in trainer.objective.state_dict().items()})
+    out.update({f"objective.{k}": v.detach().clone() for k, v in trainer.method.objective.state_dict().items()})
     for i, (p, st) in enumerate(trainer.optimizer.state.items()):
         out.update({f"optim.{i}.{k}": v.clone() for k, v in st.items() if isinstance(v, torch.Tensor)})
     return out
@@ -85,7 +85,7 @@ def test_nan_step_changes_nothing(data, tmp_path, nan_step):
     """A NaN step leaves parameters, BN statistics, the queue and momentum exactly as they were."""
     trainer = Trainer(tiny_config(data, tmp_path / "run", *FAST, "swav.queue_length=16",
                                   "swav.epoch_queue_starts=0", f"train.debug_nan_steps=[{nan_step}]"))
-    trainer.objective.queue_active = True
+    trainer.method.objective.queue_active = True
     batches = []
     for epoch in range(2):
         trainer.loader.set_epoch(epoch)
@@ -374,10 +374,10 @@ def test_sigint_writes_checkpoint_and_returns(data, tmp_path, monkeypatch):
     run = tmp_path / "run"
     real_call = TrainStep.__call__
 
-    def call(self, views, lr, iteration):
+    def call(self, views, lr, iteration, indices=None):
         if iteration == 1:
             os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step; honoured at the step boundary
-        return real_call(self, views, lr, iteration)
+        return real_call(self, views, lr, iteration, indices)
     monkeypatch.setattr(TrainStep, "__call__", call)
     trainer = Trainer(tiny_config(data, run, *FAST, "optim.epochs=2"))
     result = trainer.fit()

@@ -51,8 +51,8 @@ def test_resume_is_exact(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
-    assert torch.equal(straight.objective.queue.items, second.objective.queue.items)
-    assert int(straight.objective.queue.count) == 8 * 6  # filled from epoch 1 on: 6 steps x 8
+    assert torch.equal(straight.method.objective.queue.items, second.method.objective.queue.items)
+    assert int(straight.method.objective.queue.count) == 8 * 6  # filled from epoch 1 on: 6 steps x 8
 
 
 def test_checkpoint_contents_and_log(tmp_path):

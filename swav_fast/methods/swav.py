@@ -1,12 +1,15 @@
 """The SwAV objective: codes by Sinkhorn on the assigned crops, swapped prediction by all crops."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from swav_fast.losses import sinkhorn_knopp, swapped_prediction_loss
+from swav_fast.methods.base import Method, register_method
+from swav_fast.models import SwAVModel
 from swav_fast.queue import FeatureQueue
 
 
@@ -54,3 +57,60 @@ class SwAVObjective(nn.Module):
         if self.queue is not None and self.queue_active:
             self.queue.push(z[self.crops_for_assign])
         return swapped_prediction_loss(scores, q, self.crops_for_assign, self.temperature)
+
+
+class SwAVMethod(Method):
+    """SwAV as a :class:`~swav_fast.methods.base.Method`: :class:`SwAVModel` + :class:`SwAVObjective`.
+
+    The prototypes get no update for the first ``freeze_prototypes_niters`` iterations
+    (:meth:`frozen_parameters`) and are re-normalised to unit rows after every update; the feature
+    queue is used from epoch ``epoch_queue_starts`` on.
+    """
+
+    name = "swav"
+
+    def __init__(self, model: SwAVModel, objective: SwAVObjective, freeze_prototypes_niters: int = 0,
+                 epoch_queue_starts: int = 0):
+        super().__init__()
+        self.epoch_queue_starts = int(epoch_queue_starts)
+        self.model = model
+        self.objective = objective
+        self.freeze_prototypes_niters = int(freeze_prototypes_niters)
+        self.last_scores: torch.Tensor | None = None  # detached scores of the last step (collapse checks)
+
+    def forward(self, views: Sequence[torch.Tensor], indices: torch.Tensor | None = None) -> torch.Tensor:
+        z, scores = self.model(views)
+        self.last_scores = scores.detach()
+        return self.objective(z.float(), scores.float(), self.model.prototypes.weight)
+
+    def frozen_parameters(self) -> list[tuple[list[nn.Parameter], int]]:
+        return [(list(self.model.prototypes.parameters()), self.freeze_prototypes_niters)]
+
+    @torch.no_grad()
+    def after_update(self, step: torch.Tensor) -> None:
+        """Re-normalise the prototypes once they train (a tensor test: replayable in a CUDA graph)."""
+        w = self.model.prototypes.weight
+        w.copy_(torch.where(step >= self.freeze_prototypes_niters, F.normalize(w, dim=1, p=2), w))
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """The queue is used from epoch ``epoch_queue_starts`` on (once full)."""
+        self.objective.queue_active = self.objective.queue is not None and epoch >= self.epoch_queue_starts
+
+    def assigned_scores(self) -> torch.Tensor | None:
+        """Scores ``[A, B, K]`` of the code-assigned views of the last step."""
+        if self.last_scores is None:
+            return None
+        o = self.objective
+        return self.last_scores.view(o.num_views, -1, self.last_scores.shape[-1])[o.crops_for_assign]
+
+
+@register_method("swav")
+def build_swav(cfg: Any) -> SwAVMethod:
+    """SwAV from a :class:`swav_fast.config.Config` (``model`` and ``swav`` sections)."""
+    from swav_fast.distributed import world_size
+
+    m, s = cfg.model, cfg.swav
+    model = SwAVModel(m.arch, m.hidden_dim, m.feat_dim, m.num_prototypes)
+    objective = SwAVObjective(sum(cfg.data.crops.num_crops), s.crops_for_assign, s.temperature, s.epsilon,
+                              s.sinkhorn_iterations, s.queue_length // world_size(), m.feat_dim)
+    return SwAVMethod(model, objective, s.freeze_prototypes_niters, s.epoch_queue_starts)

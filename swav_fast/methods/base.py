@@ -1,0 +1,99 @@
+"""The contract between a self-supervised method and the training step.
+
+A :class:`Method` owns everything one objective needs: the *online* network ``self.model`` (trained
+by the optimiser; it has a ``trunk`` that evaluation and export use) and any extra state (target
+networks, feature queues, memory banks, centres) as sub-modules or buffers. The training step
+(:class:`swav_fast.step.TrainStep`) calls, per iteration::
+
+    loss = method(views, indices)        # under autocast; returns a float32 scalar
+    loss.backward()
+    method.before_update(step)           # gradients are in .grad
+    optimizer.step()                     # parameters of frozen_parameters() not updated while frozen
+    method.after_update(step)            # e.g. re-normalise prototypes, EMA target, memory bank
+
+``step`` is the global iteration as a 0-d int64 tensor on the training device, so the hooks must
+be written with tensor ops (``torch.where``, no ``if step < n`` on a tensor) to stay replayable in a
+CUDA graph. Only ``model``'s parameters are given to the optimiser (:meth:`trainable`); target
+networks keep ``requires_grad=False``.
+
+Checkpoints store ``model.state_dict()`` under ``"model"`` and the rest of the method's state
+(:meth:`extra_state_dict`) under ``"objective"``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from swav_fast.errors import ConfigError
+
+
+class Method(nn.Module):
+    """Base class: subclasses set ``self.model`` and implement :meth:`forward`."""
+
+    #: registry name (``--method``)
+    name: str = "base"
+    model: nn.Module
+
+    def forward(self, views: Sequence[torch.Tensor], indices: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss (float32 scalar) for all ``views`` (``[B, 3, S, S]`` each, globals first) of the
+        samples with dataset ``indices`` (``[B]``, used by memory banks)."""
+        raise NotImplementedError
+
+    def frozen_parameters(self) -> list[tuple[list[nn.Parameter], int]]:
+        """``(parameters, n)`` pairs: these parameters get no optimiser update (no gradient, no
+        momentum, no weight decay) while the iteration is below ``n`` (SwAV's prototypes, DINO's last
+        layer). The step applies it, so that every step mode has the same semantics."""
+        return []
+
+    def before_update(self, step: torch.Tensor) -> None:
+        """After backward, before the optimiser step (gradients are in ``.grad``)."""
+
+    def after_update(self, step: torch.Tensor) -> None:
+        """After the optimiser step."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Host-side switches that change once per epoch (e.g. start using a queue)."""
+
+    @property
+    def trunk(self) -> nn.Module:
+        return self.model.trunk
+
+    def trainable(self) -> nn.Module:
+        """The module whose parameters the optimiser updates."""
+        return self.model
+
+    def extra_state_dict(self) -> dict[str, Any]:
+        """Everything in the state dict except the online model (saved as ``"objective"``)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("model.")}
+
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        full = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        full.update(state)
+        self.load_state_dict(full)
+
+
+MethodFactory = Callable[..., Method]
+_METHODS: dict[str, MethodFactory] = {}
+
+
+def register_method(name: str) -> Callable[[MethodFactory], MethodFactory]:
+    """Decorator: register ``factory(cfg) -> Method`` under ``name``."""
+
+    def deco(factory: MethodFactory) -> MethodFactory:
+        _METHODS[name] = factory
+        return factory
+
+    return deco
+
+
+def available_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def build_method(name: str, cfg: Any) -> Method:
+    """The method ``name`` built from a :class:`swav_fast.config.Config`."""
+    if name not in _METHODS:
+        raise ConfigError(f"unknown method {name!r}; valid: {', '.join(available_methods())}")
+    return _METHODS[name](cfg)
