@@ -5,6 +5,10 @@ from .loader import MultiCropBatch, MultiCropLoader, available_backends, build_l
 from .params import ViewParams, sample_batch_params, sample_params_for_indices, sample_rng, sample_view_params
 from .spec import MultiCropSpec
 
+# Backends register themselves; optional dependencies (DALI, FFCV) are imported when a loader is built.
+from . import torch_backend  # noqa: E402,F401  ("torch": batched decode_jpeg + batched crop/colour)
+from . import dali_backend  # noqa: E402,F401  ("dali": ImageFolder, TFRecord, webdataset)
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageFolderIndex",

@@ -235,10 +235,19 @@ register_backend("pil", PILLoader)
 
 def build_loader(source: str | os.PathLike[str] | ImageFolderIndex, spec: MultiCropSpec, batch_size: int,
                  backend: str = "pil", device: Any = "cpu", rank: int = 0, world_size: int = 1, seed: int = 0,
-                 num_workers: int = 0, drop_last: bool = True) -> MultiCropLoader:
-    """A multi-crop loader over an ImageFolder path (or a pre-scanned :class:`ImageFolderIndex`)."""
+                 num_workers: int = 0, drop_last: bool = True, **backend_options: Any) -> MultiCropLoader:
+    """A multi-crop loader over an ImageFolder path (or a pre-scanned :class:`ImageFolderIndex`).
+
+    Backends whose factory has ``accepts_path = True`` get the path itself, so that they can also read
+    prepared datasets (``swav-fast prepare`` TFRecord / webdataset / beton folders).
+    ``backend_options`` go to the backend (e.g. ``hw_decoder_load`` for ``dali``).
+    """
     if backend not in _BACKENDS:
         raise ConfigError(f"unknown loader backend {backend!r}; valid: {', '.join(available_backends())}")
-    index = source if isinstance(source, ImageFolderIndex) else scan_image_folder(source)
-    return _BACKENDS[backend](index, spec, batch_size, device=device, rank=rank, world_size=world_size,
-                              seed=seed, num_workers=num_workers, drop_last=drop_last)
+    factory = _BACKENDS[backend]
+    if isinstance(source, ImageFolderIndex) or getattr(factory, "accepts_path", False):
+        index = source
+    else:
+        index = scan_image_folder(source)
+    return factory(index, spec, batch_size, device=device, rank=rank, world_size=world_size,
+                   seed=seed, num_workers=num_workers, drop_last=drop_last, **backend_options)

@@ -12,7 +12,7 @@ import sys
 from swav_fast.errors import SwavFastError
 
 #: Subcommand modules, in the order ``--help`` lists them.
-COMMANDS = ("synth", "train", "eval", "prepare", "inspect", "bench", "export", "report")
+COMMANDS = ("synth", "train", "launch", "eval", "prepare", "inspect", "bench", "export", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,8 @@ from swav_fast.errors import ConfigError
 RECIPE_DIR = Path(__file__).parent / "recipes"
 #: ``train.on_checkpoint_error``: what a failed checkpoint write does (the previous one stays intact).
 CHECKPOINT_ERROR_POLICIES = ("stop", "continue")
+#: ``optim.lr_scaling``: how the learning rates follow the global batch (see :meth:`OptimConfig.lr_factor`).
+LR_SCALING_RULES = ("none", "linear", "sqrt")
 
 
 @dataclass
@@ -56,6 +58,19 @@ class OptimConfig:
     lars: bool = True
     trust_coefficient: float = 0.001
     exclude_bias_and_norm: bool = True
+    # -- global batch and learning-rate scaling (multi-process) -------------------------------------
+    global_batch_size: int = 0  # > 0: batch_size = global_batch_size / world size (must divide); 0 = unused
+    lr_scaling: str = "none"  # none | linear | sqrt: base_lr, final_lr, start_warmup x f(global / reference)
+    reference_batch: int = 0  # the global batch the learning rates are given for (0 = not stated)
+
+    def lr_factor(self, world_size: int = 1) -> float:
+        r"""Multiplier of ``base_lr``, ``final_lr`` and ``start_warmup`` at global batch
+        :math:`B = \text{batch\_size} \times \text{world}`: ``none`` 1, ``linear``
+        :math:`B / B_{ref}`, ``sqrt`` :math:`\sqrt{B / B_{ref}}` (:math:`B_{ref}` = ``reference_batch``)."""
+        if self.lr_scaling == "none":
+            return 1.0
+        ratio = self.batch_size * world_size / self.reference_batch
+        return ratio if self.lr_scaling == "linear" else ratio ** 0.5
 
 
 @dataclass
@@ -114,6 +129,14 @@ class TrainConfig:
 
 
 @dataclass
+class DistConfig:
+    """Multi-process training (the launcher, torchrun or srun, decides ranks and world size)."""
+    backend: str = "auto"  # auto (nccl on GPUs, gloo on the CPU) | nccl | gloo
+    timeout_minutes: float = 30.0  # collectives wait this long (rank 0 alone runs kNN and writes checkpoints)
+    find_unused_parameters: bool = False  # DDP: for methods whose loss skips some parameters
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     swav: SwAVConfig = field(default_factory=SwAVConfig)
@@ -121,6 +144,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -137,6 +161,7 @@ class Config:
                               f"indices in [0, {num_views - 1}] (there are {num_views} crops)")
         if num_views < 2:
             raise ConfigError("data.crops must give at least 2 views (swapped prediction needs a pair)")
+        self._resolve_global_batch(world_size)
         if self.optim.batch_size < 1:
             raise ConfigError(f"optim.batch_size={self.optim.batch_size} must be >= 1 (per process)")
         global_batch = self.optim.batch_size * world_size
@@ -156,6 +181,19 @@ class Config:
             raise ConfigError("swav.epsilon and swav.temperature must be > 0")
         return self
 
+    def _resolve_global_batch(self, world_size: int) -> None:
+        """``optim.global_batch_size`` (when set) fixes the per-process batch for this world size."""
+        o = self.optim
+        if o.global_batch_size:
+            if o.global_batch_size % world_size:
+                raise ConfigError(f"optim.global_batch_size={o.global_batch_size} is not divisible by the "
+                                  f"world size {world_size}; use a multiple of {world_size} or set "
+                                  "optim.batch_size (per process) instead")
+            o.batch_size = o.global_batch_size // world_size
+        if o.lr_scaling != "none" and o.reference_batch < 1:
+            raise ConfigError(f"optim.lr_scaling={o.lr_scaling} needs optim.reference_batch (the global "
+                              "batch base_lr is given for), e.g. optim.reference_batch=256")
+
     def _validate_choices(self) -> None:
         """Names that select an implementation: rejected with the valid ones listed."""
         from pipelines.loader import available_backends
@@ -170,6 +208,8 @@ class Config:
             "train.method": (self.train.method, available_methods()),
             "train.step_mode": (self.train.step_mode, list(MODES)),
             "train.on_checkpoint_error": (self.train.on_checkpoint_error, list(CHECKPOINT_ERROR_POLICIES)),
+            "optim.lr_scaling": (self.optim.lr_scaling, list(LR_SCALING_RULES)),
+            "dist.backend": (self.dist.backend, ["auto", "nccl", "gloo"]),
         }
         for key, (value, valid) in choices.items():
             if value not in valid:
@@ -191,13 +231,17 @@ class Config:
                         "train.checkpoint_every_epochs": self.train.checkpoint_every_epochs,
                         "train.keep_checkpoints": self.train.keep_checkpoints,
                         "train.max_nonfinite_steps": self.train.max_nonfinite_steps,
-                        "train.collapse_patience": self.train.collapse_patience}
+                        "train.collapse_patience": self.train.collapse_patience,
+                        "optim.global_batch_size": self.optim.global_batch_size,
+                        "optim.reference_batch": self.optim.reference_batch}
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key}={value} must be >= 1")
         for key, value in non_negative.items():
             if value < 0:
                 raise ConfigError(f"{key}={value} must be >= 0")
+        if self.dist.timeout_minutes <= 0:
+            raise ConfigError(f"dist.timeout_minutes={self.dist.timeout_minutes} must be > 0")
         bad_steps = [s for s in self.train.debug_nan_steps if s < 0]
         if bad_steps:
             raise ConfigError(f"train.debug_nan_steps={self.train.debug_nan_steps}: steps must be >= 0")

@@ -25,7 +25,9 @@ from tqdm import tqdm
 
 from pipelines import build_loader
 from swav_fast import checkpoint as ckpt
-from swav_fast.distributed import world_size
+from swav_fast import ddp
+from swav_fast.distributed import (StopAgreement, all_reduce_mean, broadcast_object, destroy, detect_launch,
+                                   init_distributed, is_dist, quiet_other_ranks, rank, world_size)
 from swav_fast.config import Config, save_config
 from swav_fast.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from swav_fast.eval.knn import knn_due, knn_eval, periodic_knn
@@ -108,22 +110,26 @@ class TrainResult:
     nonfinite_steps: int = 0  # steps skipped because the loss or a gradient was NaN/inf
     signal: int | None = None  # set when SIGTERM/SIGINT stopped the run (a checkpoint was written)
     knn: dict[str, Any] = field(default_factory=dict)
+    is_main: bool = True  # rank 0 (or the only process): the one that reports
 
 
-def until_stopped(batches: Iterable[T], stop: StopSignals) -> Iterator[T]:
-    """``batches`` until a stop is requested; a loader failure after the request (its workers got
-    the same signal) also just ends the epoch."""
+def until_stopped(batches: Iterable[T], stop: StopAgreement) -> Iterator[T]:
+    """``batches`` until a stop is agreed; a loader failure after a local request (its workers got
+    the same signal) also ends the epoch. Every rank calls ``stop.agree()`` once per batch, after
+    fetching it, so all ranks stop before the same step whichever of them got the signal."""
     it = iter(batches)
     while not stop.requested:
         try:
             item = next(it)
-        except StopIteration:
+        except StopIteration:  # the same batch count on every rank: all end together
             return
         except Exception:
-            if stop.requested:
-                log.info("data loader stopped after %s", stop.name)
-                return
-            raise
+            if not stop.local.requested:
+                raise
+            log.info("data loader stopped after %s", stop.local.name)
+            item = None
+        if stop.agree():
+            return
         yield item
 
 
@@ -131,15 +137,22 @@ class Trainer:
     """Holds a run's state; :meth:`fit` runs it. Build from a validated :class:`Config`."""
 
     def __init__(self, cfg: Config):
-        self.cfg = cfg.validate(world_size())
         t = cfg.train
+        # the launcher's world size (torchrun / srun variables, or 1) is known before any group exists
+        self.cfg = cfg.validate(world_size() if is_dist() else detect_launch().world_size)
+        # one process, or a rank of that launch (device of the local rank, NCCL or gloo)
+        self.device, self.owns_process_group = init_distributed(t.device, cfg.dist.backend,
+                                                                cfg.dist.timeout_minutes)
+        self.world, self.rank = world_size(), rank()
+        self.is_main = self.rank == 0
+        quiet_other_ranks()
         if t.threads:
             torch.set_num_threads(t.threads)
-        self.device = resolve_device(t.device)
         self.run_dir = Path(t.output_dir)
-        check_writable(self.run_dir)
-        for leftover in ckpt.remove_leftovers(self.run_dir):
-            log.info("removed %s (left by an interrupted checkpoint write)", leftover)
+        if self.is_main:
+            check_writable(self.run_dir)
+            for leftover in ckpt.remove_leftovers(self.run_dir):
+                log.info("removed %s (left by an interrupted checkpoint write)", leftover)
         seed_everything(t.seed)
 
         # data
@@ -151,11 +164,15 @@ class Trainer:
             data_path = root / "train"
             self.knn_data = self.knn_data or root
         self.loader = build_loader(data_path, cfg.data.crops, cfg.optim.batch_size, backend=cfg.data.loader,
-                                   device=self.device, seed=t.seed, num_workers=cfg.data.workers)
+                                   device=self.device, rank=self.rank, world_size=self.world, seed=t.seed,
+                                   num_workers=cfg.data.workers)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
             raise DataError(f"{data_path} has fewer images ({self.loader.num_samples}) than one batch "
                             f"({cfg.optim.batch_size})")
+        self.global_batch = cfg.optim.batch_size * self.world
+        self.lr_factor = cfg.optim.lr_factor(self.world)
+        self._check_lr_scaling()
         self.total_steps = cfg.optim.epochs * self.steps_per_epoch
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
 
@@ -165,10 +182,16 @@ class Trainer:
         channels_last = t.channels_last and self.device.type == "cuda"
         if channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
+        if cfg.model.sync_bn and self.world > 1:  # batch statistics of the global batch
+            self.method.model = ddp.convert_sync_batchnorm(self.method.model, self.device)
         self.model = self.method.model  # the online network (trunk + heads)
         s = cfg.swav
         self.optimizer = build_optimizer(cfg, self.method.trainable())
-        self.step_fn = TrainStep(self.method, self.optimizer, self.device, t.precision, channels_last,
+        # Under DDP the step drives the wrapper (gradients averaged over ranks); everything else here
+        # (state dicts, trunk, hooks) uses the bare method.
+        step_method = (ddp.wrap_method(self.method, self.device, cfg.dist.find_unused_parameters)
+                       if self.world > 1 else self.method)
+        self.step_fn = TrainStep(step_method, self.optimizer, self.device, t.precision, channels_last,
                                  mode=t.step_mode, debug_nan_steps=t.debug_nan_steps)
         self.collapse = CollapseMonitor(s.temperature, s.freeze_prototypes_niters, t.collapse_patience)
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
@@ -176,14 +199,36 @@ class Trainer:
         self.images = 0  # trained this fit()
         self._nonfinite_reported = 0
         self._save_attempted_at: int | None = None  # one checkpoint attempt per step
-        self.runlog = RunLog(self.run_dir, t.tensorboard)
+        self.runlog = RunLog(self.run_dir, t.tensorboard, enabled=self.is_main)
+
+    def _check_lr_scaling(self) -> None:
+        o = self.cfg.optim
+        if self.lr_factor != 1.0:
+            log.info("learning rates x %.4g (optim.lr_scaling=%s: global batch %d vs reference %d)",
+                     self.lr_factor, o.lr_scaling, self.global_batch, o.reference_batch)
+        elif o.lr_scaling == "none" and o.reference_batch and o.reference_batch != self.global_batch:
+            log.warning("the learning rates are given for a global batch of %d but this run's is %d "
+                        "(%d per process x %d); they are used unscaled (optim.lr_scaling=none). Set "
+                        "optim.global_batch_size=%d, or optim.lr_scaling=linear or sqrt", o.reference_batch,
+                        self.global_batch, o.batch_size, self.world, o.reference_batch)
+
+    def close(self) -> None:
+        """End the process group if this trainer created it (from the launcher's environment)."""
+        if self.owns_process_group:
+            destroy()
+            self.owns_process_group = False
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The run's state; a collective under ``torch.distributed`` (per-rank state is gathered)."""
+        extra = self.method.extra_state_dict()
+        _, own = ddp.split_per_rank(extra, ddp.per_rank_prefixes(self.method))
         return {
             "format": "swav-fast/1",
             "model": self.model.state_dict(),
-            "objective": self.method.extra_state_dict(),
+            "objective": extra,
+            "objective_ranks": ddp.gather_per_rank(own),  # e.g. every rank's feature queue
+            "world_size": self.world, "global_batch": self.global_batch,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.step_fn.scaler.state_dict(),
             "epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
@@ -193,9 +238,12 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a checkpoint; from another world size the per-rank state (queue) is reset and the
+        position in the epoch is converted (same samples seen), with a warning."""
+        saved_world = int(state.get("world_size", 1))
         try:
             self.model.load_state_dict(state["model"])
-            self.method.load_extra_state_dict(state["objective"])
+            self.method.load_extra_state_dict(self._objective_state(state, saved_world))
             self.optimizer.load_state_dict(state["optimizer"])
             if state.get("scaler"):
                 self.step_fn.scaler.load_state_dict(state["scaler"])
@@ -208,6 +256,38 @@ class Trainer:
         self.batch_in_epoch = state["batch_in_epoch"]
         ckpt.set_rng_state(state["rng"])
         self._nonfinite_reported = self.step_fn.guard.counts().total
+        saved_global = int(state.get("global_batch") or state["config"]["optim"]["batch_size"] * saved_world)
+        if saved_global != self.global_batch:
+            self._convert_position(saved_global)
+
+    def _objective_state(self, state: dict[str, Any], saved_world: int) -> dict[str, Any]:
+        """The method's extra state to load: shared entries from the checkpoint, per-rank ones from
+        this rank's saved copy (same world size) or freshly reset (another world size)."""
+        prefixes = ddp.per_rank_prefixes(self.method)
+        shared, own = ddp.split_per_rank(state["objective"], prefixes)
+        if not prefixes:
+            return shared
+        if saved_world == self.world:
+            ranks = state.get("objective_ranks")
+            return {**shared, **(ranks[self.rank] if ranks else own)}
+        ddp.reset_per_rank(self.method)
+        log.warning("the checkpoint was written by %d process(es), this run has %d: the per-rank state %s "
+                    "is reset (a feature queue refills before it is used again); everything else is restored",
+                    saved_world, self.world, ", ".join(p.rstrip(".") for p in prefixes))
+        _, fresh = ddp.split_per_rank(self.method.extra_state_dict(), prefixes)
+        return {**shared, **fresh}
+
+    def _convert_position(self, saved_global: int) -> None:
+        """Another global batch: keep the samples already seen in this epoch (``batch_in_epoch`` x
+        global batch) and put ``step`` where this run's schedule has the same epoch position."""
+        seen = self.batch_in_epoch * saved_global
+        old = (self.step, self.batch_in_epoch)
+        self.batch_in_epoch = min(seen // self.global_batch, self.steps_per_epoch)
+        self.step = self.epoch * self.steps_per_epoch + self.batch_in_epoch
+        log.warning("the checkpoint's global batch was %d, this run's is %d: step %d (batch %d of epoch %d) "
+                    "becomes step %d (batch %d); the learning-rate schedule and prototype freezing count "
+                    "this run's steps", saved_global, self.global_batch, old[0], old[1], self.epoch,
+                    self.step, self.batch_in_epoch)
 
     def _last_checkpoint_note(self) -> str:
         existing = ckpt.list_checkpoints(self.run_dir)
@@ -221,12 +301,19 @@ class Trainer:
         if self._save_attempted_at == self.step:  # e.g. a step that is also an epoch end
             return path if path.exists() else None
         self._save_attempted_at = self.step
-        try:
-            ckpt.atomic_save(self.state_dict(), path, checksum=True)
-        except CheckpointError as exc:
-            self._checkpoint_failed(path, exc)
+        state = self.state_dict()  # every rank (gathers the per-rank state); rank 0 writes
+        error = None
+        if self.is_main:
+            try:
+                ckpt.atomic_save(state, path, checksum=True)
+            except CheckpointError as exc:
+                error = str(exc)
+        error = broadcast_object(error)  # every rank follows rank 0's outcome
+        if error is not None:
+            self._checkpoint_failed(path, CheckpointError(error))
             return None
-        ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        if self.is_main:
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
         self.runlog.write("checkpoint", step=self.step, epoch=self.epoch, path=str(path))
         return path
 
@@ -282,16 +369,21 @@ class Trainer:
             raise TrainingDiverged(msg)
 
     def resume(self, how: str) -> bool:
-        """``auto``: newest loadable checkpoint of the run folder (none: start fresh); else a path."""
+        """``auto``: newest loadable checkpoint of the run folder (none: start fresh); else a path.
+        Under ``torch.distributed`` rank 0 chooses and every rank loads that file."""
         if how == "auto":
-            found = ckpt.latest_valid_checkpoint(self.run_dir, log=log.warning)
-            if found is None:
+            found = ckpt.latest_valid_checkpoint(self.run_dir, log=log.warning) if self.is_main else None
+            chosen = broadcast_object(str(found[0]) if found else None)
+            if chosen is None:
                 log.info("no checkpoint in %s: starting from scratch", self.run_dir)
                 return False
-            path, state = found
+            path, state = (found if found else (Path(chosen), ckpt.load_checkpoint(chosen)))
         else:
             path, state = Path(how), ckpt.load_checkpoint(how)
+        step_before = state["step"]
         self.load_state_dict(state)
+        if self.is_main and self.step < step_before:
+            self._set_aside_newer_checkpoints(int(state.get("world_size", 1)))
         log.info("resumed from %s (epoch %d, step %d)", path, self.epoch, self.step)
         self.runlog.write("resume", step=self.step, epoch=self.epoch, path=str(path))
         return True
@@ -299,8 +391,24 @@ class Trainer:
     # -- loop ----------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
         o = self.cfg.optim
-        return warmup_cosine_lr(step, self.total_steps, self.warmup_steps, o.base_lr, o.final_lr,
-                                o.start_warmup)
+        f = self.lr_factor
+        return warmup_cosine_lr(step, self.total_steps, self.warmup_steps, f * o.base_lr, f * o.final_lr,
+                                f * o.start_warmup)
+
+    def _set_aside_newer_checkpoints(self, saved_world: int) -> None:
+        """After a resume that renumbered the steps downwards, checkpoints numbered above the new step
+        would shadow this run's (for ``--resume auto`` and pruning): move them to a sub-folder."""
+        newer = [p for p in ckpt.list_checkpoints(self.run_dir)
+                 if int(ckpt.CKPT_RE.match(p.name)[1]) > self.step]
+        if not newer:
+            return
+        aside = self.run_dir / "checkpoints" / f"before-resize-world{saved_world}"
+        aside.mkdir(exist_ok=True)
+        for p in newer:
+            for f in (p, ckpt.digest_path(p)):
+                if f.exists():
+                    f.replace(aside / f.name)
+        log.warning("moved %d checkpoint(s) numbered above step %d to %s", len(newer), self.step, aside)
 
     def _done(self) -> bool:
         max_steps = self.cfg.train.max_steps
@@ -310,41 +418,45 @@ class Trainer:
         """Train to the end (or ``train.max_steps``, or a SIGTERM/SIGINT: checkpoint and return)."""
         cfg = self.cfg
         try:
-            save_config(cfg, self.run_dir / "config.yaml")
+            if self.is_main:
+                save_config(cfg, self.run_dir / "config.yaml")
         except OSError as exc:
             raise DataError(f"cannot write {self.run_dir / 'config.yaml'}: {exc.strerror or exc}") from exc
         start_time, start_step, self.images = time.perf_counter(), self.step, 0
         try:
-            with StopSignals() as stop:
-                while not self._done() and not stop.requested:
+            with StopSignals() as signals:
+                stop = StopAgreement(signals)  # all ranks stop at the same step
+                while not self._done() and not stop.agree():  # also agreed between epochs
                     self._run_epoch(stop)
-                if not ckpt.checkpoint_path(self.run_dir, self.step).exists():
+                if not broadcast_object(ckpt.checkpoint_path(self.run_dir, self.step).exists()):
                     self.save_checkpoint()
             seconds = time.perf_counter() - start_time
             result = TrainResult(str(self.run_dir), self.step, self.epoch, seconds,
                                  self.images / max(seconds, 1e-9) if self.step > start_step else 0.0,
                                  self.last_loss, self.loader.num_bad, self.step_fn.guard.counts().total,
-                                 stop.signum)
+                                 stop.signum, is_main=self.is_main)
             if stop.requested:
                 log.warning("stopped by %s at step %d; continue with --resume auto", stop.name, self.step)
                 self.runlog.write("preempted", step=self.step, epoch=self.epoch, signal=stop.name)
                 return result
-            if cfg.eval.at_end and self.knn_data is not None:
+            if cfg.eval.at_end and self.knn_data is not None and self.is_main:
                 result.knn = self.evaluate_knn()
-            self.runlog.write("done", **{k: v for k, v in result.__dict__.items() if k != "knn"})
+            self.runlog.write("done", **{k: v for k, v in result.__dict__.items()
+                                         if k not in ("knn", "is_main")})
             return result
         finally:
             self.runlog.close()
 
-    def _run_epoch(self, stop: StopSignals) -> None:
+    def _run_epoch(self, stop: StopAgreement) -> None:
         """The rest of the current epoch (from ``batch_in_epoch``), up to max_steps or a stop request."""
         cfg, t = self.cfg, self.cfg.train
-        batch = cfg.optim.batch_size
+        batch = self.global_batch  # images per step over all ranks
         epoch_start_step = self.step
         self.method.on_epoch_start(self.epoch)
         self.loader.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
-        bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch, disable=not t.progress,
-                   desc=f"epoch {self.epoch}", dynamic_ncols=True, leave=False)
+        bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch,
+                   disable=not (t.progress and self.is_main), desc=f"epoch {self.epoch}", dynamic_ncols=True,
+                   leave=False)
         tick, tick_images = time.perf_counter(), 0
         wait, fetch_start = 0.0, tick  # time spent waiting for the loader since the last log step
         for data in until_stopped(self.loader, stop):
@@ -357,7 +469,7 @@ class Trainer:
             tick_images += batch
             bar.update(1)
             if self.step % t.log_every == 0 or self.batch_in_epoch == self.steps_per_epoch:
-                loss_value = float(loss)  # syncs the device, so the interval below is complete
+                loss_value = float(all_reduce_mean(loss))  # mean over ranks; syncs the device
                 now = time.perf_counter()
                 ips = tick_images / max(now - tick, 1e-9)
                 wait_fraction = min(1.0, wait / max(now - tick, 1e-9))
@@ -376,7 +488,7 @@ class Trainer:
                      self.last_loss, self.loader.num_bad)
             self.epoch += 1
             self.batch_in_epoch = 0
-            if self.knn_data is not None and knn_due(self.epoch, cfg.eval.knn_every_epochs):
+            if self.is_main and self.knn_data is not None and knn_due(self.epoch, cfg.eval.knn_every_epochs):
                 out = periodic_knn(self.model.trunk, self.knn_data, cfg.eval, self.device)
                 self.runlog.write("knn", step=self.step, epoch=self.epoch, periodic=True, **out)
                 log.info("kNN top-1 after epoch %d: %.2f%%", self.epoch, out["top1"])
@@ -394,7 +506,19 @@ class Trainer:
                           images_per_s=round(images_per_s, 2), loader_wait_fraction=round(loader_wait, 4),
                           bad_images=self.loader.num_bad,
                           nonfinite_steps=counts.total)
-        self.check_collapse(loss)
+        if self.world == 1:
+            self.check_collapse(loss)
+        elif self.is_main or self.cfg.train.collapse_patience:  # rank 0 checks; its verdict is shared
+            verdict = None
+            if self.is_main:
+                try:
+                    self.check_collapse(loss)
+                except TrainingDiverged as exc:
+                    verdict = str(exc)
+            if self.cfg.train.collapse_patience:
+                verdict = broadcast_object(verdict)
+            if verdict is not None:
+                raise TrainingDiverged(verdict)
 
     def evaluate_knn(self) -> dict[str, Any]:
         """kNN top-1 of the trained trunk and of the same trunk at its random initialisation."""
@@ -413,6 +537,9 @@ class Trainer:
 def train(cfg: Config, resume: str | None = None) -> TrainResult:
     """Run (or continue, with ``resume="auto"`` or a checkpoint path) a pretraining."""
     trainer = Trainer(cfg)
-    if resume:
-        trainer.resume(resume)
-    return trainer.fit()
+    try:
+        if resume:
+            trainer.resume(resume)
+        return trainer.fit()
+    finally:
+        trainer.close()

@@ -346,7 +346,7 @@ def test_leftovers_of_an_interrupted_write_are_removed(data, tmp_path):
     ("train.max_nonfinite_steps=ten", ["must be an integer"]),
     ("train.on_checkpoint_error=retry", ["train.on_checkpoint_error='retry'", "valid: stop, continue"]),
     ("model.arch=resnet9000", ["model.arch='resnet9000'", "resnet50", "resnet10_half"]),
-    ("data.loader=nope", ["data.loader='nope'", "valid: pil"]),
+    ("data.loader=nope", ["data.loader='nope'", "valid: ", "pil", "torch"]),
     ("train.device=gpu", ["valid: auto, cpu, cuda, cuda:N"]),
     ("train.max_nonfinite_steps=-1", ["train.max_nonfinite_steps=-1 must be >= 0"]),
     ("train.log_every=0", ["train.log_every=0 must be >= 1"]),

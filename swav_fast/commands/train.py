@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides, extra)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     result = train(cfg, resume=args.resume)
+    if not result.is_main:  # under torchrun only rank 0 reports
+        return 128 + result.signal if result.signal else 0
     print(f"run folder: {result.run_dir}")
     print(f"trained {result.steps} steps ({result.epochs} epochs) in {result.seconds:.1f} s, "
           f"{result.images_per_s:.1f} images/s, last loss {result.last_loss:.4f}")

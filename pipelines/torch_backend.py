@@ -1,0 +1,498 @@
+"""The ``torch`` loader backend: no extra dependency, batched work on the GPU (or the CPU for CI).
+
+Per batch:
+
+1. **read** the files with a thread pool;
+2. **decode** all JPEGs of the batch in one ``torchvision.io.decode_jpeg(list, device=...)`` call (nvJPEG
+   batched on CUDA; libjpeg-turbo on CPU); other formats, and JPEGs the batched call rejects, go
+   one by one through torchvision / PIL.  Unreadable files (truncated, corrupt, not an image,
+   decompression bombs) are replaced by the next readable sample and counted, as in the PIL backend;
+3. **params**: crop boxes, flips and colour parameters for all views, vectorised over the batch from
+   one generator per batch (:func:`draw_uniforms`, keyed by seed, epoch, rank and batch number, so
+   resume is exact), with the distributions of :mod:`pipelines.params`;
+4. **crop + resize + flip** per resolution group as two batched matrix products (:func:`crop_resize_flip`):
+   ``crop_v = R_v(box) . image . R_h(box)^T``, where the rows of ``R`` are PIL's bilinear
+   (triangle-filter, antialiased) resampling weights restricted to the crop box; a horizontal flip
+   reverses the rows of ``R_h``.  This is the reference's ``img.crop(box).resize((S, S), BILINEAR)``
+   up to rounding;
+5. **augment**: :func:`pipelines.gpu_aug.augment_views` (colour matrix, grayscale, blur, solarize,
+   normalise; compiled on CUDA).
+
+Batches are produced by a background thread, on a side CUDA stream on GPU, ``prefetch`` batches ahead
+of the training step; the consumer's stream waits on an event (no host sync).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import queue
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from swav_fast.errors import ConfigError, DataError
+
+from .folder import ImageFolderIndex
+from .gpu_aug import augment_views, colour_params_from_batch
+from .loader import MultiCropBatch, MultiCropLoader, register_backend
+from .params import NUM_UNIFORMS, BatchViewParams, params_from_uniforms, sample_rng
+from .pil import MAX_PIXELS, MAX_REPLACEMENTS, decode_rgb
+from .spec import MultiCropSpec
+
+log = logging.getLogger("pipelines")
+
+# torchvision 0.29 marks its image codecs deprecated (in favour of torchcodec); they are what this
+# backend is about, so keep the per-call warning out of the logs.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+
+#: Stream tag of the per-batch parameter generator (never equal to a per-sample stream).
+_PARAM_TAG = 0x544F_5243
+#: A chunk of images shares one zero-padded canvas while canvas pixels <= this factor x image pixels.
+CANVAS_WASTE = 1.5
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+# -- read + decode ----------------------------------------------------------------------------------
+def read_file(path: str) -> bytearray:
+    """The bytes of ``path`` (a writable buffer, so ``torch.frombuffer`` needs no copy)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        buf = bytearray(size)
+        got = f.readinto(buf)
+    if got != size:
+        raise OSError(f"read {got} of {size} bytes")
+    return buf
+
+
+def jpeg_header(data: bytes | bytearray) -> tuple[int, int]:
+    """``(width, height)`` of a baseline/progressive JPEG; raises :class:`DataError` when the frame header
+    is missing, the image exceeds :data:`~pipelines.pil.MAX_PIXELS`, or the file is truncated (no end
+    marker after the scan data -- entropy-coded data cannot contain ``FF D9``)."""
+    n = len(data)
+    pos = 2
+    size: tuple[int, int] | None = None
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            raise DataError(f"bad JPEG marker at byte {pos}")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD8 or 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            pos += 2
+            continue
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if marker in _SOF_MARKERS and pos + 9 <= n:
+            h = (data[pos + 5] << 8) | data[pos + 6]
+            w = (data[pos + 7] << 8) | data[pos + 8]
+            size = (w, h)
+        if marker == 0xDA:  # start of scan: the frame header must have come
+            if size is None:
+                raise DataError("JPEG has no frame header before its scan data")
+            if size[0] * size[1] > MAX_PIXELS or size[0] == 0 or size[1] == 0:
+                raise DataError(f"{size[0]}x{size[1]} pixels is outside 1..{MAX_PIXELS} pixels")
+            if data.rfind(b"\xff\xd9", pos) < 0:
+                raise DataError("JPEG is truncated (no end-of-image marker)")
+            return size
+        pos += 2 + length
+    raise DataError("JPEG ends before its scan data (truncated or corrupt)")
+
+
+def _decode_other(data: bytes | bytearray) -> torch.Tensor:
+    """Any format PIL reads (PNG, WebP, BMP, CMYK JPEG, ...), with the PIL backend's checks:
+    [3, H, W] uint8."""
+    img = decode_rgb(io.BytesIO(data))  # type: ignore[arg-type]  # PIL opens file objects too
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+
+
+def decode_images(datas: Sequence[bytes | bytearray | BaseException], device: Any
+                  ) -> tuple[list[torch.Tensor | None], list[str | None]]:
+    """Decode a batch: ``(images [3, H, W] uint8 on device, or None; error message per item, or None)``.
+
+    All JPEGs that pass :func:`jpeg_header` go through one batched ``decode_jpeg`` call; when that
+    call fails, each is retried alone and then with PIL, so one bad file never costs the batch.
+    """
+    dev = torch.device(device)
+    n = len(datas)
+    images: list[torch.Tensor | None] = [None] * n
+    errors: list[str | None] = [None] * n
+    jpegs: list[int] = []
+    others: list[int] = []
+    for i, d in enumerate(datas):
+        if isinstance(d, BaseException):
+            errors[i] = f"{type(d).__name__}: {d}"
+        elif bytes(d[:3]) == b"\xff\xd8\xff":
+            try:
+                jpeg_header(d)
+                jpegs.append(i)
+            except DataError as e:
+                errors[i] = f"DataError: {e}"
+        else:
+            others.append(i)
+    if jpegs:
+        buffers = [torch.frombuffer(datas[i], dtype=torch.uint8) for i in jpegs]  # type: ignore[arg-type]
+        try:
+            decoded = decode_jpeg(buffers, mode=ImageReadMode.RGB, device=dev)
+        except RuntimeError:
+            decoded = None
+        if decoded is not None:
+            for i, img in zip(jpegs, decoded):
+                images[i] = img
+        else:
+            for i, buf in zip(jpegs, buffers):
+                try:
+                    images[i] = decode_jpeg(buf, mode=ImageReadMode.RGB, device=dev)
+                except RuntimeError:
+                    others.append(i)
+    for i in others:
+        try:
+            images[i] = _decode_other(datas[i]).to(dev)  # type: ignore[arg-type]
+        except Exception as e:  # noqa: BLE001 - any decoder failure means a bad file
+            errors[i] = f"{type(e).__name__}: {e}"
+    return images, errors
+
+
+# -- crop + resize + flip -----------------------------------------------------------------------------
+def resample_matrix(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int,
+                    flip: torch.Tensor | None = None) -> torch.Tensor:
+    """PIL bilinear resampling of the window ``[start, start + length)`` to ``out_size`` samples, as
+    dense matrices ``[R, out_size, in_size]`` (float32) over the full input axis.
+
+    With ``scale = length / out_size`` and ``f = max(scale, 1)`` (antialiasing when shrinking), output
+    ``j`` is centred at ``c_j = start + (j + 1/2) scale`` and input pixel ``x`` (centre ``x + 1/2``)
+    has weight ``max(0, 1 - |x + 1/2 - c_j| / f)`` if it lies in the window, else 0; each row is
+    normalised to sum 1 (PIL's ``precompute_coeffs`` for the triangle filter).  ``flip`` reverses the
+    rows of the flagged windows.
+    """
+    dev = start.device
+    start = start.to(torch.float32)[:, None, None]
+    length = length.to(torch.float32)[:, None, None]
+    scale = length / out_size
+    support = torch.clamp(scale, min=1.0)
+    j = torch.arange(out_size, dtype=torch.float32, device=dev)[None, :, None]
+    x = torch.arange(in_size, dtype=torch.float32, device=dev)[None, None, :]
+    centre = start + (j + 0.5) * scale
+    w = torch.clamp(1.0 - (x + 0.5 - centre).abs() / support, min=0.0)
+    w = w * ((x >= start) & (x < start + length))
+    w = w / w.sum(dim=2, keepdim=True).clamp_min(1e-12)
+    if flip is not None:
+        w = torch.where(flip.to(dev)[:, None, None], w.flip(1), w)
+    return w
+
+
+def _size_chunks(heights: np.ndarray, widths: np.ndarray, waste: float = CANVAS_WASTE) -> list[np.ndarray]:
+    """Group images (largest first) so that each group's padded canvas wastes at most ``waste`` x pixels."""
+    order = np.argsort(-(heights.astype(np.int64) * widths), kind="stable")
+    chunks: list[list[int]] = []
+    cur: list[int] = []
+    hmax = wmax = area = 0
+    for i in order.tolist():
+        h, w = int(heights[i]), int(widths[i])
+        nh, nw, na = max(hmax, h), max(wmax, w), area + h * w
+        if cur and nh * nw * (len(cur) + 1) > waste * na:
+            chunks.append(cur)
+            cur, nh, nw, na = [], h, w, h * w
+        cur.append(i)
+        hmax, wmax, area = nh, nw, na
+    if cur:
+        chunks.append(cur)
+    return [np.array(sorted(c), dtype=np.int64) for c in chunks]
+
+
+@dataclass
+class Canvases:
+    """A batch of images zero-padded into shared canvases: ``chunks[c]`` holds images ``ids[c]``."""
+
+    ids: list[np.ndarray]
+    chunks: list[torch.Tensor]   # [k, 3, Hc, Wc] float16 (CUDA) / float32 (CPU)
+    num_images: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.chunks[0].device
+
+
+def make_canvases(images: Sequence[torch.Tensor]) -> Canvases:
+    """Pad ``images`` ([3, H_i, W_i] uint8 on one device) into canvases of similar-size chunks (built once
+    per batch, shared by all views)."""
+    if not images:
+        raise ValueError("make_canvases needs at least one image")
+    dev = images[0].device
+    ctype = torch.float16 if dev.type == "cuda" else torch.float32
+    hs = np.array([im.shape[1] for im in images], dtype=np.int64)
+    ws = np.array([im.shape[2] for im in images], dtype=np.int64)
+    ids = _size_chunks(hs, ws)
+    chunks = []
+    for group in ids:
+        shape = (len(group), 3, int(hs[group].max()), int(ws[group].max()))
+        canvas = torch.zeros(shape, dtype=ctype, device=dev)
+        for j, i in enumerate(group.tolist()):
+            canvas[j, :, :hs[i], :ws[i]].copy_(images[i])
+        chunks.append(canvas)
+    return Canvases(ids, chunks, len(images))
+
+
+def crop_resize_flip(canvases: Canvases, top: np.ndarray, left: np.ndarray, height: np.ndarray,
+                     width: np.ndarray, flip: np.ndarray, size: int) -> torch.Tensor:
+    """Crop, resize (PIL bilinear) and flip ``V`` views of each of ``N`` images in batched matmuls.
+
+    Box arrays are [V, N] (view-major) in source pixels.  Returns [V, N, 3, size, size] uint8.  The
+    weights are 0 outside each crop box, so canvas padding never leaks in.  Per chunk of ``k`` images:
+    ``T = canvas[k, 3 Hc, Wc] . R_h^T[k, Wc, V S]`` (all views at once), then ``R_v[k V, S, Hc] . T``.
+    """
+    n = canvases.num_images
+    v = int(np.asarray(top).shape[0])
+    dev = canvases.device
+    box = {k: torch.as_tensor(np.ascontiguousarray(a).astype(np.int64)) for k, a in
+           (("top", top), ("left", left), ("height", height), ("width", width), ("flip", flip))}
+    out = torch.empty((v, n, 3, size, size), dtype=torch.uint8, device=dev)
+    for ids, canvas in zip(canvases.ids, canvases.chunks):
+        k, _, hc, wc = canvas.shape
+        sel = torch.as_tensor(ids)
+
+        def rows(name: str) -> torch.Tensor:  # [k * V] in image-major order
+            return box[name][:, sel].t().reshape(-1).to(dev, non_blocking=True)
+
+        rh = resample_matrix(rows("left"), rows("width"), wc, size, rows("flip").bool())
+        rv = resample_matrix(rows("top"), rows("height"), hc, size)
+        t = torch.bmm(canvas.view(k, 3 * hc, wc), rh.to(canvas.dtype).view(k, v * size, wc).transpose(1, 2))
+        t = t.view(k, 3, hc, v, size).permute(0, 3, 2, 1, 4).reshape(k * v, hc, 3 * size)
+        o = torch.bmm(rv.to(canvas.dtype).view(k * v, size, hc), t)              # [k V, S, 3 S]
+        o = o.view(k, v, size, 3, size).permute(1, 0, 3, 2, 4)                    # [V, k, 3, S, S]
+        o = o.float().round_().clamp_(0, 255).to(torch.uint8)
+        if k == n:
+            out.copy_(o)
+        else:
+            out[:, sel.to(dev)] = o
+    return out
+
+
+# -- parameters ---------------------------------------------------------------------------------------
+def draw_uniforms(spec: MultiCropSpec, n: int, key: Sequence[int]) -> np.ndarray:
+    """``[V, n, NUM_UNIFORMS]`` uniforms for a batch from one generator keyed by ``key``."""
+    rng = np.random.default_rng([int(k) for k in key] + [_PARAM_TAG])
+    return rng.random((spec.num_views, n, NUM_UNIFORMS))
+
+
+def per_sample_uniforms(spec: MultiCropSpec, seed: int, epoch: int, sources: Sequence[int]) -> np.ndarray:
+    """``[V, n, NUM_UNIFORMS]`` from each sample's own stream: the PIL backend's exact draws (slower)."""
+    u = np.stack([sample_rng(seed, epoch, j).random((spec.num_views, NUM_UNIFORMS)) for j in sources])
+    return u.transpose(1, 0, 2)
+
+
+def group_params(spec: MultiCropSpec, u: np.ndarray, widths: np.ndarray, heights: np.ndarray
+                 ) -> list[BatchViewParams]:
+    """Per crop group, the parameters of its ``num_crops[g] * n`` views in (view, sample) order."""
+    n = len(widths)
+    out = []
+    first = 0
+    for count in spec.num_crops:
+        ug = u[first:first + count].reshape(count * n, NUM_UNIFORMS)
+        out.append(params_from_uniforms(spec, first, np.tile(widths, count), np.tile(heights, count), ug))
+        first += count
+    return out
+
+
+# -- the loader ---------------------------------------------------------------------------------------
+@dataclass
+class DecodedBatch:
+    """Decoded images of a batch ([3, H, W] uint8 on the loader's device) and their bookkeeping."""
+
+    images: list[torch.Tensor]
+    sources: np.ndarray       # the index actually decoded for each requested sample
+    ok: np.ndarray            # False where a replacement was used
+    bad_paths: list[str]
+
+
+class _End:
+    pass
+
+
+class TorchLoader(MultiCropLoader):
+    """Batched torchvision decode + torch augmentation on ``device`` (CUDA: nvJPEG, side stream).
+
+    ``num_workers``: file-reading threads (0: ``min(8, cpu_count)``).  ``prefetch``: batches produced
+    ahead.  ``per_sample_params``: draw each sample's parameters from its own stream like the PIL
+    backend (identical crops and colour parameters to ``pil`` for the same seed; costs tens of
+    microseconds per sample on the host), instead of one vectorised draw per batch (~1 ms for
+    256 x 8 views).
+    """
+
+    def __init__(self, index: ImageFolderIndex, spec: MultiCropSpec, batch_size: int, device: Any = "cpu",
+                 rank: int = 0, world_size: int = 1, seed: int = 0, num_workers: int = 0,
+                 drop_last: bool = True, prefetch: int = 2, per_sample_params: bool = False) -> None:
+        super().__init__(index, spec, batch_size, device, rank, world_size, seed, drop_last)
+        if num_workers < 0:
+            raise ConfigError(f"num_workers: must be >= 0, got {num_workers}")
+        if prefetch < 1:
+            raise ConfigError(f"prefetch: must be >= 1, got {prefetch}")
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError(f"loader device {self.device} requested but CUDA is not available")
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+        elif self.device.type != "cpu":
+            raise ConfigError(f"torch loader backend runs on cpu or cuda, not {self.device}")
+        self.prefetch = int(prefetch)
+        self.per_sample_params = bool(per_sample_params)
+        self.read_threads = num_workers or min(8, os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="swav-read")
+        self._labels = np.array([c for _, c in index.samples], dtype=np.int64)
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._warned: set[str] = set()
+        self._keepalive: list[Any] = []
+
+    # -- stages (also used by benchmarks/bench_loader.py) ---------------------------------------------
+    def read(self, indices: Sequence[int]) -> list[bytearray | BaseException]:
+        """Stage 1: the files' bytes (or the exception reading raised)."""
+        def one(i: int) -> bytearray | BaseException:
+            try:
+                return read_file(self.index.path(i))
+            except OSError as e:
+                return e
+        return list(self._pool.map(one, [int(i) for i in indices]))
+
+    def decode(self, indices: Sequence[int], datas: list[bytearray | BaseException]) -> DecodedBatch:
+        """Stage 2: decode on the loader's device, replacing unreadable samples by the next readable one."""
+        images, errors = decode_images(datas, self.device)
+        n = len(self.index)
+        sources = np.array([int(i) for i in indices], dtype=np.int64)
+        ok = np.ones(len(sources), dtype=bool)
+        bad_paths: list[str] = []
+        for k in np.nonzero([e is not None for e in errors])[0].tolist():
+            ok[k] = False
+            start = int(sources[k])
+            self._warn_bad(self.index.path(start), errors[k] or "")
+            bad_paths.append(self.index.path(start))
+            for step in range(1, min(MAX_REPLACEMENTS, n)):
+                j = (start + step) % n
+                imgs, errs = decode_images(self.read([j]), self.device)
+                if errs[0] is None:
+                    images[k], sources[k] = imgs[0], j
+                    break
+                self._warn_bad(self.index.path(j), errs[0])
+                bad_paths.append(self.index.path(j))
+            else:
+                raise DataError(f"{min(MAX_REPLACEMENTS, n)} consecutive unreadable images starting at "
+                                f"{self.index.path(start)}; is the dataset corrupt?")
+        return DecodedBatch(images, sources, ok, bad_paths)  # type: ignore[arg-type]
+
+    def params(self, epoch: int, batch_no: int, decoded: DecodedBatch) -> list[BatchViewParams]:
+        """Stage 3: per crop group, the parameters of its views in (view, sample) order."""
+        widths = np.array([im.shape[2] for im in decoded.images], dtype=np.int64)
+        heights = np.array([im.shape[1] for im in decoded.images], dtype=np.int64)
+        if self.per_sample_params:
+            u = per_sample_uniforms(self.spec, self.seed, epoch, decoded.sources.tolist())
+        else:
+            key = (self.seed, epoch, self.world_size, self.rank, batch_no)
+            u = draw_uniforms(self.spec, len(widths), key)
+        return group_params(self.spec, u, widths, heights)
+
+    def augment(self, images: Sequence[torch.Tensor], params: list[BatchViewParams]) -> list[torch.Tensor]:
+        """Stages 4-5: crop + resize + flip, then colour / blur / normalise: one tensor per view."""
+        n = len(images)
+        canvases = make_canvases(images)
+        views: list[torch.Tensor] = []
+        for (size, count), p in zip(self.spec.resolution_groups, params):
+            crops = crop_resize_flip(canvases, p.top.reshape(count, n), p.left.reshape(count, n),
+                                     p.height.reshape(count, n), p.width.reshape(count, n),
+                                     p.flip.reshape(count, n), size)
+            colour = colour_params_from_batch(p, "cpu")  # host params: no device sync for the blur split
+            out = augment_views(crops.view(count * n, 3, size, size), colour, self.spec)
+            views.extend(out.split(n, dim=0))
+        return views
+
+    def produce(self, epoch: int, batch_no: int, indices: np.ndarray) -> MultiCropBatch:
+        """One whole batch (on the current stream)."""
+        datas = self.read(indices)
+        decoded = self.decode(indices, datas)
+        # nvJPEG may still read the encoded bytes after decode_jpeg returns; keep them until the next
+        # batch, which starts after a synchronize of the loader's stream.
+        self._keepalive = datas
+        views = self.augment(decoded.images, self.params(epoch, batch_no, decoded))
+        return MultiCropBatch(
+            views=views, labels=torch.from_numpy(self._labels[decoded.sources]),
+            indices=torch.as_tensor(np.asarray(indices, dtype=np.int64)),
+            num_bad=int((~decoded.ok).sum()), bad_paths=decoded.bad_paths)
+
+    # -- the pipeline ---------------------------------------------------------------------------------
+    def _iterate(self, epoch: int, batches: list[np.ndarray]) -> Iterator[MultiCropBatch]:
+        q: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        first = self.start_batch
+
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work() -> None:
+            try:
+                for k, idx in enumerate(batches):
+                    if stop.is_set():
+                        return
+                    if self._stream is None:
+                        item: Any = (self.produce(epoch, first + k, idx), None)
+                    else:
+                        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+                            # nvJPEG writes from its own stream into blocks freed on this one: make sure
+                            # this stream's earlier kernels are done with them before decoding.
+                            self._stream.synchronize()
+                            batch = self.produce(epoch, first + k, idx)
+                            ready = torch.cuda.Event()
+                            ready.record(self._stream)
+                        item = (batch, ready)
+                    if not put(item):
+                        return
+                put(_End())
+            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+                put(e)
+
+        thread = threading.Thread(target=work, name="swav-torch-loader", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if isinstance(item, _End):
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                batch, ready = item
+                if ready is not None:
+                    consumer = torch.cuda.current_stream(self.device)
+                    consumer.wait_event(ready)
+                    for v in batch.views:
+                        v.record_stream(consumer)
+                yield batch
+        finally:
+            stop.set()
+            while thread.is_alive():
+                try:
+                    q.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            thread.join()
+
+    def _warn_bad(self, path: str, err: str) -> None:
+        if path not in self._warned:
+            self._warned.add(path)
+            log.warning("skipping unreadable image %s (%s)", path, err)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+register_backend("torch", TorchLoader)
