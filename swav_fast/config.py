@@ -89,6 +89,8 @@ class DataConfig:
     path: Optional[str] = None  # ImageFolder; None = built-in synthetic dataset
     loader: str = "pil"
     workers: int = 8
+    prefetch: int = 2  # batches decoded ahead (torch, dali backends)
+    hw_decoder_load: float = 0.9  # dali on GPU: share of JPEGs sent to the hardware decoder
     crops: MultiCropSpec = field(default_factory=MultiCropSpec)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -120,7 +122,7 @@ class TrainConfig:
     progress: bool = True
     threads: int = 0  # torch CPU threads (0 = torch default)
     method: str = "swav"  # self-supervised method (swav_fast.methods registry)
-    step_mode: str = "eager"  # eager | compile (torch.compile of forward + loss)
+    step_mode: str = "eager"  # eager | compile (torch.compile + fused loss) | graph (CUDA graph)
     # -- fault handling (see swav_fast/guards.py) ---------------------------------------------
     max_nonfinite_steps: int = 10  # stop after this many consecutive NaN/inf steps (0 = never stop)
     collapse_patience: int = 0  # stop after this many consecutive collapsed log checks (0 = warn only)

@@ -53,19 +53,27 @@ class NonFiniteCounts:
 
 
 class NonFiniteGuard:
-    """Snapshot before a step, keep or restore after it; count non-finite steps on the device."""
+    """Snapshot before a step, keep or restore after it; count non-finite steps on the device.
+
+    The snapshot is one multi-tensor copy (``torch._foreach_copy_``) into buffers reused from step
+    to step (allocated again only when the set of tensors changes, e.g. when the optimiser creates
+    its momentum), so the guard adds no allocation to a step and can sit inside a CUDA graph.
+    """
 
     def __init__(self, device: torch.device):
         self._counts = torch.zeros(3, dtype=torch.long, device=device)  # total, streak, worst streak
         self._snapshot: list[torch.Tensor] = []
+        self._snapshot_of: list[torch.Tensor] = []  # the tensors the snapshot buffers were made for
         self._before: list[torch.Tensor] = []
 
     @torch.no_grad()
     def begin(self, tensors: list[torch.Tensor]) -> None:
         """Remember the values of ``tensors`` (copied into reused buffers)."""
-        if [(t.shape, t.dtype, t.device) for t in tensors] != [
-                (s.shape, s.dtype, s.device) for s in self._snapshot]:
-            self._snapshot = [torch.empty_like(t) for t in tensors]
+        if not _same_objects(tensors, self._snapshot_of):
+            if [(t.shape, t.dtype, t.device) for t in tensors] != [
+                    (s.shape, s.dtype, s.device) for s in self._snapshot]:
+                self._snapshot = [torch.empty_like(t) for t in tensors]
+            self._snapshot_of = list(tensors)
         if tensors:
             torch._foreach_copy_(self._snapshot, tensors)
         self._before = tensors
@@ -77,10 +85,14 @@ class NonFiniteGuard:
         Tensors created during the step (e.g. a first momentum buffer) are zeroed instead, which for
         SGD and LARS is the same as not existing yet.
         """
-        index = {id(t): i for i, t in enumerate(self._before)}
-        for t in tensors:
-            i = index.get(id(t))
-            old = self._snapshot[i] if i is not None else torch.zeros((), dtype=t.dtype, device=t.device)
+        if _same_objects(tensors, self._before):
+            olds: list[torch.Tensor | None] = list(self._snapshot)
+        else:
+            index = {id(t): i for i, t in enumerate(self._before)}
+            olds = [self._snapshot[index[id(t)]] if id(t) in index else None for t in tensors]
+        for t, old in zip(tensors, olds):
+            if old is None:
+                old = torch.zeros((), dtype=t.dtype, device=t.device)
             torch.where(finite, t, old, out=t)
         self._before = []
         bad = (~finite).long()
@@ -98,6 +110,11 @@ class NonFiniteGuard:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self._counts.copy_(state["counts"])
+
+
+def _same_objects(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
+    """The same tensor objects in the same order (identity, not values)."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,9 @@ class FeatureQueue(nn.Module):
     ``push`` inserts the newest embeddings at the front (oldest fall off the end); ``is_full`` is
     True once ``length`` embeddings have been pushed, and only then should the queue be used. The
     buffers are part of ``state_dict`` so checkpoints carry the queue.
+
+    For a captured CUDA graph the decisions stay on the device: :meth:`full` is a 0-d bool tensor
+    and :meth:`push_where` pushes only where a device flag is set (same result as ``push`` or nothing).
     """
 
     def __init__(self, slots: int, length: int, dim: int):
@@ -23,7 +26,12 @@ class FeatureQueue(nn.Module):
         return self.items.shape[1]
 
     def is_full(self) -> bool:
+        """Host-side test (reads the device counter: a synchronisation)."""
         return int(self.count) >= self.length
+
+    def full(self) -> torch.Tensor:
+        """0-d bool tensor on the queue's device: ``length`` embeddings have been pushed."""
+        return self.count >= self.length
 
     @torch.no_grad()
     def push(self, embeddings: torch.Tensor) -> None:
@@ -32,6 +40,15 @@ class FeatureQueue(nn.Module):
         self.items[:, b:] = self.items[:, :-b].clone()
         self.items[:, :b] = embeddings.detach().to(self.items.dtype)
         self.count += b
+
+    @torch.no_grad()
+    def push_where(self, embeddings: torch.Tensor, enabled: torch.Tensor) -> None:
+        """:meth:`push` where the 0-d bool tensor ``enabled`` is True, else leave the queue unchanged
+        (no host synchronisation; the same kernels run either way)."""
+        b = embeddings.shape[1]
+        pushed = torch.cat([embeddings.detach().to(self.items.dtype), self.items], dim=1)[:, :self.length]
+        self.items.copy_(torch.where(enabled, pushed, self.items))
+        self.count.add_(enabled.to(self.count.dtype) * b)
 
     def reset(self) -> None:
         self.items.zero_()

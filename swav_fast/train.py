@@ -72,6 +72,16 @@ def synthetic_root(cfg: Config) -> Path:
     return root
 
 
+def loader_options(cfg: Config) -> dict[str, Any]:
+    """Backend-specific loader settings from ``cfg.data``."""
+    d = cfg.data
+    if d.loader == "dali":
+        return {"prefetch": d.prefetch, "hw_decoder_load": d.hw_decoder_load}
+    if d.loader == "torch":
+        return {"prefetch": d.prefetch}
+    return {}
+
+
 def check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -165,7 +175,7 @@ class Trainer:
             self.knn_data = self.knn_data or root
         self.loader = build_loader(data_path, cfg.data.crops, cfg.optim.batch_size, backend=cfg.data.loader,
                                    device=self.device, rank=self.rank, world_size=self.world, seed=t.seed,
-                                   num_workers=cfg.data.workers)
+                                   num_workers=cfg.data.workers, **loader_options(cfg))
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
             raise DataError(f"{data_path} has fewer images ({self.loader.num_samples}) than one batch "
@@ -442,7 +452,8 @@ class Trainer:
             if cfg.eval.at_end and self.knn_data is not None and self.is_main:
                 result.knn = self.evaluate_knn()
             self.runlog.write("done", **{k: v for k, v in result.__dict__.items()
-                                         if k not in ("knn", "is_main")})
+                                         if k not in ("knn", "is_main")},
+                              step_mode=self.step_fn.stats.as_dict())  # incl. compile / capture seconds
             return result
         finally:
             self.runlog.close()

@@ -31,6 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loader", help="data.loader backend (pil, ...)")
     p.add_argument("--workers", type=int, help="data.workers")
     p.add_argument("--device", help="train.device: auto, cpu, cuda, cuda:N")
+    p.add_argument("--method", help="train.method: swav (default) or another registered method")
+    p.add_argument("--step-mode", choices=["eager", "compile", "graph"],
+                   help="train.step_mode: eager | compile (torch.compile + fused Sinkhorn/loss) | graph "
+                        "(CUDA-graph-captured step; falls back to compile where impossible, the log says why)")
     p.add_argument("--max-steps", type=int, help="stop after N steps (schedule unchanged)")
     p.add_argument("--resume", nargs="?", const="auto",
                    help="'auto' (newest valid checkpoint in the run folder) or a checkpoint path")
@@ -42,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 FLAG_KEYS = {"data": ("data", "path"), "output": ("train", "output_dir"), "epochs": ("optim", "epochs"),
              "batch_size": ("optim", "batch_size"), "arch": ("model", "arch"), "loader": ("data", "loader"),
              "workers": ("data", "workers"), "device": ("train", "device"),
-             "max_steps": ("train", "max_steps")}
+             "max_steps": ("train", "max_steps"), "method": ("train", "method"),
+             "step_mode": ("train", "step_mode")}
 
 
 def run(args: argparse.Namespace) -> int:

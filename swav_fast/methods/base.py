@@ -53,6 +53,9 @@ class Method(nn.Module):
     def after_update(self, step: torch.Tensor) -> None:
         """After the optimiser step."""
 
+    def set_fused(self, enabled: bool) -> None:
+        """Compiled step modes ask for the method's fused loss kernels (if it has any)."""
+
     def on_epoch_start(self, epoch: int) -> None:
         """Host-side switches that change once per epoch (e.g. start using a queue)."""
 

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from swav_fast.losses import sinkhorn_knopp, swapped_prediction_loss
+from swav_fast.losses.fused import fused_swav_loss
 from swav_fast.methods.base import Method, register_method
 from swav_fast.models import SwAVModel
 from swav_fast.queue import FeatureQueue
@@ -22,6 +23,14 @@ class SwAVObjective(nn.Module):
         temperature, epsilon, sinkhorn_iterations: as in the paper (0.1, 0.05, 3).
         queue_length: per-rank queue length (0 = no queue); must be a multiple of the local batch.
         embed_dim: embedding size (for the queue).
+
+    Two implementations of the same maths: the eager functions with host-side queue decisions
+    (default), and with ``fused = True`` (the ``compile`` and ``graph`` step modes)
+    :func:`~swav_fast.losses.fused.fused_swav_loss` with the decisions on the device: the queue takes
+    part in Sinkhorn as masked rows under the 0-d flag ``queue_on & queue.full()`` and is pushed with
+    :meth:`~swav_fast.queue.FeatureQueue.push_where`, so no host synchronisation and no re-capture.
+    ``queue_active`` reads and sets the device flag ``queue_on`` (not saved: the trainer sets it
+    from the epoch).
     """
 
     def __init__(self, num_views: int, crops_for_assign: Sequence[int] = (0, 1), temperature: float = 0.1,
@@ -34,7 +43,17 @@ class SwAVObjective(nn.Module):
         self.epsilon = epsilon
         self.sinkhorn_iterations = sinkhorn_iterations
         self.queue = FeatureQueue(len(self.crops_for_assign), queue_length, embed_dim) if queue_length else None
-        self.queue_active = False  # set by the trainer from epoch_queue_starts on
+        self.register_buffer("queue_on", torch.zeros((), dtype=torch.bool), persistent=False)
+        self.fused = False  # set by the training step (compile / graph modes)
+
+    @property
+    def queue_active(self) -> bool:
+        """The queue is in use this epoch (set by the trainer from ``epoch_queue_starts`` on)."""
+        return bool(self.queue_on)
+
+    @queue_active.setter
+    def queue_active(self, value: bool) -> None:
+        self.queue_on.fill_(bool(value))
 
     def codes(self, z: torch.Tensor, scores: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
         """Sinkhorn codes ``[A, B, K]`` of the assigned views (queue rows prepended when full)."""
@@ -53,10 +72,24 @@ class SwAVObjective(nn.Module):
         """Loss from embeddings ``z`` ``[V*B, D]`` and scores ``[V*B, K]`` (view-major order)."""
         scores = scores.view(self.num_views, -1, scores.shape[-1])
         z = z.view(self.num_views, -1, z.shape[-1])
+        if self.fused:
+            return self._fused_forward(z, scores, prototypes)
         q = self.codes(z, scores, prototypes)
         if self.queue is not None and self.queue_active:
             self.queue.push(z[self.crops_for_assign])
         return swapped_prediction_loss(scores, q, self.crops_for_assign, self.temperature)
+
+    def _fused_forward(self, z: torch.Tensor, scores: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` with device-side queue decisions (``z`` ``[V, B, D]``, scores ``[V, B, K]``)."""
+        queue_scores = use_queue = None
+        if self.queue is not None:
+            queue_scores = self.queue.items @ prototypes.detach().t()  # [A, L, K]
+            use_queue = self.queue_on & self.queue.full()
+        loss = fused_swav_loss(scores, self.crops_for_assign, self.temperature, self.epsilon,
+                               self.sinkhorn_iterations, queue_scores, use_queue)
+        if self.queue is not None:
+            self.queue.push_where(torch.stack([z[i] for i in self.crops_for_assign]), self.queue_on)
+        return loss
 
 
 class SwAVMethod(Method):
@@ -92,8 +125,14 @@ class SwAVMethod(Method):
         w = self.model.prototypes.weight
         w.copy_(torch.where(step >= self.freeze_prototypes_niters, F.normalize(w, dim=1, p=2), w))
 
+    def set_fused(self, enabled: bool) -> None:
+        """Use the fused, device-flagged loss (:mod:`swav_fast.losses.fused`): the step's ``compile``
+        and ``graph`` modes turn it on; the eager functions stay the reference."""
+        self.objective.fused = bool(enabled)
+
     def on_epoch_start(self, epoch: int) -> None:
-        """The queue is used from epoch ``epoch_queue_starts`` on (once full)."""
+        """The queue is used from epoch ``epoch_queue_starts`` on (once full); a device flag, so a
+        captured step sees it without re-capture."""
         self.objective.queue_active = self.objective.queue is not None and epoch >= self.epoch_queue_starts
 
     def assigned_scores(self) -> torch.Tensor | None:

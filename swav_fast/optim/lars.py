@@ -29,6 +29,10 @@ class LARS(Optimizer):
                         trust_coefficient=trust_coefficient, eps=eps, lars_exclude=False)
         super().__init__(params, defaults)
 
+    #: No host synchronisation and no data-dependent Python branch in :meth:`step` once the momentum
+    #: buffers exist: a step can be captured in a CUDA graph (``lr`` then a 0-d device tensor).
+    capturable = True
+
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         loss = closure() if closure is not None else None
@@ -37,21 +41,9 @@ class LARS(Optimizer):
             if not params:
                 continue
             grads = [p.grad for p in params]
-            if group["lars_exclude"]:
-                updates = grads
-            else:
-                wd, eps, trust = group["weight_decay"], group["eps"], group["trust_coefficient"]
-                p_norms = torch._foreach_norm(params)
-                g_norms = torch._foreach_norm(grads)
-                updates = []
-                for p, g, pn, gn in zip(params, grads, p_norms, g_norms):
-                    # apex LARC leaves g untouched (no decay either) where a norm is zero
-                    ok = (pn > 0) & (gn > 0)
-                    ratio = trust * pn / (gn + wd * pn + eps)
-                    d = g.add(p, alpha=wd).mul_(ratio)
-                    updates.append(torch.where(ok, d, g))
+            updates = grads if group["lars_exclude"] else self._adapted(params, grads, group)
             bufs = []
-            for p, d in zip(params, updates):
+            for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
@@ -59,11 +51,29 @@ class LARS(Optimizer):
             torch._foreach_mul_(bufs, group["momentum"])
             torch._foreach_add_(bufs, updates)
             lr = group["lr"]
-            if isinstance(lr, torch.Tensor):
+            if isinstance(lr, torch.Tensor):  # a device tensor: read by the kernels, not the host
                 torch._foreach_add_(params, torch._foreach_mul(bufs, -lr))
             else:
                 torch._foreach_add_(params, bufs, alpha=-lr)
         return loss
+
+    @staticmethod
+    def _adapted(params: list[torch.Tensor], grads: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+        """``d = ratio * (g + wd * w)`` per parameter, the ratios computed for all at once.
+
+        Where a norm is zero apex LARC leaves ``g`` untouched: ``ratio = 1`` when ``w = 0`` (then
+        ``g + wd*w = g``) and ``ratio = 0`` when ``g = 0`` (then ``d = 0 = g``).
+        """
+        wd, eps, trust = group["weight_decay"], group["eps"], group["trust_coefficient"]
+        p_norms = torch.stack(torch._foreach_norm(params))
+        g_norms = torch.stack(torch._foreach_norm(grads))
+        ok = (p_norms > 0) & (g_norms > 0)
+        ratios = torch.where(ok, trust * p_norms / (g_norms + wd * p_norms + eps),
+                             (g_norms > 0).to(p_norms.dtype))
+        updates = torch._foreach_add(grads, params, alpha=wd)
+        for d, ratio in zip(updates, ratios.unbind()):
+            d.mul_(ratio)
+        return updates
 
 
 def is_excluded(name: str, param: nn.Parameter) -> bool:

@@ -1,0 +1,48 @@
+"""``swav-fast bench NAME [args...]``: run ``benchmarks/bench_NAME.py`` (its ``--help`` lists the args)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from swav_fast.errors import ConfigError
+
+#: benchmark name -> what it measures (module ``benchmarks.bench_<name>``, imported when run)
+BENCHMARKS = {
+    "step": "training-step images/s per step mode, arch and batch (synthetic on-device crops)",
+    "sinkhorn": "Sinkhorn (+ loss) time per call per implementation against the bytes-moved floor",
+    "e2e": "real loader + step: images/s and the split between loader wait and compute",
+    "loader": "loader throughput per backend and stage (read, decode, augment)",
+    "prepare": "dataset preparation (shard writing) throughput",
+}
+
+EPILOG = "benchmarks:\n" + "\n".join(f"  {name:<9} {what}" for name, what in BENCHMARKS.items()) + """
+
+Each prints a table and, with --json PATH, writes the results (device, date, commit, command).
+Arguments after NAME go to the benchmark: swav-fast bench step --help
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run a benchmark (step, sinkhorn, e2e, loader, prepare)", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run one of the benchmark scripts in benchmarks/.")
+    p.add_argument("name", choices=list(BENCHMARKS), metavar="NAME", help=", ".join(BENCHMARKS))
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark (see its --help)")
+    p.set_defaults(func=run)
+
+
+def load(name: str):
+    """The ``main(argv)`` of ``benchmarks.bench_<name>``."""
+    module_name = f"benchmarks.bench_{name}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise ConfigError(f"benchmark {name!r} is not available in this installation "
+                              f"(benchmarks/bench_{name}.py is missing)") from exc
+        raise
+    return module.main
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(load(args.name)(list(args.args)) or 0)

@@ -1,0 +1,107 @@
+"""CPU smoke tests of the step, Sinkhorn and end-to-end benchmarks: each ``main([...tiny...])`` runs,
+prints its table and writes JSON with the documented keys (no timing assertions)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import bench_e2e, bench_sinkhorn, bench_step
+from swav_fast.cli import main as cli_main
+from swav_fast.commands.bench import load
+from swav_fast.errors import ConfigError
+from tests.helpers import write_image_folder
+
+TINY_MODEL = ["--device", "cpu", "--arch", "resnet10_half", "--batch", "4", "--crops", "2x32,2x16",
+              "--prototypes", "20", "--hidden-dim", "32", "--feat-dim", "16", "--steps", "2", "--warmup", "1",
+              "--compile-backend", "eager"]
+TINY_SINKHORN = ["--device", "cpu", "--rows", "48", "--prototypes", "30", "--views", "4",
+                 "--loss-batch", "16", "--repeats", "2", "--warmup", "1", "--compile-backend", "eager"]
+
+
+def _read(path) -> dict:
+    data = json.loads(path.read_text())
+    assert data["env"]["torch"] and "commit" in data["env"] and data["env"]["time_utc"]
+    assert data["command"].startswith(f"python3 benchmarks/bench_{data['benchmark']}.py")
+    return data
+
+
+def test_bench_step(tmp_path, capsys):
+    out = tmp_path / "step.json"
+    assert bench_step.main([*TINY_MODEL, "--variants", "eager:fp32,plain-compile:fp32,graph:fp32",
+                            "--queue", "8", "--json", str(out)]) == 0
+    assert "images/s" in capsys.readouterr().out
+    data = _read(out)
+    assert data["benchmark"] == "step" and data["config"]["crops"] == [[2, 32], [2, 16]]
+    rows = {r["variant"]: r for r in data["results"]}
+    assert list(rows) == ["eager:fp32", "plain-compile:fp32", "graph:fp32"]
+    for r in rows.values():
+        assert r["images_per_s"] > 0 and r["step_ms"] > 0 and r["first_step_s"] > 0
+        assert r["arch"] == "resnet10_half" and r["batch"] == 4 and r["peak_mem_gib"] is None
+        assert r["loss"] == r["loss"]  # finite numbers, not NaN
+    assert rows["eager:fp32"]["mode"] == "eager" and rows["eager:fp32"]["compile_s"] is None
+    assert rows["plain-compile:fp32"]["compile_s"] > 0
+    graph = rows["graph:fp32"]
+    assert graph["mode"] == "compile" and "CUDA" in graph["fallback_reason"] and graph["captures"] == 0
+
+
+def test_bench_sinkhorn(tmp_path):
+    out = tmp_path / "sinkhorn.json"
+    assert bench_sinkhorn.main([*TINY_SINKHORN, "--json", str(out)]) == 0
+    data = _read(out)
+    assert data["benchmark"] == "sinkhorn" and data["config"]["copy_bandwidth_gbs"] > 0
+    rows = {(r["problem"], r["mode"]): r for r in data["results"]}
+    assert set(rows) == {(p, m) for p in ("sinkhorn", "sinkhorn+loss") for m in bench_sinkhorn.MODES}
+    for (problem, mode), r in rows.items():
+        assert r["floor_us"] > 0 and r["bytes"] > 0
+        if mode == "graph":
+            assert "CUDA" in r["note"] and "us_per_call" not in r
+        else:
+            assert r["us_per_call"] > 0 and r["x_floor"] > 0 and "note" not in r
+    assert rows[("sinkhorn", "eager")]["bytes"] == 2 * 48 * 30 * 4
+    assert rows[("sinkhorn+loss", "fused")]["shape"] == "4x16x30 + queue 32"
+
+
+def test_bench_e2e_with_plot(tmp_path):
+    data_dir = write_image_folder(tmp_path / "data", per_class=4)
+    out = tmp_path / "e2e.json"
+    assert bench_e2e.main([*TINY_MODEL, "--data", str(data_dir), "--workers", "0", "--mode", "compile",
+                           "--json", str(out)]) == 0
+    data = _read(out)
+    (row,) = data["results"]
+    for key in ("loader_images_per_s", "step_images_per_s", "e2e_images_per_s", "e2e_over_step", "wait_ms",
+                "compute_ms", "wait_fraction", "bottleneck", "compile_s"):
+        assert row[key] is not None, key
+    assert row["loader"] == "pil" and row["mode"] == "compile" and 0 <= row["wait_fraction"] <= 1
+    assert data["fastest_loader"]["loader"] == "pil" and data["config"]["images"] == 12
+    png = tmp_path / "e2e.png"
+    assert data["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_e2e_unknown_loader_is_a_row(tmp_path):
+    data_dir = write_image_folder(tmp_path / "data", classes=1, per_class=4)
+    out = tmp_path / "e2e.json"
+    argv = [*TINY_MODEL, "--data", str(data_dir), "--loaders", "nope", "--json", str(out)]
+    assert bench_e2e.main(argv) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["loader"] == "nope" and "not available" in row["note"]
+
+
+def test_cli_dispatch(tmp_path):
+    out = tmp_path / "s.json"
+    assert cli_main(["bench", "sinkhorn", *TINY_SINKHORN, "--modes", "eager", "--json", str(out)]) == 0
+    assert {r["mode"] for r in json.loads(out.read_text())["results"]} == {"eager"}
+    with pytest.raises(ConfigError, match="bench_nonexistent.py is missing"):
+        load("nonexistent")
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "nonexistent"])
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--variants", "turbo:fp32"], "MODE:PRECISION"),
+    (["--crops", "2x224,six"], "COUNTxSIZE"),
+    (["--batch", "0"], ">= 1"),
+])
+def test_bench_step_rejects_bad_arguments(argv, needle, capsys):
+    assert cli_main(["bench", "step", "--device", "cpu", *argv]) == 2
+    assert needle in capsys.readouterr().err
