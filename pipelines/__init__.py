@@ -8,6 +8,7 @@ from .spec import MultiCropSpec
 # Backends register themselves; optional dependencies (DALI, FFCV) are imported when a loader is built.
 from . import torch_backend  # noqa: E402,F401  ("torch": batched decode_jpeg + batched crop/colour)
 from . import dali_backend  # noqa: E402,F401  ("dali": ImageFolder, TFRecord, webdataset)
+from . import ffcv_backend  # noqa: E402,F401  ("ffcv": a prepared .beton)
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -1,0 +1,359 @@
+"""FFCV backend: multi-crop from a prepared ``.beton`` (``swav-fast prepare --format beton``).
+
+Each view is its own FFCV pipeline on the same ``image`` field: JPEG decode + RandomResizedCrop
+(the view's scale range and the spec's ratio) + resize in FFCV's compiled (numba, multi-threaded)
+code, then ``ToTensor`` (``ToDevice`` on CUDA) and ``ToTorchImage``.  Flip, colour jitter (random
+order), grayscale, Gaussian blur, solarize and normalisation run batched in torch, on the GPU when
+the loader's device is CUDA and on the CPU otherwise.  FFCV's ``NormalizeImage`` is not used
+(placed after ``ToTensor`` it hangs, libffcv/ffcv#396).
+
+Sample order, rank sharding and ``start_batch`` resume are the base :class:`MultiCropLoader`'s
+(fed to FFCV as a fixed traversal order).  Flip/colour/blur parameters come from
+:func:`~pipelines.params.sample_params_for_indices`, so they depend only on ``(seed, epoch,
+index)``; crop boxes are drawn by FFCV's own generator and are not reproducible across runs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from swav_fast.errors import ConfigError, DataError
+
+from .folder import ImageFolderIndex
+from .loader import MultiCropBatch, MultiCropLoader, register_backend
+from .params import BatchViewParams, sample_params_for_indices
+from .spec import MultiCropSpec
+
+#: Luma weights of torchvision's rgb_to_grayscale (ITU-R 601, as PIL's convert("L") up to rounding).
+_LUMA = (0.2989, 0.587, 0.114)
+
+
+# ----------------------------------------------------------------------------- the beton "index"
+class _BetonSamples(Sequence):
+    """``(pseudo path, label)`` per sample, built on demand (no million-entry list)."""
+
+    def __init__(self, beton: str, labels: np.ndarray) -> None:
+        self.beton, self.labels = beton, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        return f"{self.beton}#{int(i)}", int(self.labels[i])
+
+
+@dataclass
+class BetonIndex(ImageFolderIndex):
+    """An :class:`ImageFolderIndex` over a ``.beton``: ``root`` is the split folder, labels from metadata."""
+
+    beton: str = ""
+    labels: np.ndarray | None = None
+    widths: np.ndarray | None = None
+    heights: np.ndarray | None = None
+
+    def path(self, i: int) -> str:
+        return f"{self.beton}#{int(i)}"
+
+    def label(self, i: int) -> int:
+        return int(self.labels[i])  # type: ignore[index]
+
+
+def open_beton_index(source: str | os.PathLike[str]) -> BetonIndex:
+    """A :class:`BetonIndex` for a prepared beton split folder, its ``manifest.json`` or the ``.beton``."""
+    from swav_fast.prepare.beton import read_beton_tables
+    from swav_fast.prepare.manifest import MANIFEST_NAME, read_manifest, shard_paths
+
+    p = Path(source)
+    classes: list[str] | None = None
+    if p.suffix == ".beton":
+        beton = p
+        if (p.parent / MANIFEST_NAME).exists():
+            classes = read_manifest(p.parent)["classes"]
+    else:
+        m = read_manifest(p)
+        if m["format"] != "beton":
+            raise DataError(
+                f"{p} holds a {m['format']} dataset; the ffcv backend reads beton "
+                "(swav-fast prepare --format beton)"
+            )
+        beton = Path(shard_paths(p, m)[0][0])
+        classes = m["classes"]
+    if not beton.is_file():
+        raise DataError(f"beton file not found: {beton}")
+    try:
+        _, _, meta, _ = read_beton_tables(beton)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{beton} is not a readable beton: {exc}") from None
+    labels = meta["f1"].astype(np.int64)
+    if classes is None:
+        classes = [str(k) for k in range(int(labels.max(initial=-1)) + 1)]
+    if len(labels) == 0:
+        raise DataError(f"{beton} holds no samples")
+    return BetonIndex(
+        root=str(beton.parent),
+        classes=list(classes),
+        samples=_BetonSamples(str(beton), labels),
+        beton=str(beton),
+        labels=labels,
+        widths=meta["f0"]["width"].astype(np.int64),
+        heights=meta["f0"]["height"].astype(np.int64),
+    )
+
+
+# ----------------------------------------------------------------------------- batched torch ops
+def _blend(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``clamp(f * a + (1 - f) * b, 0, 1)`` with per-sample ``f`` (torchvision's adjust_* on floats)."""
+    f = f.view(-1, 1, 1, 1)
+    return (f * a + (1.0 - f) * b).clamp_(0.0, 1.0)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """[B, 1, H, W] luma ``0.2989 R + 0.587 G + 0.114 B``."""
+    return _LUMA[0] * x[:, 0:1] + _LUMA[1] * x[:, 1:2] + _LUMA[2] * x[:, 2:3]
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by ``shift`` (fraction of a turn, per sample) via HSV, as torchvision's adjust_hue."""
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(1)
+    minc, _ = x.min(1)
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    s = torch.where(
+        maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc)
+    )
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    h = (h + shift.view(-1, 1, 1)) % 1.0
+    v = maxc
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int64) % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    rgb = torch.stack(
+        [
+            torch.stack([v, q, p, p, t, v], 1).gather(1, i.unsqueeze(1)).squeeze(1),
+            torch.stack([t, v, v, q, p, p], 1).gather(1, i.unsqueeze(1)).squeeze(1),
+            torch.stack([p, p, t, v, v, q], 1).gather(1, i.unsqueeze(1)).squeeze(1),
+        ],
+        1,
+    )
+    return rgb.clamp_(0.0, 1.0)
+
+
+def _jitter_op(k: int, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    if k == 0:  # brightness: blend with black
+        return _blend(x, torch.zeros_like(x), factor)
+    if k == 1:  # contrast: blend with the mean luma of the image
+        return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+    if k == 2:  # saturation: blend with the luma image
+        return _blend(x, _gray(x), factor)
+    return adjust_hue(x, factor)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur, per-sample ``sigma`` (0 = unchanged); kernel radius ``ceil(3 sigma_max)``.
+
+    ``k(t) = exp(-t^2 / (2 sigma^2)) / sum``, reflect padding (radius capped at size - 1).
+    """
+    B, C, H, W = x.shape
+    if B == 0 or not bool((sigma > 0).any()):
+        return x
+    radius = max(1, min(int(math.ceil(3.0 * float(sigma.max()))), H - 1, W - 1))
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    s = sigma.to(x.dtype).clamp(min=1e-6).view(-1, 1)
+    k = torch.exp(-(t.view(1, -1) ** 2) / (2 * s * s))
+    k = k / k.sum(1, keepdim=True)
+    ident = torch.zeros_like(k)
+    ident[:, radius] = 1.0
+    k = torch.where((sigma > 0).view(-1, 1), k, ident)
+    k = k.repeat_interleave(C, 0)  # [B*C, K]
+    y = torch.nn.functional.pad(x.reshape(1, B * C, H, W), (radius, radius, radius, radius), mode="reflect")
+    y = torch.nn.functional.conv2d(y, k.view(B * C, 1, 1, -1), groups=B * C)
+    y = torch.nn.functional.conv2d(y, k.view(B * C, 1, -1, 1), groups=B * C)
+    return y.view(B, C, H, W)
+
+
+def _as_tensor(a: np.ndarray, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(a), device=device, dtype=dtype)
+
+
+def augment_batch(
+    view: torch.Tensor, p: BatchViewParams, mean: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
+    """Flip, jitter (per-sample order), grayscale, blur, solarize, normalise a uint8 [B, 3, S, S] crop batch.
+
+    Returns float32 [B, 3, S, S] on ``view``'s device; the operations of :func:`pipelines.pil.augment_view`.
+    """
+    dev = view.device
+    x = view.to(torch.float32).div_(255.0)
+    flip = _as_tensor(p.flip, dev, torch.bool)
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    jitter = np.asarray(p.jitter, dtype=bool)
+    if jitter.any():
+        factors = [_as_tensor(a, dev, torch.float32) for a in (p.brightness, p.contrast, p.saturation, p.hue)]
+        order = np.asarray(p.jitter_order)
+        for pos in range(4):
+            for k in range(4):
+                rows = np.nonzero(jitter & (order[:, pos] == k))[0]
+                if len(rows):
+                    r = _as_tensor(rows, dev, torch.int64)
+                    x[r] = _jitter_op(k, x[r], factors[k][r])
+    gray = _as_tensor(p.grayscale, dev, torch.bool)
+    if bool(np.any(p.grayscale)):
+        x = torch.where(gray.view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+    x = gaussian_blur(x, _as_tensor(p.blur_sigma, dev, torch.float32))
+    if bool(np.any(p.solarize)):
+        sol = _as_tensor(p.solarize, dev, torch.bool).view(-1, 1, 1, 1)
+        x = torch.where(sol & (x >= 128.0 / 255.0), 1.0 - x, x)
+    return x.sub_(mean).div_(std)
+
+
+# ----------------------------------------------------------------------------- the loader
+def _import_ffcv() -> Any:
+    try:
+        import ffcv  # noqa: F401
+        from ffcv import loader as ffcv_loader
+    except ImportError as exc:
+        raise ConfigError(
+            "the ffcv backend needs FFCV: apt-get install libturbojpeg0-dev libopencv-dev "
+            f"pkg-config, then pip install -e '.[ffcv]' ({exc})"
+        ) from None
+    return ffcv_loader
+
+
+def _external_order_class() -> type:
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class ExternalOrder(TraversalOrder):
+        """A fixed order set from outside before every pass (FFCV instantiates ``order(loader)``)."""
+
+        def __init__(self, order: np.ndarray) -> None:  # noqa: D401 - not calling super: no loader yet
+            self.order = order
+
+        def __call__(self, loader: Any) -> "ExternalOrder":
+            self.loader = loader
+            return self
+
+        def sample_order(self, epoch: int) -> np.ndarray:
+            return self.order
+
+    return ExternalOrder
+
+
+class FFCVLoader(MultiCropLoader):
+    """Multi-crop batches from a ``.beton``; ``num_workers`` = FFCV decode threads (0 -> 1)."""
+
+    def __init__(
+        self,
+        index: ImageFolderIndex | str | os.PathLike[str],
+        spec: MultiCropSpec,
+        batch_size: int,
+        device: Any = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        num_workers: int = 0,
+        drop_last: bool = True,
+        os_cache: bool = True,
+        batches_ahead: int = 2,
+    ) -> None:
+        if not isinstance(index, BetonIndex):
+            if isinstance(index, ImageFolderIndex):
+                raise ConfigError(
+                    "the ffcv backend reads a prepared .beton, not an image folder: prepare it with "
+                    "'swav-fast prepare --format beton' and pass "
+                    "build_loader(open_beton_index(DIR), ..., backend='ffcv')"
+                )
+            index = open_beton_index(index)
+        super().__init__(index, spec, batch_size, device, rank, world_size, seed, drop_last)
+        if num_workers < 0:
+            raise ConfigError(f"num_workers: must be >= 0, got {num_workers}")
+        ffcv_loader = _import_ffcv()
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+        from ffcv.pipeline import PipelineSpec
+        from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+
+        self.beton = index.beton
+        on_gpu = self.device.type == "cuda"
+        to_dev = [ToDevice(self.device, non_blocking=True)] if on_gpu else []
+        pipelines: dict[str, Any] = {"label": [IntDecoder(), ToTensor(), Squeeze(), *to_dev]}
+        self._view_names = []
+        for v, size in enumerate(spec.view_sizes):
+            name = "image" if v == 0 else f"image_{v}"
+            decoder = RandomResizedCropRGBImageDecoder(
+                (size, size), scale=spec.scale_range(v), ratio=tuple(spec.ratio)
+            )
+            ops = [ToTensor(), *to_dev, ToTorchImage(channels_last=False)]
+            pipelines[name] = (
+                [decoder, *ops] if v == 0 else PipelineSpec("image", decoder=decoder, transforms=ops)
+            )
+            self._view_names.append(name)
+        self._order = _external_order_class()(np.asarray(self.epoch_indices(0), dtype=np.uint64))
+        self._ffcv = ffcv_loader.Loader(
+            self.beton,
+            batch_size=self.batch_size,
+            num_workers=max(1, int(num_workers)),
+            os_cache=os_cache,
+            order=self._order,
+            pipelines=pipelines,
+            drop_last=False,
+            batches_ahead=batches_ahead,
+        )
+        names = list(self._ffcv.pipeline_specs)
+        self._slots = [names.index(n) for n in self._view_names]
+        self._label_slot = names.index("label")
+        self._mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(spec.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
+        self._widths, self._heights = index.widths, index.heights
+
+    def _iterate(self, epoch: int, batches: list[np.ndarray]) -> Iterator[MultiCropBatch]:
+        if not batches:
+            return
+        self._order.order = np.concatenate(batches).astype(np.uint64)
+        dtype = self.spec.torch_dtype
+        it = iter(self._ffcv)
+        try:
+            for b, out in zip(batches, it):
+                idx = np.asarray(b, dtype=np.int64)
+                params = sample_params_for_indices(
+                    self.spec, self.seed, epoch, idx, self._widths[idx], self._heights[idx]
+                )
+                views = [
+                    augment_batch(out[s], params[v], self._mean, self._std)
+                    .to(dtype)
+                    .contiguous(memory_format=self._fmt)
+                    for v, s in enumerate(self._slots)
+                ]
+                labels = out[self._label_slot].to(torch.int64).reshape(-1).clone()
+                yield MultiCropBatch(views=views, labels=labels, indices=torch.as_tensor(idx), num_bad=0)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def close(self) -> None:
+        """FFCV's decode threads end with each pass; nothing is held between passes."""
+
+
+def build_ffcv_loader(
+    index: ImageFolderIndex | str | os.PathLike[str], spec: MultiCropSpec, batch_size: int, **kwargs: Any
+) -> FFCVLoader:
+    """The ``build_loader`` factory for ``backend="ffcv"``."""
+    return FFCVLoader(index, spec, batch_size, **kwargs)
+
+
+build_ffcv_loader.accepts_path = True  # type: ignore[attr-defined]  # a prepared folder or .beton path
+register_backend("ffcv", build_ffcv_loader)
