@@ -203,7 +203,10 @@ class PILLoader(MultiCropLoader):
         self._sampler = _BatchList()
         extra: dict[str, Any] = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if num_workers else {}
         self._loader = DataLoader(_EpochItems(self.dataset), batch_sampler=self._sampler, num_workers=num_workers,
-                                  collate_fn=Collate(spec), pin_memory=self.device.type == "cuda", **extra)
+                                  collate_fn=Collate(spec), pin_memory=self.device.type == "cuda",
+                                  # its own generator: starting an epoch must not draw from the global
+                                  # RNG, which methods use (negatives) and checkpoints restore
+                                  generator=torch.Generator().manual_seed(seed), **extra)
 
     def _iterate(self, epoch: int, batches: list[np.ndarray]) -> Iterator[MultiCropBatch]:
         self._sampler.batches = [[(epoch, int(i)) for i in b] for b in batches]

@@ -17,6 +17,7 @@ import yaml
 
 from pipelines.spec import MultiCropSpec
 from swav_fast.errors import ConfigError
+from swav_fast.methods.configs import MethodsConfig
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 #: ``train.on_checkpoint_error``: what a failed checkpoint write does (the previous one stays intact).
@@ -147,6 +148,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    methods: MethodsConfig = field(default_factory=MethodsConfig)  # the family's own settings
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -157,12 +159,14 @@ class Config:
         self._validate_ranges()
         spec = self.data.crops
         num_views = sum(spec.num_crops)
-        bad = [i for i in self.swav.crops_for_assign if not 0 <= i < num_views]
-        if bad or not self.swav.crops_for_assign:
-            raise ConfigError(f"swav.crops_for_assign={self.swav.crops_for_assign} must be non-empty view "
-                              f"indices in [0, {num_views - 1}] (there are {num_views} crops)")
-        if num_views < 2:
-            raise ConfigError("data.crops must give at least 2 views (swapped prediction needs a pair)")
+        if self.train.method == "swav":
+            bad = [i for i in self.swav.crops_for_assign if not 0 <= i < num_views]
+            if bad or not self.swav.crops_for_assign:
+                raise ConfigError(f"swav.crops_for_assign={self.swav.crops_for_assign} must be non-empty view "
+                                  f"indices in [0, {num_views - 1}] (there are {num_views} crops)")
+        if num_views < 2 and self.train.method != "instdisc":  # InstDisc alone compares a view to memory
+            raise ConfigError(f"data.crops must give at least 2 views for train.method={self.train.method} "
+                              "(it compares views of the same image)")
         self._resolve_global_batch(world_size)
         if self.optim.batch_size < 1:
             raise ConfigError(f"optim.batch_size={self.optim.batch_size} must be >= 1 (per process)")

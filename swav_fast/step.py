@@ -250,6 +250,7 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self._drop_frozen_grads(iteration)
+        self.scaler.unscale_(self.optimizer)  # hooks (gradient clipping, ...) see true gradients
         self.method.before_update(self._step)
         # With fp16 the scaler skips (and counts) overflowing gradients itself; the loss is unscaled.
         grads = [] if self.scaler.is_enabled() else [

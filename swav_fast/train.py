@@ -188,7 +188,9 @@ class Trainer:
 
         # model, objective, optimiser, step
         torch.manual_seed(t.seed)  # the same seed gives the same init (evaluate_knn relies on it)
-        self.method: Method = build_method(t.method, cfg).to(self.device)
+        self.method: Method = build_method(t.method, cfg)
+        self.method.on_train_start(self.loader.dataset_size, self.total_steps)  # indices are global
+        self.method = self.method.to(self.device)
         channels_last = t.channels_last and self.device.type == "cuda"
         if channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 
 from swav_fast.config import available_recipes, load_config, valid_keys
+from swav_fast.methods import available_methods
 
 EPILOG = """examples:
   swav-fast train                                  # short CPU run on the built-in synthetic data
@@ -31,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loader", help="data.loader backend (pil, ...)")
     p.add_argument("--workers", type=int, help="data.workers")
     p.add_argument("--device", help="train.device: auto, cpu, cuda, cuda:N")
-    p.add_argument("--method", help="train.method: swav (default) or another registered method")
+    p.add_argument("--method", choices=available_methods(),
+                   help="train.method (default swav); each method's settings are under methods.<name>.*")
     p.add_argument("--step-mode", choices=["eager", "compile", "graph"],
                    help="train.step_mode: eager | compile (torch.compile + fused Sinkhorn/loss) | graph "
                         "(CUDA-graph-captured step; falls back to compile where impossible, the log says why)")
@@ -69,8 +72,10 @@ def run(args: argparse.Namespace) -> int:
     if not result.is_main:  # under torchrun only rank 0 reports
         return 128 + result.signal if result.signal else 0
     print(f"run folder: {result.run_dir}")
+    loss = (f"last loss {result.last_loss:.4f}" if math.isfinite(result.last_loss)
+            else "no finite loss logged (train.log_every)")
     print(f"trained {result.steps} steps ({result.epochs} epochs) in {result.seconds:.1f} s, "
-          f"{result.images_per_s:.1f} images/s, last loss {result.last_loss:.4f}")
+          f"{result.images_per_s:.1f} images/s, {loss}")
     if result.bad_images:
         print(f"skipped {result.bad_images} unreadable image(s); see the log for their paths")
     if result.nonfinite_steps:

@@ -56,6 +56,10 @@ class Method(nn.Module):
     def set_fused(self, enabled: bool) -> None:
         """Compiled step modes ask for the method's fused loss kernels (if it has any)."""
 
+    def on_train_start(self, num_samples: int, total_steps: int) -> None:
+        """Sizes known only once the loader exists: the training set (a memory bank's rows) and the
+        run's length (a momentum schedule's end). Called by the trainer before any resume."""
+
     def on_epoch_start(self, epoch: int) -> None:
         """Host-side switches that change once per epoch (e.g. start using a queue)."""
 

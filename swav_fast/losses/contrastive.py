@@ -1,0 +1,156 @@
+"""Contrastive losses: InfoNCE (MoCo v2/v3), NT-Xent (SimCLR) and NCE over a memory bank (InstDisc).
+
+All similarities are cosines (inputs are L2-normalised here, except stored negatives, which are kept
+unit-norm by their queue or bank). Every loss of the family is wrapped in :func:`full_precision`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Sequence, TypeVar
+
+import torch
+import torch.nn.functional as F
+
+LossFn = TypeVar("LossFn", bound=Callable[..., Any])
+
+
+def _upcast(x: Any) -> Any:
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64:
+        return x.float()
+    return x
+
+
+def full_precision(fn: LossFn) -> LossFn:
+    """Run a loss in float32 whatever the caller's autocast: autocast is disabled inside and
+    half / bfloat16 tensor arguments are cast to float32 (differentiably). float64 inputs stay
+    float64, so tests can compare with a float64 reference to ~1e-12."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        args = tuple(_upcast(a) for a in args)
+        kwargs = {k: _upcast(v) for k, v in kwargs.items()}
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        device = tensors[0].device.type if tensors else "cpu"
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def view_pairs(num_views: int, target_views: Sequence[int]) -> list[tuple[int, int]]:
+    """Ordered ``(t, v)`` pairs of a multi-crop loss: each target view ``t`` against every other view.
+
+    ``view_pairs(2, [0, 1]) == [(0, 1), (1, 0)]`` (the symmetric two-view loss); with multi-crop the
+    targets are the global views and ``v`` runs over globals and locals alike.
+    """
+    return [(t, v) for t in target_views for v in range(num_views) if v != t]
+
+
+@full_precision
+def info_nce_loss(query: torch.Tensor, key: torch.Tensor, negatives: torch.Tensor | None = None,
+                  temperature: float = 0.2) -> torch.Tensor:
+    r"""InfoNCE of queries against their positive keys.
+
+    With :math:`q_b, k_b` L2-normalised (done here) and temperature :math:`\tau`:
+
+    * ``negatives`` given (MoCo v2: a queue of unit-norm keys :math:`n_j`, ``[K, D]``):
+
+      .. math:: \mathcal{L} = -\frac{1}{B}\sum_b \log
+                \frac{\exp(q_b\cdot k_b/\tau)}{\exp(q_b\cdot k_b/\tau) + \sum_j \exp(q_b\cdot n_j/\tau)}
+
+    * ``negatives=None`` (MoCo v3: the other keys of the batch are the negatives):
+
+      .. math:: \mathcal{L} = -\frac{1}{B}\sum_b \log
+                \frac{\exp(q_b\cdot k_b/\tau)}{\sum_c \exp(q_b\cdot k_c/\tau)}
+
+    No gradient flows into ``key`` or ``negatives`` (they come from a momentum encoder).
+
+    Args:
+        query: ``[B, D]``. key: ``[B, D]`` positives. negatives: ``[K, D]`` or None.
+        temperature: :math:`\tau > 0`.
+    Returns:
+        float32 scalar.
+    """
+    q = F.normalize(query, dim=1)
+    k = F.normalize(key.detach(), dim=1)
+    if negatives is None:
+        logits = q @ k.t() / temperature
+        return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
+    pos = (q * k).sum(dim=1, keepdim=True)
+    neg = q @ negatives.detach().t()
+    logits = torch.cat([pos, neg], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+@full_precision
+def nt_xent_loss(z: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    r"""SimCLR's normalised-temperature cross entropy over all views of the batch.
+
+    ``z`` is ``[V, B, D]``: V views of B samples, :math:`N = VB` embeddings in all, L2-normalised
+    here, :math:`s_{ij} = z_i\cdot z_j / \tau`. Every other view of the same sample is a positive,
+    all other :math:`N - 1` embeddings are in the denominator:
+
+    .. math:: \mathcal{L} = \frac{1}{N(V-1)} \sum_i \sum_{p \in P(i)}
+              -\log \frac{\exp(s_{ip})}{\sum_{j \neq i} \exp(s_{ij})}
+
+    With V = 2 this is exactly the paper's loss (each of the 2B anchors has one positive and
+    2B - 2 negatives); with multi-crop each anchor averages over its V - 1 positives.
+
+    Returns:
+        float32 scalar.
+    """
+    num_views, batch, dim = z.shape
+    if num_views < 2:
+        raise ValueError(f"nt_xent_loss needs at least 2 views per sample, got {num_views}")
+    flat = F.normalize(z.reshape(num_views * batch, dim), dim=1)
+    logits = flat @ flat.t() / temperature
+    eye = torch.eye(num_views * batch, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(eye, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    sample = torch.arange(batch, device=z.device).repeat(num_views)
+    positive = (sample[:, None] == sample[None, :]) & ~eye
+    return -log_prob.masked_select(positive).sum() / positive.sum()
+
+
+@full_precision
+def estimate_log_z(scores: torch.Tensor, temperature: float, num_data: int) -> torch.Tensor:
+    r"""InstDisc's Monte-Carlo normaliser, in log space: :math:`\log Z = \log n + \log
+    \operatorname{mean}\exp(s/\tau)` over all entries of ``scores`` (cosines to bank entries).
+
+    The paper estimates :math:`Z \approx n\,\mathbb{E}_j[\exp(v_j\cdot f/\tau)]` once (first batch)
+    and keeps it fixed.
+    """
+    s = scores.detach().reshape(-1) / temperature
+    return math.log(num_data) + torch.logsumexp(s, dim=0) - math.log(s.numel())
+
+
+@full_precision
+def nce_loss(scores: torch.Tensor, temperature: float, log_z: torch.Tensor | float,
+             num_data: int) -> torch.Tensor:
+    r"""Noise-contrastive estimation of InstDisc's non-parametric softmax (Wu et al., 2018).
+
+    ``scores`` is ``[B, 1 + m]``: column 0 the cosine of each feature :math:`f_b` to its own memory
+    entry :math:`v_{i_b}`, the other m columns to uniformly sampled entries (noise,
+    :math:`P_n = 1/n`). With :math:`P(i\mid f) = \exp(v_i\cdot f/\tau)/Z` and
+    :math:`h(i, f) = P(i\mid f) / (P(i\mid f) + m P_n)`:
+
+    .. math:: \mathcal{L} = -\frac{1}{B}\sum_b \Big[\log h(i_b, f_b)
+              + \sum_{j=1}^{m} \log\big(1 - h(j_b, f_b)\big)\Big]
+
+    Evaluated stably in log space: :math:`\log h = -\operatorname{softplus}(\log(m/n) - \log P)`,
+    :math:`\log(1 - h) = -\operatorname{softplus}(\log P - \log(m/n))`.
+
+    Args:
+        scores: ``[B, 1 + m]`` cosines, positive first.
+        temperature: :math:`\tau`. log_z: :math:`\log Z` (see :func:`estimate_log_z`).
+        num_data: the number of rows the noise is drawn from (:math:`P_n = 1/\text{num\_data}`).
+    Returns:
+        float32 scalar.
+    """
+    num_noise = scores.shape[1] - 1
+    log_p = scores / temperature - log_z
+    log_noise = math.log(num_noise / num_data)
+    log_h_pos = -F.softplus(log_noise - log_p[:, 0])
+    log_not_h_neg = -F.softplus(log_p[:, 1:] - log_noise)
+    return -(log_h_pos + log_not_h_neg.sum(dim=1)).mean()

@@ -1,0 +1,104 @@
+"""Instance discrimination (Wu et al., 2018): a non-parametric softmax over a memory bank, by NCE."""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from swav_fast.errors import ConfigError, DataError
+from swav_fast.losses.contrastive import estimate_log_z, nce_loss
+from swav_fast.memory import MemoryBank
+from swav_fast.methods.base import Method, register_method
+from swav_fast.methods.configs import estimated_num_samples, method_config, num_global_views
+from swav_fast.models.predictor import EncoderNet, MLPHead
+
+
+class InstDisc(Method):
+    r"""Every training image is its own class, represented by a memory-bank entry :math:`v_i`.
+
+    Each view's unit feature :math:`f` is scored against its own entry and ``num_negatives`` entries
+    drawn uniformly from the *other* samples (the paper draws from all n; with its 1.28M images the
+    difference is nil, but on a small dataset a sample drawn as its own noise dominates the loss);
+    the loss is :func:`~swav_fast.losses.contrastive.nce_loss`, averaged over the views
+    (the paper has one view; multi-crop views all discriminate against the same bank). The normaliser
+    :math:`Z` is estimated on the first batch and then fixed (buffer ``log_z``, NaN until then), or
+    with ``z_momentum < 1`` kept as a moving average of per-batch estimates: on a small dataset the
+    bank fills with real features within a few steps, a first-batch Z (from the random bank) is then
+    far too small and the noise term drags every feature the same way. After the optimiser step the
+    entries of this batch's samples move towards the mean of their global views' features
+    (momentum 0.5).
+    """
+
+    name = "instdisc"
+
+    def __init__(self, model: EncoderNet, memory_size: int, embed_dim: int, num_globals: int = 1,
+                 temperature: float = 0.07, num_negatives: int = 4096, memory_momentum: float = 0.5,
+                 auto_size: bool = True, z_momentum: float = 1.0):
+        super().__init__()
+        if memory_size < 2:
+            memory_size = 2  # placeholder until on_train_start sizes it
+        self.model = model
+        self.memory = MemoryBank(memory_size, embed_dim, memory_momentum)
+        self.num_globals = num_globals
+        self.temperature = temperature
+        self.num_negatives = num_negatives
+        self.auto_size = auto_size
+        self.z_momentum = z_momentum
+        self.register_buffer("log_z", torch.tensor(float("nan")))
+        self.last_embedding: torch.Tensor | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, views: Sequence[torch.Tensor], indices: torch.Tensor | None = None) -> torch.Tensor:
+        if indices is None:
+            raise DataError("instdisc needs the dataset index of every sample (the loader's batch.indices)")
+        num_views, num_globals = len(views), min(self.num_globals, len(views))
+        z = F.normalize(self.model(views).float(), dim=1)
+        z = z.reshape(num_views, -1, z.shape[-1])
+        self.last_embedding = z[0].detach()
+        indices = indices.to(z.device)
+        rows = torch.cat([indices[:, None], self.memory.sample_excluding(indices, self.num_negatives)], dim=1)
+        weights = self.memory.get(rows).to(z.dtype)  # B x (1+m) x D, no gradient
+        with torch.autocast(z.device.type, enabled=False):  # cosines / 0.07 need float32
+            scores = torch.einsum("vbd,bkd->vbk", z, weights)
+        with torch.no_grad():
+            estimate = estimate_log_z(scores, self.temperature, self.memory.size)
+            self.log_z.copy_(torch.where(torch.isnan(self.log_z), estimate, self._z_average(estimate)))
+        noise_rows = self.memory.size - 1  # P_n = 1 / (n - 1): a sample's own row is never noise
+        loss = sum(nce_loss(scores[v], self.temperature, self.log_z, noise_rows) for v in range(num_views))
+        self._pending = (indices, F.normalize(z[:num_globals].mean(dim=0), dim=1).detach())
+        return loss / num_views
+
+    def _z_average(self, estimate: torch.Tensor) -> torch.Tensor:
+        r""":math:`\log(m Z + (1 - m)\hat Z)`; m = 1 keeps the first estimate (the paper)."""
+        m = self.z_momentum
+        if m >= 1.0:
+            return self.log_z
+        if m <= 0.0:
+            return estimate
+        return torch.logaddexp(self.log_z + math.log(m), estimate + math.log(1.0 - m))
+
+    def after_update(self, step: torch.Tensor) -> None:
+        if self._pending is not None:
+            self.memory.update_(*self._pending)
+            self._pending = None
+
+    def on_train_start(self, num_samples: int, total_steps: int) -> None:
+        """Size the bank to the training set (when ``methods.instdisc.memory_size`` is 0)."""
+        if self.auto_size:
+            self.memory.resize_(num_samples)
+        elif num_samples > self.memory.size:
+            raise ConfigError(f"methods.instdisc.memory_size={self.memory.size} is smaller than the training "
+                              f"set ({num_samples} images); set it to 0 (automatic) or >= {num_samples}")
+
+
+@register_method("instdisc")
+def build_instdisc(cfg: Any) -> InstDisc:
+    mc = method_config(cfg, "instdisc")
+    m = cfg.model
+    size = mc.memory_size or estimated_num_samples(cfg) or 1  # resized by on_train_start when unknown
+    model = EncoderNet(m.arch, lambda d: MLPHead(d, m.hidden_dim, m.feat_dim, mc.projector_layers))
+    return InstDisc(model, size, m.feat_dim, num_global_views(cfg), mc.temperature, mc.num_negatives,
+                    mc.memory_momentum, auto_size=mc.memory_size == 0,
+                    z_momentum=mc.z_momentum)
