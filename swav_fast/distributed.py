@@ -65,6 +65,18 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` (same shape on all ranks) concatenated along dim 0 in rank order, without
+    gradient; ``tensor`` itself in one process. For state every rank must hold alike (memory bank
+    rows, queued keys)."""
+    if not is_dist():
+        return tensor
+    t = tensor.detach().contiguous()
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts)
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """The mean of ``tensor`` over ranks (a new tensor); ``tensor`` itself in one process."""
     if not is_dist():

@@ -36,6 +36,7 @@ from swav_fast.config import load_config
 from swav_fast.ddp import CPUSyncBatchNorm, convert_sync_batchnorm
 from swav_fast.distributed import detect_launch, first_host
 from swav_fast.errors import ConfigError
+from swav_fast.methods import build_method
 from swav_fast.runlog import read_log
 from swav_fast.train import Trainer
 from tests.helpers import tiny_config, write_image_folder
@@ -93,6 +94,29 @@ def _stop_job(rank: int, data: Path, out: Path) -> None:
     torch.save({"signal": result.signal, "step": result.steps}, out / f"stop.{rank}.pt")
 
 
+def _family_job(rank: int, out: Path) -> None:
+    """InstDisc and MoCo v2 take one step per rank on different samples; their shared state (memory
+    bank, key queue) must come out the same on both ranks, holding both ranks' rows."""
+    cfg = load_config(None, ["model.arch=resnet10_half", "model.hidden_dim=16", "model.feat_dim=8",
+                             "data.crops.num_crops=[2]", "data.crops.size_crops=[16]",
+                             "data.crops.min_scale_crops=[0.2]", "data.crops.max_scale_crops=[1.0]",
+                             "optim.batch_size=4", "methods.instdisc.memory_size=8",
+                             "methods.instdisc.num_negatives=4", "methods.moco_v2.queue_length=16",
+                             "methods.moco_v2.shuffle_bn_batch=4"])
+    g = torch.Generator().manual_seed(100 + rank)
+    views = [torch.randn(4, 3, 16, 16, generator=g) for _ in range(2)]
+    indices = torch.arange(4) + 4 * rank
+    state = {}
+    for name in ("instdisc", "moco_v2"):
+        torch.manual_seed(0)  # the same initial bank / queue on both ranks
+        method = build_method(name, cfg)
+        state[f"{name}.before"] = {k: v.clone() for k, v in method.extra_state_dict().items()}
+        method(views, indices)
+        method.after_update(torch.tensor(0))
+        state[name] = {k: v.clone() for k, v in method.extra_state_dict().items()}
+    torch.save(state, out / f"family.{rank}.pt")
+
+
 def _worker(rank: int, ports: list[int], data: Path, out: Path) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1")
@@ -128,6 +152,13 @@ def _worker(rank: int, ports: list[int], data: Path, out: Path) -> None:
     os.environ["MASTER_PORT"] = str(ports[4])
     _stop_job(rank, data, out)
 
+    os.environ["MASTER_PORT"] = str(ports[5])
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        _family_job(rank, out)
+    finally:
+        dist.destroy_process_group()
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[Path, Path]:
@@ -135,7 +166,7 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
     data = write_image_folder(root / "data")
     out = root / "out"
     out.mkdir()
-    mp.spawn(_worker, args=([_free_port() for _ in range(5)], data, out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=([_free_port() for _ in range(6)], data, out), nprocs=WORLD, join=True)
     return data, out
 
 
@@ -421,3 +452,21 @@ def test_two_gpu_ranks_nccl_sync_bn_and_checkpoint(tmp_path):
     state = torch.load(ckpt.list_checkpoints(tmp_path / "gpu")[-1], weights_only=True)
     assert state["world_size"] == 2 and len(state["objective_ranks"]) == 2
     assert torch.equal(state["objective_ranks"][1]["objective.queue.items"], r1["queue"])
+
+
+def test_family_shared_state_is_gathered_from_every_rank(runs):
+    """InstDisc's memory bank and MoCo v2's key queue get every rank's rows, so they stay identical."""
+    _, out = runs
+    r0, r1 = (torch.load(out / f"family.{r}.pt", weights_only=True) for r in range(WORLD))
+    for name in ("instdisc", "moco_v2"):
+        shared = [k for k in r0[name] if k.split(".")[0] in ("memory", "log_z", "queue")]
+        assert len(shared) == 2, shared  # bank + log_z; keys + ptr
+        for k in shared:  # (batch-norm running statistics are each rank's own, as under DDP)
+            assert torch.equal(r0[name][k], r1[name][k]), f"{name}: {k} differs between ranks"
+    bank, before = r0["instdisc"]["memory.bank"], r0["instdisc.before"]["memory.bank"]
+    changed = (bank - before).abs().sum(dim=1) > 0
+    assert changed.all(), f"rows updated: {changed.tolist()} (rank 0 owns 0-3, rank 1 owns 4-7)"
+    queue = r0["moco_v2"]
+    assert int(queue["queue.ptr"]) == 8  # 4 keys from each rank
+    assert not torch.equal(queue["queue.keys"][:8], r0["moco_v2.before"]["queue.keys"][:8])
+    assert torch.equal(queue["queue.keys"][8:], r0["moco_v2.before"]["queue.keys"][8:])

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from swav_fast.distributed import all_gather_cat, all_reduce_mean
 from swav_fast.errors import ConfigError, DataError
 from swav_fast.losses.contrastive import estimate_log_z, nce_loss
 from swav_fast.memory import MemoryBank
@@ -28,7 +29,8 @@ class InstDisc(Method):
     bank fills with real features within a few steps, a first-batch Z (from the random bank) is then
     far too small and the noise term drags every feature the same way. After the optimiser step the
     entries of this batch's samples move towards the mean of their global views' features
-    (momentum 0.5).
+    (momentum 0.5); under ``torch.distributed`` every rank applies the rows of every rank, so the
+    banks stay identical.
     """
 
     name = "instdisc"
@@ -63,7 +65,8 @@ class InstDisc(Method):
         with torch.autocast(z.device.type, enabled=False):  # cosines / 0.07 need float32
             scores = torch.einsum("vbd,bkd->vbk", z, weights)
         with torch.no_grad():
-            estimate = estimate_log_z(scores, self.temperature, self.memory.size)
+            # the mean over ranks: every rank keeps the same normaliser
+            estimate = all_reduce_mean(estimate_log_z(scores, self.temperature, self.memory.size))
             self.log_z.copy_(torch.where(torch.isnan(self.log_z), estimate, self._z_average(estimate)))
         noise_rows = self.memory.size - 1  # P_n = 1 / (n - 1): a sample's own row is never noise
         loss = sum(nce_loss(scores[v], self.temperature, self.log_z, noise_rows) for v in range(num_views))
@@ -80,8 +83,8 @@ class InstDisc(Method):
         return torch.logaddexp(self.log_z + math.log(m), estimate + math.log(1.0 - m))
 
     def after_update(self, step: torch.Tensor) -> None:
-        if self._pending is not None:
-            self.memory.update_(*self._pending)
+        if self._pending is not None:  # every rank applies every rank's rows: the banks stay equal
+            self.memory.update_(*(all_gather_cat(t) for t in self._pending))
             self._pending = None
 
     def on_train_start(self, num_samples: int, total_steps: int) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from swav_fast.distributed import all_gather_cat
 from swav_fast.errors import ConfigError
 from swav_fast.losses.contrastive import info_nce_loss, view_pairs
 from swav_fast.memory import KeyQueue
@@ -91,7 +92,7 @@ class MoCoV2(Method):
     def after_update(self, step: torch.Tensor) -> None:
         self.target.update_(self.model, step)
         if self._pending_keys is not None:
-            self.queue.push(self._pending_keys)
+            self.queue.push(all_gather_cat(self._pending_keys))  # all ranks' keys, as the paper
             self._pending_keys = None
 
 
