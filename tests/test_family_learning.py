@@ -1,0 +1,61 @@
+"""Family methods learn on the built-in synthetic dataset: a short CPU run of a method's quick recipe
+(``swav_fast/recipes/quick_<method>.yaml``) keeps the embedding spread out (no collapse) and lifts kNN
+top-1 of the trunk clearly above the same trunk at random initialisation. Each run prints both kNN
+figures and the spread; about two minutes per method on 2 CPU cores.
+
+SwAV's own run is ``tests/test_learning.py``. Of the others only SimCLR lifts kNN above random
+initialisation within a CPU test's budget (248 steps); the rest keep their embeddings spread (see
+``tests/test_family_methods.py``) but end below their random initialisation there, with every
+setting tried (docs/methods.md lists the figures), so they have no quick recipe yet.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from swav_fast.config import load_config
+from swav_fast.train import Trainer
+
+#: percentage points each method's trunk must gain over its random initialisation
+MIN_GAIN = 10.0
+#: per-dimension std of the unit embeddings times sqrt(D): ~1 spread over the sphere, 0 collapsed
+MIN_SPREAD = 0.3
+
+METHODS = ["simclr"]
+
+
+def embedding_spread(z: torch.Tensor) -> float:
+    z = F.normalize(z.float(), dim=1)
+    return (z.std(dim=0).mean() * math.sqrt(z.shape[1])).item()
+
+
+@pytest.fixture(scope="module")
+def synthetic_cache(tmp_path_factory):
+    """One generated synthetic dataset for all methods."""
+    return tmp_path_factory.mktemp("synthetic-cache")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_quick_recipe_of_each_method_learns(tmp_path, synthetic_cache, method, capsys):
+    cfg = load_config(f"quick_{method}", [f"train.output_dir={tmp_path / 'run'}",
+                                          f"data.synthetic.cache_dir={synthetic_cache}",
+                                          "train.progress=false", "train.checkpoint_every_epochs=0"])
+    assert cfg.train.method == method
+    trainer = Trainer(cfg)
+    try:
+        result = trainer.fit()
+        batch = next(iter(trainer.loader))
+        with torch.no_grad():  # training-mode BN, as the loss saw the batch
+            spread = embedding_spread(trainer.method.model(batch.views[:1]))
+    finally:
+        trainer.close()
+    trained, random_init = result.knn["trained_top1"], result.knn["random_init_top1"]
+    with capsys.disabled():
+        print(f"\n[learning] {method}: kNN top-1 trained {trained:.2f}% vs random init {random_init:.2f}% "
+              f"(chance 10%), embedding spread {spread:.3f}, {result.steps} steps")
+    assert spread > MIN_SPREAD, f"{method}: embedding spread {spread:.3f} (collapse)"
+    assert trained >= random_init + MIN_GAIN, (method, trained, random_init)
