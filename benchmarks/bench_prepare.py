@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image  # noqa: E402
 
+from benchmarks.common import env_info, write_json  # noqa: E402
 from swav_fast.prepare import FORMATS, prepare_dataset, read_manifest, shard_paths  # noqa: E402
 
 
@@ -215,9 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| format | loader | images/s |\n|---|---|---|")
     for r in loaders:
         print(f"| {r['format']} | {r['loader']} | {r.get('images_per_s', r.get('error'))} |")
-    result = {"source": str(src), "cpu_count": os.cpu_count(), "prepare": prep, "loaders": loaders}
+    result = {"benchmark": "prepare", "env": env_info("cpu"),
+              "command": "python3 benchmarks/bench_prepare.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+              "source": str(src), "cpu_count": os.cpu_count(), "prepare": prep, "loaders": loaders}
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {write_json(args.json, result)}")
     return 0
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import bench_e2e, bench_sinkhorn, bench_step
+from benchmarks import bench_e2e, bench_prepare, bench_sinkhorn, bench_step
 from swav_fast.cli import main as cli_main
 from swav_fast.commands.bench import load
 from swav_fast.errors import ConfigError
@@ -105,3 +105,15 @@ def test_cli_dispatch(tmp_path):
 def test_bench_step_rejects_bad_arguments(argv, needle, capsys):
     assert cli_main(["bench", "step", "--device", "cpu", *argv]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_bench_prepare_rows_per_format_mode_and_workers(tmp_path):
+    data = write_image_folder(tmp_path / "src", per_class=4)
+    out = tmp_path / "prepare.json"
+    assert bench_prepare.main(["--data", str(data), "--formats", "wds,tfrecord", "--workers", "1",
+                               "--json", str(out)]) == 0
+    result = _read(out)
+    rows = {(r["format"], r["mode"], r["workers"]) for r in result["prepare"]}
+    assert rows == {(f, m, 1) for f in ("wds", "tfrecord") for m in ("pass-through", "re-encode")}
+    assert all(r["images_per_s"] > 0 for r in result["prepare"])
+    assert {r["format"] for r in result["loaders"]} == {"wds", "tfrecord"}
