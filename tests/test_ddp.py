@@ -117,17 +117,22 @@ def _family_job(rank: int, out: Path) -> None:
     torch.save(state, out / f"family.{rank}.pt")
 
 
+def _in_process_group(port: int, rank: int, job, *args) -> None:
+    """``job(rank, *args)`` inside a gloo group of its own (jobs that build no Trainer)."""
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        job(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
 def _worker(rank: int, ports: list[int], data: Path, out: Path) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1")
     torch.set_num_threads(1)
 
-    os.environ["MASTER_PORT"] = str(ports[0])
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        _sync_bn_job(rank, out)
-    finally:
-        dist.destroy_process_group()
+    _in_process_group(ports[0], rank, _sync_bn_job, out)
 
     # 9 steps straight (checkpoints at the epoch ends 3, 6, 9)
     os.environ["MASTER_PORT"] = str(ports[1])
@@ -152,12 +157,7 @@ def _worker(rank: int, ports: list[int], data: Path, out: Path) -> None:
     os.environ["MASTER_PORT"] = str(ports[4])
     _stop_job(rank, data, out)
 
-    os.environ["MASTER_PORT"] = str(ports[5])
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        _family_job(rank, out)
-    finally:
-        dist.destroy_process_group()
+    _in_process_group(ports[5], rank, _family_job, out)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 import torch
 
 from swav_fast.losses.barlow import barlow_twins_loss
-from swav_fast.methods.base import Method, register_method
+from swav_fast.methods.base import Method, per_view, register_method
 from swav_fast.methods.configs import method_config, num_global_views, require_views
 from swav_fast.models.predictor import EncoderNet, MLPHead
 
@@ -28,12 +28,10 @@ class BarlowTwins(Method):
         self.model = model
         self.num_globals = num_globals
         self.lambd = lambd
-        self.last_embedding: torch.Tensor | None = None
 
     def forward(self, views: Sequence[torch.Tensor], indices: torch.Tensor | None = None) -> torch.Tensor:
         z = self.model(views)
-        z = z.reshape(len(views), -1, z.shape[-1])
-        self.last_embedding = z[0].detach()
+        z = per_view(z, len(views))
         pairs = barlow_pairs(len(views), self.num_globals)
         return sum(barlow_twins_loss(z[i], z[j], self.lambd) for i, j in pairs) / len(pairs)
 

@@ -29,6 +29,11 @@ import torch.nn as nn
 from swav_fast.errors import ConfigError
 
 
+def per_view(x: torch.Tensor, num_views: int) -> torch.Tensor:
+    """``[V*B, ...]`` rows in view order as ``[V, B, ...]`` (a view, no copy)."""
+    return x.reshape(num_views, -1, *x.shape[1:])
+
+
 class Method(nn.Module):
     """Base class: subclasses set ``self.model`` and implement :meth:`forward`."""
 

@@ -7,7 +7,7 @@ import torch
 
 from swav_fast.losses.contrastive import view_pairs
 from swav_fast.losses.regression import normalized_mse_loss
-from swav_fast.methods.base import Method, register_method
+from swav_fast.methods.base import Method, per_view, register_method
 from swav_fast.methods.configs import estimated_total_steps, method_config, num_global_views, require_views
 from swav_fast.methods.momentum import EMATarget
 from swav_fast.models.predictor import EncoderNet, MLPHead
@@ -34,16 +34,14 @@ class BYOL(Method):
         self.model = model
         self.target = EMATarget(model, base_momentum, final_momentum, total_steps, drop=("predictor",))
         self.num_globals = num_globals
-        self.last_embedding: torch.Tensor | None = None
 
     def forward(self, views: Sequence[torch.Tensor], indices: torch.Tensor | None = None) -> torch.Tensor:
         num_views, num_globals = len(views), min(self.num_globals, len(views))
         z = self.model(views)
         p = self.model.predictor(z)
-        p = p.reshape(num_views, -1, p.shape[-1])
-        self.last_embedding = z[: p.shape[1]].detach()
+        p = per_view(p, num_views)
         t = self.target(views[:num_globals])
-        t = t.reshape(num_globals, -1, t.shape[-1])
+        t = per_view(t, num_globals)
         pairs = view_pairs(num_views, range(num_globals))
         return sum(normalized_mse_loss(p[v], t[g]) for g, v in pairs) * (2.0 / len(pairs))
 

@@ -7,7 +7,7 @@ import torch
 
 from swav_fast.distributed import all_reduce_, world_size
 from swav_fast.losses.dino import dino_loss, updated_center
-from swav_fast.methods.base import Method, register_method
+from swav_fast.methods.base import Method, per_view, register_method
 from swav_fast.methods.configs import estimated_total_steps, method_config, num_global_views, require_views
 from swav_fast.methods.momentum import EMATarget
 from swav_fast.models.predictor import DINOHead, EncoderNet
@@ -55,7 +55,6 @@ class DINO(Method):
         self.temperature_schedule = (teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs)
         self.register_buffer("center", torch.zeros(out_dim))
         self.register_buffer("teacher_temp", torch.tensor(0.0), persistent=False)
-        self.last_embedding: torch.Tensor | None = None
         self._pending_center: torch.Tensor | None = None
         self.on_epoch_start(0)
 
@@ -70,10 +69,9 @@ class DINO(Method):
     def forward(self, views: Sequence[torch.Tensor], indices: torch.Tensor | None = None) -> torch.Tensor:
         num_views, num_globals = len(views), min(self.num_globals, len(views))
         s = self.model(views)
-        s = s.reshape(num_views, -1, s.shape[-1])
-        self.last_embedding = s[0].detach()
+        s = per_view(s, num_views)
         t = self.target(views[:num_globals]).float()
-        t = t.reshape(num_globals, -1, t.shape[-1])
+        t = per_view(t, num_globals)
         loss = dino_loss(s, t, self.center, self.student_temp, self.teacher_temp)
         count = t.shape[0] * t.shape[1] * world_size()
         self._pending_center = all_reduce_(t.sum(dim=(0, 1))) / count

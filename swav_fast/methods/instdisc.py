@@ -11,7 +11,7 @@ from swav_fast.distributed import all_gather_cat, all_reduce_mean
 from swav_fast.errors import ConfigError, DataError
 from swav_fast.losses.contrastive import estimate_log_z, nce_loss
 from swav_fast.memory import MemoryBank
-from swav_fast.methods.base import Method, register_method
+from swav_fast.methods.base import Method, per_view, register_method
 from swav_fast.methods.configs import estimated_num_samples, method_config, num_global_views
 from swav_fast.models.predictor import EncoderNet, MLPHead
 
@@ -49,7 +49,6 @@ class InstDisc(Method):
         self.auto_size = auto_size
         self.z_momentum = z_momentum
         self.register_buffer("log_z", torch.tensor(float("nan")))
-        self.last_embedding: torch.Tensor | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, views: Sequence[torch.Tensor], indices: torch.Tensor | None = None) -> torch.Tensor:
@@ -57,8 +56,7 @@ class InstDisc(Method):
             raise DataError("instdisc needs the dataset index of every sample (the loader's batch.indices)")
         num_views, num_globals = len(views), min(self.num_globals, len(views))
         z = F.normalize(self.model(views).float(), dim=1)
-        z = z.reshape(num_views, -1, z.shape[-1])
-        self.last_embedding = z[0].detach()
+        z = per_view(z, num_views)
         indices = indices.to(z.device)
         rows = torch.cat([indices[:, None], self.memory.sample_excluding(indices, self.num_negatives)], dim=1)
         weights = self.memory.get(rows).to(z.dtype)  # B x (1+m) x D, no gradient

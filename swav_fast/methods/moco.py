@@ -16,7 +16,7 @@ from swav_fast.distributed import all_gather_cat
 from swav_fast.errors import ConfigError
 from swav_fast.losses.contrastive import info_nce_loss, view_pairs
 from swav_fast.memory import KeyQueue
-from swav_fast.methods.base import Method, register_method
+from swav_fast.methods.base import Method, per_view, register_method
 from swav_fast.methods.configs import estimated_total_steps, method_config, num_global_views, require_views
 from swav_fast.methods.momentum import EMATarget
 from swav_fast.models.predictor import EncoderNet, MLPHead
@@ -61,7 +61,6 @@ class MoCoV2(Method):
         self.temperature = temperature
         self.symmetric = symmetric
         self.shuffle_bn_batch = shuffle_bn_batch
-        self.last_embedding: torch.Tensor | None = None
         self._pending_keys: torch.Tensor | None = None
 
     @torch.no_grad()
@@ -79,8 +78,7 @@ class MoCoV2(Method):
     def forward(self, views: Sequence[torch.Tensor], indices: torch.Tensor | None = None) -> torch.Tensor:
         num_views = len(views)
         q = self.model(views)
-        q = q.reshape(num_views, -1, q.shape[-1])
-        self.last_embedding = q[0].detach()
+        q = per_view(q, num_views)
         key_views = moco_v2_key_views(num_views, self.num_globals, self.symmetric)
         keys = {g: self.keys(views[g]) for g in key_views}
         negatives = self.queue.keys
@@ -118,16 +116,14 @@ class MoCoV3(Method):
         self.target = EMATarget(model, base_momentum, final_momentum, total_steps, drop=("predictor",))
         self.num_globals = num_globals
         self.temperature = temperature
-        self.last_embedding: torch.Tensor | None = None
 
     def forward(self, views: Sequence[torch.Tensor], indices: torch.Tensor | None = None) -> torch.Tensor:
         num_views, num_globals = len(views), min(self.num_globals, len(views))
         z = self.model(views)
         q = self.model.predictor(z)
-        q = q.reshape(num_views, -1, q.shape[-1])
-        self.last_embedding = z[: q.shape[1]].detach()
+        q = per_view(q, num_views)
         k = self.target(views[:num_globals])
-        k = k.reshape(num_globals, -1, k.shape[-1])
+        k = per_view(k, num_globals)
         pairs = view_pairs(num_views, range(num_globals))
         total = sum(info_nce_loss(q[v], k[g], None, self.temperature) for g, v in pairs)
         return total * (2.0 / len(pairs)) * (2.0 * self.temperature)

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 import torch
 
 from swav_fast.losses.contrastive import nt_xent_loss
-from swav_fast.methods.base import Method, register_method
+from swav_fast.methods.base import Method, per_view, register_method
 from swav_fast.methods.configs import method_config, require_views
 from swav_fast.models.predictor import EncoderNet, MLPHead
 
@@ -21,12 +21,10 @@ class SimCLR(Method):
         super().__init__()
         self.model = model
         self.temperature = temperature
-        self.last_embedding: torch.Tensor | None = None
 
     def forward(self, views: Sequence[torch.Tensor], indices: torch.Tensor | None = None) -> torch.Tensor:
         z = self.model(views)
-        z = z.reshape(len(views), -1, z.shape[-1])
-        self.last_embedding = z[0].detach()
+        z = per_view(z, len(views))
         return nt_xent_loss(z, self.temperature)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from swav_fast.losses.contrastive import view_pairs
 from swav_fast.losses.regression import negative_cosine_loss
-from swav_fast.methods.base import Method, register_method
+from swav_fast.methods.base import Method, per_view, register_method
 from swav_fast.methods.configs import method_config, num_global_views, require_views
 from swav_fast.models.predictor import EncoderNet, MLPHead
 
@@ -29,15 +29,13 @@ class SimSiam(Method):
             raise ValueError("SimSiam needs a predictor")
         self.model = model
         self.num_globals = num_globals
-        self.last_embedding: torch.Tensor | None = None
 
     def forward(self, views: Sequence[torch.Tensor], indices: torch.Tensor | None = None) -> torch.Tensor:
         num_views, num_globals = len(views), min(self.num_globals, len(views))
         z = self.model(views)
         p = self.model.predictor(z)
-        z = z.reshape(num_views, -1, z.shape[-1])
-        p = p.reshape(num_views, -1, p.shape[-1])
-        self.last_embedding = z[0].detach()
+        z = per_view(z, num_views)
+        p = per_view(p, num_views)
         pairs = view_pairs(num_views, range(num_globals))
         return sum(negative_cosine_loss(p[v], z[g].detach()) for g, v in pairs) / len(pairs)
 
