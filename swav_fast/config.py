@@ -7,6 +7,7 @@ impossible combinations are rejected by :meth:`Config.validate` before any work 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ import yaml
 from pipelines.spec import MultiCropSpec
 from swav_fast.errors import ConfigError
 from swav_fast.methods.configs import MethodsConfig
+
+#: a decimal number written in exponent form without a dot (5e-4), which YAML 1.1 reads as a string
+_FLOAT_TEXT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 #: ``train.on_checkpoint_error``: what a failed checkpoint write does (the previous one stays intact).
@@ -157,16 +161,9 @@ class Config:
         """Reject impossible combinations before any work; returns self."""
         self._validate_choices()
         self._validate_ranges()
-        spec = self.data.crops
-        num_views = sum(spec.num_crops)
-        if self.train.method == "swav":
-            bad = [i for i in self.swav.crops_for_assign if not 0 <= i < num_views]
-            if bad or not self.swav.crops_for_assign:
-                raise ConfigError(f"swav.crops_for_assign={self.swav.crops_for_assign} must be non-empty view "
-                                  f"indices in [0, {num_views - 1}] (there are {num_views} crops)")
-        if num_views < 2 and self.train.method != "instdisc":  # InstDisc alone compares a view to memory
-            raise ConfigError(f"data.crops must give at least 2 views for train.method={self.train.method} "
-                              "(it compares views of the same image)")
+        from swav_fast.methods import validate_method
+
+        validate_method(self.train.method, self)  # views and settings the method declares it needs
         self._resolve_global_batch(world_size)
         if self.optim.batch_size < 1:
             raise ConfigError(f"optim.batch_size={self.optim.batch_size} must be >= 1 (per process)")
@@ -311,6 +308,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 5e-4 (no dot) as text; any user means the number
         raise ConfigError(f"{key} must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

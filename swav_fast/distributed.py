@@ -77,6 +77,58 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+class _GatherRows(torch.autograd.Function):
+    """all_gather along dim 0; backward: this rank's rows of the gradient summed over ranks."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rows, ctx.rank = tensor.shape[0], dist.get_rank()
+        t = tensor.contiguous()
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)  # every rank's loss depends on these rows
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce (sum); backward: the gradient summed over ranks (every rank uses the sum)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.contiguous().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    r"""Every rank's ``tensor`` (same shape on all ranks) concatenated along dim 0 in rank order,
+    differentiably; ``tensor`` itself in one process.
+
+    For losses whose every term sees every rank's rows (SimCLR's negatives): with each rank's loss
+    :math:`L_s` computed from the gathered rows, rank :math:`r`'s rows get
+    :math:`\sum_s \partial L_s / \partial x_r`, so after DDP averages the parameter gradients they
+    are those of :math:`\frac{1}{W}\sum_s L_s`, the loss of one process on the whole batch."""
+    return _GatherRows.apply(tensor) if is_dist() else tensor
+
+
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    r"""The sum of ``tensor`` over ranks, differentiably (each rank's input gets the sum of every
+    rank's gradient of the result); ``tensor`` itself in one process. For batch statistics that a
+    loss needs over the global batch (Barlow Twins' standardisation and cross-correlation)."""
+    return _SumOverRanks.apply(tensor) if is_dist() else tensor
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """The mean of ``tensor`` over ranks (a new tensor); ``tensor`` itself in one process."""
     if not is_dist():

@@ -317,6 +317,7 @@ class TrainStep:
         frozen = self._freeze_begin()
         loss = self._forward(views, indices)
         self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)  # as in eager: hooks (gradient clipping, ...) see true gradients
         self.method.before_update(self._step)
         finite = self._finite(loss, frozen)
         self.scaler.step(self.optimizer)

@@ -205,7 +205,9 @@ class Trainer:
                        if self.world > 1 else self.method)
         self.step_fn = TrainStep(step_method, self.optimizer, self.device, t.precision, channels_last,
                                  mode=t.step_mode, debug_nan_steps=t.debug_nan_steps)
-        self.collapse = CollapseMonitor(s.temperature, s.freeze_prototypes_niters, t.collapse_patience)
+        # SwAV's prototype-usage checks; the other methods expose no assignments to check
+        self.collapse = (CollapseMonitor(s.temperature, s.freeze_prototypes_niters, t.collapse_patience)
+                         if callable(getattr(self.method, "assigned_scores", None)) else None)
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.last_loss = float("nan")  # at the last log step with a finite loss
         self.images = 0  # trained this fit()
@@ -360,10 +362,9 @@ class Trainer:
 
     def check_collapse(self, loss: float) -> None:
         """Report SwAV collapse signs; raise TrainingDiverged after ``train.collapse_patience`` checks."""
-        assigned = getattr(self.method, "assigned_scores", None)
-        if assigned is None:  # the prototype-usage checks are SwAV's
+        if self.collapse is None:
             return
-        scores = assigned()
+        scores = self.method.assigned_scores()
         signs = self.collapse.check(self.step, loss, scores)
         if signs is None:
             return
@@ -519,6 +520,8 @@ class Trainer:
                           images_per_s=round(images_per_s, 2), loader_wait_fraction=round(loader_wait, 4),
                           bad_images=self.loader.num_bad,
                           nonfinite_steps=counts.total)
+        if self.collapse is None:
+            return
         if self.world == 1:
             self.check_collapse(loss)
         elif self.is_main or self.cfg.train.collapse_patience:  # rank 0 checks; its verdict is shared

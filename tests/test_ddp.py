@@ -117,6 +117,38 @@ def _family_job(rank: int, out: Path) -> None:
     torch.save(state, out / f"family.{rank}.pt")
 
 
+GATHERED = ("simclr", "moco_v3", "barlow_twins")
+
+
+def _gathered_config():
+    return load_config(None, ["model.arch=resnet10_half", "model.hidden_dim=16", "model.feat_dim=8",
+                              "data.crops.num_crops=[2, 1]", "data.crops.size_crops=[16, 8]",
+                              "data.crops.min_scale_crops=[0.2, 0.05]", "data.crops.max_scale_crops=[1.0, 0.2]",
+                              "optim.batch_size=4", "methods.moco_v3.predictor_hidden_dim=16"])
+
+
+def _gathered_views(rows: slice) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randn(8, 3, s, s, generator=g)[rows] for s in (16, 16, 8)]
+
+
+def _gathered_loss(name: str, rows: slice, sync: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and parameter gradients of method ``name`` on samples ``rows`` of one fixed batch of 8."""
+    torch.manual_seed(0)
+    method = build_method(name, _gathered_config())
+    if sync:  # batch statistics of the whole batch in every network (online and momentum)
+        method = convert_sync_batchnorm(method)
+    loss = method(_gathered_views(rows))
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in method.model.named_parameters() if p.grad is not None}
+
+
+def _gathered_job(rank: int, out: Path) -> None:
+    """SimCLR, MoCo v3 and Barlow Twins on half of a batch per rank, with synchronised batch norm."""
+    half = slice(4 * rank, 4 * rank + 4)
+    torch.save({name: _gathered_loss(name, half, sync=True) for name in GATHERED}, out / f"gathered.{rank}.pt")
+
+
 def _in_process_group(port: int, rank: int, job, *args) -> None:
     """``job(rank, *args)`` inside a gloo group of its own (jobs that build no Trainer)."""
     os.environ["MASTER_PORT"] = str(port)
@@ -158,6 +190,7 @@ def _worker(rank: int, ports: list[int], data: Path, out: Path) -> None:
     _stop_job(rank, data, out)
 
     _in_process_group(ports[5], rank, _family_job, out)
+    _in_process_group(ports[6], rank, _gathered_job, out)
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +199,7 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
     data = write_image_folder(root / "data")
     out = root / "out"
     out.mkdir()
-    mp.spawn(_worker, args=([_free_port() for _ in range(6)], data, out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=([_free_port() for _ in range(7)], data, out), nprocs=WORLD, join=True)
     return data, out
 
 
@@ -470,3 +503,23 @@ def test_family_shared_state_is_gathered_from_every_rank(runs):
     assert int(queue["queue.ptr"]) == 8  # 4 keys from each rank
     assert not torch.equal(queue["queue.keys"][:8], r0["moco_v2.before"]["queue.keys"][:8])
     assert torch.equal(queue["queue.keys"][8:], r0["moco_v2.before"]["queue.keys"][8:])
+
+
+@pytest.mark.parametrize("name", GATHERED)
+def test_batch_wide_losses_of_two_ranks_equal_one_process(runs, name):
+    """SimCLR's negatives, MoCo v3's keys and Barlow Twins' batch statistics and cross-correlation span
+    every rank: the ranks' mean loss and (DDP-averaged) gradients are one process's on the whole batch."""
+    _, out = runs
+    ranks = [torch.load(out / f"gathered.{r}.pt", weights_only=True)[name] for r in range(WORLD)]
+    loss, grads = _gathered_loss(name, slice(None), sync=False)
+    close = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sum(r[0] for r in ranks) / WORLD, loss, **close)
+    if name == "barlow_twins":  # one loss of the global batch, the same on every rank
+        torch.testing.assert_close(ranks[0][0], ranks[1][0], **close)
+    assert grads.keys() == ranks[0][1].keys()
+    for k, g in grads.items():  # float32 sums in another order: compare relative to the tensor's norm
+        err = (sum(r[1][k] for r in ranks) / WORLD - g).norm() / g.norm()
+        assert err < 1e-4, f"{name}: gradient of {k} differs by {err:.2e} (relative to its norm)"
+    # negative control: the mean of the halves' own losses (nothing shared between them) is not it
+    halves = sum(_gathered_loss(name, slice(4 * r, 4 * r + 4), sync=False)[0] for r in range(WORLD)) / WORLD
+    assert not torch.allclose(halves, loss, rtol=1e-3)

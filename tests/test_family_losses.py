@@ -63,12 +63,15 @@ def ref_simclr(z1, z2, tau):
     return sum(ell(2 * k, 2 * k + 1) + ell(2 * k + 1, 2 * k) for k in range(n)) / (2 * n)
 
 
-def ref_multiview_nt_xent(z, tau):
-    """V views: each anchor averages -log softmax over its V-1 positives (all others in the denominator)."""
+def ref_multiview_nt_xent(z, tau, anchor_samples=None):
+    """V views: each anchor averages -log softmax over its V-1 positives (all others in the denominator);
+    the anchors are the views of ``anchor_samples`` (default every sample)."""
     v_count, b_count, _ = z.shape
     flat = _unit(z.reshape(v_count * b_count, -1))
     total, terms = 0.0, 0
     for i in range(v_count * b_count):
+        if anchor_samples is not None and i % b_count not in anchor_samples:
+            continue
         others = np.array([flat[i] @ flat[k] / tau for k in range(v_count * b_count) if k != i])
         for p in range(v_count * b_count):
             if p != i and p % b_count == i % b_count:
@@ -146,6 +149,25 @@ def test_nt_xent_two_views_is_simclr(tau):
 def test_nt_xent_multi_crop():
     z = _rng(3).normal(size=(3, 4, 5))
     assert math.isclose(nt_xent_loss(_t(z), 0.3).item(), ref_multiview_nt_xent(z, 0.3), rel_tol=RTOL)
+
+
+def test_nt_xent_anchor_subset_is_one_ranks_share():
+    """Under DDP each rank anchors its own samples against everyone's: the ranks' mean is the whole loss."""
+    z = _rng(9).normal(size=(3, 6, 4))
+    got = nt_xent_loss(_t(z), 0.2, anchors=slice(2, 4))
+    assert math.isclose(got.item(), ref_multiview_nt_xent(z, 0.2, anchor_samples={2, 3}), rel_tol=RTOL)
+    parts = [nt_xent_loss(_t(z), 0.2, anchors=slice(r * 2, r * 2 + 2)).item() for r in range(3)]
+    assert math.isclose(sum(parts) / 3, ref_multiview_nt_xent(z, 0.2), rel_tol=RTOL)
+
+
+def test_info_nce_key_offset_picks_this_ranks_positives():
+    """MoCo v3 under DDP: queries of rank r against every rank's keys, positives at rows r*B + b."""
+    rng = _rng(10)
+    q, k = rng.normal(size=(3, 5)), rng.normal(size=(9, 5))
+    qn, kn = _unit(q), _unit(k)
+    ref = np.mean([-(qn[b] @ kn[3 + b] / 0.2 - _logsumexp(kn @ qn[b] / 0.2)) for b in range(3)])
+    got = info_nce_loss(_t(q), _t(k), None, 0.2, key_offset=3)
+    assert math.isclose(got.item(), ref, rel_tol=RTOL)
 
 
 def test_nt_xent_needs_two_views():

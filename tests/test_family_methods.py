@@ -206,6 +206,25 @@ def test_factories_reject_impossible_settings():
         build_method("byol", single)
 
 
+@pytest.mark.parametrize("cls, name", [(byol.BYOL, "BYOL"), (simsiam.SimSiam, "SimSiam"),
+                                        (moco.MoCoV3, "MoCo v3")])
+def test_predictor_methods_reject_a_network_without_one(cls, name):
+    net = EncoderNet("resnet10_half", lambda d: MLPHead(d, 16, 8, 2))
+    with pytest.raises(ValueError, match=f"{name} needs an online predictor"):
+        cls(net)
+
+
+def test_one_view_only_for_instdisc():
+    """The registry's view minimum is checked by Config.validate, before any work."""
+    one = ["data.crops.num_crops=[1]", "data.crops.size_crops=[32]", "data.crops.min_scale_crops=[0.2]",
+           "data.crops.max_scale_crops=[1.0]"]
+    load_config(None, ["train.method=instdisc", *one]).validate()
+    for method in METHODS + ["swav"]:
+        if method != "instdisc":
+            with pytest.raises(ConfigError, match=f"at least 2 views for train.method={method}"):
+                load_config(None, [f"train.method={method}", *one]).validate()
+
+
 def test_total_steps_estimate():
     cfg = family_config()
     assert estimated_total_steps(cfg) == 2 * (40 // BATCH)

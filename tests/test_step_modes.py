@@ -317,3 +317,29 @@ def test_odd_batch_runs_uncaptured_and_fp16_falls_back(exact_cuda):
     assert (step.stats.captures, step.stats.replays, step.stats.uncaptured_steps) == (1, 1, 1)
     half = make_step(make_method("resnet18"), "graph", CUDA, precision="fp16")
     assert half.mode == "compile" and "gradient scaler" in half.stats.fallback_reason
+
+
+class _GradNormProbe(SwAVMethod):
+    """Records the gradient norm that ``before_update`` sees (where DINO clips its gradients)."""
+
+    def before_update(self, step: torch.Tensor) -> None:
+        super().before_update(step)
+        grads = [p.grad.float() for p in self.model.parameters() if p.grad is not None]
+        self.seen = torch.stack(torch._foreach_norm(grads)).norm().item()
+
+
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+def test_fp16_hooks_see_unscaled_gradients(mode):
+    """With fp16 the loss is scaled for backward; before_update must see the true gradients."""
+    seen = {}
+    for precision in ("fp32", "fp16"):
+        base = make_method()
+        method = _GradNormProbe(base.model, base.objective, FREEZE, 1)
+        step = make_step(method, mode, precision=precision, compile_options={"backend": "eager"})
+        assert step.scaler.is_enabled() == (precision == "fp16")
+        if step.scaler.is_enabled():  # 2**16 overflows this tiny net's fp16 gradients at once
+            step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+        step(batches(1)[0], 0.1, 5)
+        seen[precision] = method.seen
+    assert seen["fp32"] > 0
+    assert 0.5 < seen["fp16"] / seen["fp32"] < 2.0, seen  # scaled gradients would be 256x

@@ -49,7 +49,7 @@ def view_pairs(num_views: int, target_views: Sequence[int]) -> list[tuple[int, i
 
 @full_precision
 def info_nce_loss(query: torch.Tensor, key: torch.Tensor, negatives: torch.Tensor | None = None,
-                  temperature: float = 0.2) -> torch.Tensor:
+                  temperature: float = 0.2, key_offset: int = 0) -> torch.Tensor:
     r"""InfoNCE of queries against their positive keys.
 
     With :math:`q_b, k_b` L2-normalised (done here) and temperature :math:`\tau`:
@@ -62,13 +62,17 @@ def info_nce_loss(query: torch.Tensor, key: torch.Tensor, negatives: torch.Tenso
     * ``negatives=None`` (MoCo v3: the other keys of the batch are the negatives):
 
       .. math:: \mathcal{L} = -\frac{1}{B}\sum_b \log
-                \frac{\exp(q_b\cdot k_b/\tau)}{\sum_c \exp(q_b\cdot k_c/\tau)}
+                \frac{\exp(q_b\cdot k_{o+b}/\tau)}{\sum_c \exp(q_b\cdot k_c/\tau)}
+
+      where ``key`` may hold more rows than ``query`` (under ``torch.distributed``, every rank's
+      keys) and query :math:`b`'s positive is key row :math:`o + b` (``key_offset``).
 
     No gradient flows into ``key`` or ``negatives`` (they come from a momentum encoder).
 
     Args:
-        query: ``[B, D]``. key: ``[B, D]`` positives. negatives: ``[K, D]`` or None.
-        temperature: :math:`\tau > 0`.
+        query: ``[B, D]``. key: ``[B, D]`` positives (``[C, D]``, C >= B, with ``negatives=None``).
+        negatives: ``[K, D]`` or None. temperature: :math:`\tau > 0`.
+        key_offset: row of ``key`` that is query 0's positive (``negatives=None`` only).
     Returns:
         float32 scalar.
     """
@@ -76,7 +80,7 @@ def info_nce_loss(query: torch.Tensor, key: torch.Tensor, negatives: torch.Tenso
     k = F.normalize(key.detach(), dim=1)
     if negatives is None:
         logits = q @ k.t() / temperature
-        return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
+        return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device) + key_offset)
     pos = (q * k).sum(dim=1, keepdim=True)
     neg = q @ negatives.detach().t()
     logits = torch.cat([pos, neg], dim=1) / temperature
@@ -84,18 +88,21 @@ def info_nce_loss(query: torch.Tensor, key: torch.Tensor, negatives: torch.Tenso
 
 
 @full_precision
-def nt_xent_loss(z: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+def nt_xent_loss(z: torch.Tensor, temperature: float = 0.1, anchors: slice | None = None) -> torch.Tensor:
     r"""SimCLR's normalised-temperature cross entropy over all views of the batch.
 
     ``z`` is ``[V, B, D]``: V views of B samples, :math:`N = VB` embeddings in all, L2-normalised
     here, :math:`s_{ij} = z_i\cdot z_j / \tau`. Every other view of the same sample is a positive,
-    all other :math:`N - 1` embeddings are in the denominator:
+    all other :math:`N - 1` embeddings are in the denominator; the anchors :math:`A` are the views
+    of the samples in ``anchors`` (default all B):
 
-    .. math:: \mathcal{L} = \frac{1}{N(V-1)} \sum_i \sum_{p \in P(i)}
+    .. math:: \mathcal{L} = \frac{1}{|A|(V-1)} \sum_{i \in A} \sum_{p \in P(i)}
               -\log \frac{\exp(s_{ip})}{\sum_{j \neq i} \exp(s_{ij})}
 
     With V = 2 this is exactly the paper's loss (each of the 2B anchors has one positive and
-    2B - 2 negatives); with multi-crop each anchor averages over its V - 1 positives.
+    2B - 2 negatives); with multi-crop each anchor averages over its V - 1 positives. Under
+    ``torch.distributed`` ``z`` holds every rank's samples and ``anchors`` this rank's: the mean of
+    the ranks' losses is the loss of the whole batch.
 
     Returns:
         float32 scalar.
@@ -104,12 +111,14 @@ def nt_xent_loss(z: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
     if num_views < 2:
         raise ValueError(f"nt_xent_loss needs at least 2 views per sample, got {num_views}")
     flat = F.normalize(z.reshape(num_views * batch, dim), dim=1)
-    logits = flat @ flat.t() / temperature
-    eye = torch.eye(num_views * batch, dtype=torch.bool, device=z.device)
-    logits = logits.masked_fill(eye, float("-inf"))
+    sample = torch.arange(batch, device=z.device).repeat(num_views)  # sample of each row of flat
+    row = torch.arange(num_views * batch, device=z.device).reshape(num_views, batch)
+    row = row[:, anchors if anchors is not None else slice(None)].reshape(-1)  # the anchors' rows
+    logits = flat[row] @ flat.t() / temperature
+    itself = row[:, None] == torch.arange(num_views * batch, device=z.device)[None, :]
+    logits = logits.masked_fill(itself, float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    sample = torch.arange(batch, device=z.device).repeat(num_views)
-    positive = (sample[:, None] == sample[None, :]) & ~eye
+    positive = (sample[row][:, None] == sample[None, :]) & ~itself
     return -log_prob.masked_select(positive).sum() / positive.sum()
 
 

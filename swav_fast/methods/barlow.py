@@ -5,9 +5,10 @@ from typing import Any, Sequence
 
 import torch
 
+from swav_fast.distributed import sum_over_ranks
 from swav_fast.losses.barlow import barlow_twins_loss
 from swav_fast.methods.base import Method, per_view, register_method
-from swav_fast.methods.configs import method_config, num_global_views, require_views
+from swav_fast.methods.configs import method_config, num_global_views
 from swav_fast.models.predictor import EncoderNet, MLPHead
 
 
@@ -33,13 +34,14 @@ class BarlowTwins(Method):
         z = self.model(views)
         z = per_view(z, len(views))
         pairs = barlow_pairs(len(views), self.num_globals)
-        return sum(barlow_twins_loss(z[i], z[j], self.lambd) for i, j in pairs) / len(pairs)
+        # batch statistics and the cross-correlation over the global batch (sums over ranks)
+        return sum(barlow_twins_loss(z[i], z[j], self.lambd, batch_sum=sum_over_ranks)
+                   for i, j in pairs) / len(pairs)
 
 
 @register_method("barlow_twins")
 def build_barlow_twins(cfg: Any) -> BarlowTwins:
     mc = method_config(cfg, "barlow_twins")
-    require_views(cfg, "barlow_twins", 2)
     m = cfg.model
     model = EncoderNet(m.arch, lambda d: MLPHead(d, m.hidden_dim, m.feat_dim, mc.projector_layers,
                                                  last_bias=False))

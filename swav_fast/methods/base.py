@@ -21,6 +21,7 @@ Checkpoints store ``model.state_dict()`` under ``"model"`` and the rest of the m
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -87,14 +88,30 @@ class Method(nn.Module):
 
 
 MethodFactory = Callable[..., Method]
-_METHODS: dict[str, MethodFactory] = {}
+ConfigCheck = Callable[[Any], None]
 
 
-def register_method(name: str) -> Callable[[MethodFactory], MethodFactory]:
-    """Decorator: register ``factory(cfg) -> Method`` under ``name``."""
+@dataclass(frozen=True)
+class _Entry:
+    factory: MethodFactory
+    min_views: int
+    check: ConfigCheck | None
+
+
+_METHODS: dict[str, _Entry] = {}
+
+
+def register_method(name: str, *, min_views: int = 2,
+                    check: ConfigCheck | None = None) -> Callable[[MethodFactory], MethodFactory]:
+    """Decorator: register ``factory(cfg) -> Method`` under ``name``.
+
+    ``min_views`` is the fewest views per sample the method can learn from (2 for every method that
+    compares views of one image); ``check(cfg)`` raises :class:`ConfigError` for settings of the
+    method that the config alone shows to be impossible. Both run in :func:`validate_method`, from
+    ``Config.validate`` (before any work) and from :func:`build_method`."""
 
     def deco(factory: MethodFactory) -> MethodFactory:
-        _METHODS[name] = factory
+        _METHODS[name] = _Entry(factory, min_views, check)
         return factory
 
     return deco
@@ -104,8 +121,25 @@ def available_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def build_method(name: str, cfg: Any) -> Method:
-    """The method ``name`` built from a :class:`swav_fast.config.Config`."""
+def _entry(name: str) -> _Entry:
     if name not in _METHODS:
         raise ConfigError(f"unknown method {name!r}; valid: {', '.join(available_methods())}")
-    return _METHODS[name](cfg)
+    return _METHODS[name]
+
+
+def validate_method(name: str, cfg: Any) -> None:
+    """ConfigError when ``cfg`` gives method ``name`` too few views or settings it rejects."""
+    entry = _entry(name)
+    crops = list(cfg.data.crops.num_crops)
+    if sum(crops) < entry.min_views:
+        reason = " (it compares views of the same image)" if entry.min_views >= 2 else ""
+        raise ConfigError(f"data.crops must give at least {entry.min_views} views for train.method={name}"
+                          f"{reason}, but data.crops.num_crops={crops} gives {sum(crops)}")
+    if entry.check is not None:
+        entry.check(cfg)
+
+
+def build_method(name: str, cfg: Any) -> Method:
+    """The method ``name`` built from a :class:`swav_fast.config.Config` (validated first)."""
+    validate_method(name, cfg)
+    return _entry(name).factory(cfg)

@@ -8,7 +8,7 @@ import torch
 from swav_fast.losses.contrastive import view_pairs
 from swav_fast.losses.regression import normalized_mse_loss
 from swav_fast.methods.base import Method, per_view, register_method
-from swav_fast.methods.configs import estimated_total_steps, method_config, num_global_views, require_views
+from swav_fast.methods.configs import estimated_total_steps, method_config, num_global_views
 from swav_fast.methods.momentum import EMATarget
 from swav_fast.models.predictor import EncoderNet, MLPHead
 
@@ -29,8 +29,7 @@ class BYOL(Method):
     def __init__(self, model: EncoderNet, num_globals: int = 2, base_momentum: float = 0.996,
                  final_momentum: float = 1.0, total_steps: int = 0):
         super().__init__()
-        if model.predictor is None:
-            raise ValueError("BYOL needs an online predictor")
+        model.require_predictor("BYOL")
         self.model = model
         self.target = EMATarget(model, base_momentum, final_momentum, total_steps, drop=("predictor",))
         self.num_globals = num_globals
@@ -55,7 +54,6 @@ class BYOL(Method):
 @register_method("byol")
 def build_byol(cfg: Any) -> BYOL:
     mc = method_config(cfg, "byol")
-    require_views(cfg, "byol", 2)
     m = cfg.model
     model = EncoderNet(m.arch, lambda d: MLPHead(d, m.hidden_dim, m.feat_dim, mc.projector_layers),
                        predictor=MLPHead(m.feat_dim, mc.predictor_hidden_dim, m.feat_dim, 2))

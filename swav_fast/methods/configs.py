@@ -193,12 +193,3 @@ def estimated_total_steps(cfg: Any, world_size: int = 1) -> int:
     """
     per_epoch = estimated_num_samples(cfg) // max(1, cfg.optim.batch_size * world_size)
     return int(cfg.optim.epochs) * per_epoch
-
-
-def require_views(cfg: Any, method: str, minimum: int = 2) -> int:
-    """The number of views per sample (``sum(data.crops.num_crops)``); ConfigError below ``minimum``."""
-    views = int(sum(cfg.data.crops.num_crops))
-    if views < minimum:
-        raise ConfigError(f"{method} needs at least {minimum} views per sample, but data.crops.num_crops="
-                          f"{list(cfg.data.crops.num_crops)} gives {views}")
-    return views

@@ -8,7 +8,7 @@ import torch
 from swav_fast.distributed import all_reduce_, world_size
 from swav_fast.losses.dino import dino_loss, updated_center
 from swav_fast.methods.base import Method, per_view, register_method
-from swav_fast.methods.configs import estimated_total_steps, method_config, num_global_views, require_views
+from swav_fast.methods.configs import estimated_total_steps, method_config, num_global_views
 from swav_fast.methods.momentum import EMATarget
 from swav_fast.models.predictor import DINOHead, EncoderNet
 
@@ -100,7 +100,6 @@ class DINO(Method):
 @register_method("dino")
 def build_dino(cfg: Any) -> DINO:
     mc = method_config(cfg, "dino")
-    require_views(cfg, "dino", 2)
     m = cfg.model
     model = EncoderNet(m.arch, lambda d: DINOHead(
         d, m.hidden_dim, m.feat_dim, mc.out_dim, mc.projector_layers, batch_norm=mc.batch_norm,

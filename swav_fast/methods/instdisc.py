@@ -94,7 +94,7 @@ class InstDisc(Method):
                               f"set ({num_samples} images); set it to 0 (automatic) or >= {num_samples}")
 
 
-@register_method("instdisc")
+@register_method("instdisc", min_views=1)  # one view is compared with the memory bank
 def build_instdisc(cfg: Any) -> InstDisc:
     mc = method_config(cfg, "instdisc")
     m = cfg.model

@@ -12,12 +12,12 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from swav_fast.distributed import all_gather_cat
+from swav_fast.distributed import all_gather_cat, rank
 from swav_fast.errors import ConfigError
 from swav_fast.losses.contrastive import info_nce_loss, view_pairs
 from swav_fast.memory import KeyQueue
 from swav_fast.methods.base import Method, per_view, register_method
-from swav_fast.methods.configs import estimated_total_steps, method_config, num_global_views, require_views
+from swav_fast.methods.configs import estimated_total_steps, method_config, num_global_views
 from swav_fast.methods.momentum import EMATarget
 from swav_fast.models.predictor import EncoderNet, MLPHead
 
@@ -110,8 +110,7 @@ class MoCoV3(Method):
     def __init__(self, model: EncoderNet, num_globals: int = 2, temperature: float = 1.0,
                  base_momentum: float = 0.99, final_momentum: float = 1.0, total_steps: int = 0):
         super().__init__()
-        if model.predictor is None:
-            raise ValueError("MoCo v3 needs an online predictor")
+        model.require_predictor("MoCo v3")
         self.model = model
         self.target = EMATarget(model, base_momentum, final_momentum, total_steps, drop=("predictor",))
         self.num_globals = num_globals
@@ -122,10 +121,14 @@ class MoCoV3(Method):
         z = self.model(views)
         q = self.model.predictor(z)
         q = per_view(q, num_views)
-        k = self.target(views[:num_globals])
-        k = per_view(k, num_globals)
+        k = per_view(self.target(views[:num_globals]), num_globals)  # [G, B, D], no gradient
+        batch, dim = k.shape[1], k.shape[2]
+        # negatives: every rank's keys (the paper gathers them); query b's positive is this rank's key b
+        k = all_gather_cat(k.transpose(0, 1).reshape(batch, num_globals * dim))
+        k = k.reshape(-1, num_globals, dim).transpose(0, 1)
         pairs = view_pairs(num_views, range(num_globals))
-        total = sum(info_nce_loss(q[v], k[g], None, self.temperature) for g, v in pairs)
+        total = sum(info_nce_loss(q[v], k[g], None, self.temperature, key_offset=rank() * batch)
+                    for g, v in pairs)
         return total * (2.0 / len(pairs)) * (2.0 * self.temperature)
 
     def after_update(self, step: torch.Tensor) -> None:
@@ -138,7 +141,7 @@ class MoCoV3(Method):
 @register_method("moco_v2")
 def build_moco_v2(cfg: Any) -> MoCoV2:
     mc = method_config(cfg, "moco_v2")
-    num_views = require_views(cfg, "moco_v2", 2)
+    num_views = sum(cfg.data.crops.num_crops)
     m = cfg.model
     key_views = moco_v2_key_views(num_views, num_global_views(cfg), mc.symmetric)
     per_step = cfg.optim.batch_size * len(key_views)
@@ -156,7 +159,6 @@ def build_moco_v2(cfg: Any) -> MoCoV2:
 @register_method("moco_v3")
 def build_moco_v3(cfg: Any) -> MoCoV3:
     mc = method_config(cfg, "moco_v3")
-    require_views(cfg, "moco_v3", 2)
     m = cfg.model
     # official ResNet recipe: Linear-BN-ReLU blocks, projector ends in an affine-free BN, predictor does not
     model = EncoderNet(m.arch, lambda d: MLPHead(d, m.hidden_dim, m.feat_dim, mc.projector_layers,

@@ -5,9 +5,10 @@ from typing import Any, Sequence
 
 import torch
 
+from swav_fast.distributed import gather_with_grad, rank
 from swav_fast.losses.contrastive import nt_xent_loss
 from swav_fast.methods.base import Method, per_view, register_method
-from swav_fast.methods.configs import method_config, require_views
+from swav_fast.methods.configs import method_config
 from swav_fast.models.predictor import EncoderNet, MLPHead
 
 
@@ -23,15 +24,18 @@ class SimCLR(Method):
         self.temperature = temperature
 
     def forward(self, views: Sequence[torch.Tensor], indices: torch.Tensor | None = None) -> torch.Tensor:
-        z = self.model(views)
-        z = per_view(z, len(views))
-        return nt_xent_loss(z, self.temperature)
+        z = per_view(self.model(views), len(views))  # [V, B, D]
+        num_views, batch, dim = z.shape
+        # every rank's samples are negatives (one process: the batch itself); this rank's are anchors
+        everyone = gather_with_grad(z.transpose(0, 1).reshape(batch, num_views * dim))
+        everyone = everyone.reshape(-1, num_views, dim).transpose(0, 1)
+        anchors = slice(rank() * batch, (rank() + 1) * batch)
+        return nt_xent_loss(everyone, self.temperature, anchors)
 
 
 @register_method("simclr")
 def build_simclr(cfg: Any) -> SimCLR:
     mc = method_config(cfg, "simclr")
-    require_views(cfg, "simclr", 2)
     m = cfg.model
     model = EncoderNet(m.arch, lambda d: MLPHead(d, m.hidden_dim, m.feat_dim, mc.projector_layers))
     return SimCLR(model, mc.temperature)

@@ -8,7 +8,7 @@ import torch
 from swav_fast.losses.contrastive import view_pairs
 from swav_fast.losses.regression import negative_cosine_loss
 from swav_fast.methods.base import Method, per_view, register_method
-from swav_fast.methods.configs import method_config, num_global_views, require_views
+from swav_fast.methods.configs import method_config, num_global_views
 from swav_fast.models.predictor import EncoderNet, MLPHead
 
 
@@ -25,8 +25,7 @@ class SimSiam(Method):
 
     def __init__(self, model: EncoderNet, num_globals: int = 2):
         super().__init__()
-        if model.predictor is None:
-            raise ValueError("SimSiam needs a predictor")
+        model.require_predictor("SimSiam")
         self.model = model
         self.num_globals = num_globals
 
@@ -43,7 +42,6 @@ class SimSiam(Method):
 @register_method("simsiam")
 def build_simsiam(cfg: Any) -> SimSiam:
     mc = method_config(cfg, "simsiam")
-    require_views(cfg, "simsiam", 2)
     m = cfg.model
     # projector: BN on every layer, the output BN without affine parameters (as the official code)
     model = EncoderNet(m.arch, lambda d: MLPHead(d, m.hidden_dim, m.feat_dim, mc.projector_layers,

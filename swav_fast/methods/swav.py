@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from swav_fast.errors import ConfigError
 from swav_fast.losses import sinkhorn_knopp, swapped_prediction_loss
 from swav_fast.losses.fused import fused_swav_loss
 from swav_fast.methods.base import Method, register_method
@@ -143,7 +144,16 @@ class SwAVMethod(Method):
         return self.last_scores.view(o.num_views, -1, self.last_scores.shape[-1])[o.crops_for_assign]
 
 
-@register_method("swav")
+def check_swav(cfg: Any) -> None:
+    """``swav.crops_for_assign`` must name existing views."""
+    num_views = sum(cfg.data.crops.num_crops)
+    assign = list(cfg.swav.crops_for_assign)
+    if not assign or any(not 0 <= i < num_views for i in assign):
+        raise ConfigError(f"swav.crops_for_assign={assign} must be non-empty view indices in "
+                          f"[0, {num_views - 1}] (there are {num_views} crops)")
+
+
+@register_method("swav", check=check_swav)
 def build_swav(cfg: Any) -> SwAVMethod:
     """SwAV from a :class:`swav_fast.config.Config` (``model`` and ``swav`` sections)."""
     from swav_fast.distributed import world_size

@@ -119,3 +119,9 @@ class EncoderNet(MultiCropNet):
 
     def forward(self, views) -> torch.Tensor:  # type: ignore[override]
         return self.head(self.features(views))
+
+    def require_predictor(self, method: str) -> nn.Module:
+        """The predictor; ValueError naming ``method`` when this network was built without one."""
+        if self.predictor is None:
+            raise ValueError(f"{method} needs an online predictor (EncoderNet(..., predictor=...))")
+        return self.predictor
