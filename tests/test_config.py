@@ -63,3 +63,13 @@ def test_valid_keys_cover_sections():
     keys = valid_keys()
     assert "optim.base_lr" in keys and "data.crops.size_crops" in keys and "swav.epsilon" in keys
     assert Config().swav.epsilon == 0.05
+
+
+def test_exponent_without_a_dot_is_a_number():
+    """YAML 1.1 reads ``5e-4`` as text; a float field takes it as the number, anything else is refused."""
+    cfg = load_config("quick", ["optim.weight_decay=5e-4", "optim.base_lr=1E1", "optim.final_lr=-2e-3"])
+    assert (cfg.optim.weight_decay, cfg.optim.base_lr, cfg.optim.final_lr) == (5e-4, 10.0, -2e-3)
+    with pytest.raises(ConfigError, match="optim.weight_decay must be a number, got '5e-4x'"):
+        load_config("quick", ["optim.weight_decay=5e-4x"])
+    with pytest.raises(ConfigError, match="optim.epochs must be an integer"):
+        load_config("quick", ["optim.epochs=1e2"])  # ints stay strict
