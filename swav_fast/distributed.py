@@ -69,12 +69,27 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Every rank's ``tensor`` (same shape on all ranks) concatenated along dim 0 in rank order, without
     gradient; ``tensor`` itself in one process. For state every rank must hold alike (memory bank
     rows, queued keys)."""
-    if not is_dist():
-        return tensor
-    t = tensor.detach().contiguous()
+    return _gather_rows(tensor.detach()) if is_dist() else tensor
+
+
+def _gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """all_gather of ``tensor`` along dim 0, in rank order (no autograd)."""
+    t = tensor.contiguous()
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t)
     return torch.cat(parts)
+
+
+def gather_samples(x: torch.Tensor, with_grad: bool) -> torch.Tensor:
+    """Per-view embeddings ``[V, B, D]`` of every rank as ``[V, W*B, D]`` (this rank's samples at
+    ``rank*B``), by :func:`gather_with_grad` or, for tensors without gradient, :func:`all_gather_cat`;
+    ``x`` itself in one process."""
+    if not is_dist():
+        return x
+    num_views, batch, dim = x.shape
+    rows = x.transpose(0, 1).reshape(batch, num_views * dim)  # one row per sample, all its views
+    rows = gather_with_grad(rows) if with_grad else all_gather_cat(rows)
+    return rows.reshape(-1, num_views, dim).transpose(0, 1)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -83,10 +98,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
         ctx.rows, ctx.rank = tensor.shape[0], dist.get_rank()
-        t = tensor.contiguous()
-        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, t)
-        return torch.cat(parts)
+        return _gather_rows(tensor)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,17 @@ def _no_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _count(z: torch.Tensor, batch_sum: BatchSum) -> torch.Tensor:
+    """Rows of the (global) batch, ``[1, 1]``."""
+    return batch_sum(z.new_full((1, 1), float(z.shape[0])))
+
+
+def _standardize(z: torch.Tensor, eps: float, batch_sum: BatchSum, count: torch.Tensor) -> torch.Tensor:
+    mean = batch_sum(z.sum(dim=0, keepdim=True)) / count
+    var = batch_sum((z - mean).pow(2).sum(dim=0, keepdim=True)) / count
+    return (z - mean) / torch.sqrt(var + eps)
+
+
 @full_precision
 def batch_standardize(z: torch.Tensor, eps: float = 1e-5, batch_sum: BatchSum = _no_reduce) -> torch.Tensor:
     r""":math:`\hat z_{b,i} = (z_{b,i} - \mu_i)/\sqrt{\sigma_i^2 + \varepsilon}` over the batch
@@ -23,10 +34,7 @@ def batch_standardize(z: torch.Tensor, eps: float = 1e-5, batch_sum: BatchSum = 
     ``batch_sum`` adds a per-process sum over every process's part of the batch
     (:func:`swav_fast.distributed.sum_over_ranks`), so that :math:`\mu, \sigma` are those of the
     global batch; the default keeps them this process's."""
-    count = batch_sum(z.new_full((1, 1), float(z.shape[0])))
-    mean = batch_sum(z.sum(dim=0, keepdim=True)) / count
-    var = batch_sum((z - mean).pow(2).sum(dim=0, keepdim=True)) / count
-    return (z - mean) / torch.sqrt(var + eps)
+    return _standardize(z, eps, batch_sum, _count(z, batch_sum))
 
 
 @full_precision
@@ -35,8 +43,8 @@ def cross_correlation(z_a: torch.Tensor, z_b: torch.Tensor, eps: float = 1e-5,
     r""":math:`C_{ij} = \frac{1}{B}\sum_b \hat z^A_{b,i}\,\hat z^B_{b,j}` of batch-standardised
     embeddings, ``[D, D]``; with ``batch_sum`` (see :func:`batch_standardize`) :math:`B` and the sum
     run over the global batch."""
-    count = batch_sum(z_a.new_full((1, 1), float(z_a.shape[0])))
-    local = batch_standardize(z_a, eps, batch_sum).t() @ batch_standardize(z_b, eps, batch_sum)
+    count = _count(z_a, batch_sum)  # one batch size for both views' statistics and the mean
+    local = _standardize(z_a, eps, batch_sum, count).t() @ _standardize(z_b, eps, batch_sum, count)
     return batch_sum(local) / count
 
 

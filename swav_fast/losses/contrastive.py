@@ -88,7 +88,7 @@ def info_nce_loss(query: torch.Tensor, key: torch.Tensor, negatives: torch.Tenso
 
 
 @full_precision
-def nt_xent_loss(z: torch.Tensor, temperature: float = 0.1, anchors: slice | None = None) -> torch.Tensor:
+def nt_xent_loss(z: torch.Tensor, temperature: float = 0.1, anchors: slice = slice(None)) -> torch.Tensor:
     r"""SimCLR's normalised-temperature cross entropy over all views of the batch.
 
     ``z`` is ``[V, B, D]``: V views of B samples, :math:`N = VB` embeddings in all, L2-normalised
@@ -113,7 +113,7 @@ def nt_xent_loss(z: torch.Tensor, temperature: float = 0.1, anchors: slice | Non
     flat = F.normalize(z.reshape(num_views * batch, dim), dim=1)
     sample = torch.arange(batch, device=z.device).repeat(num_views)  # sample of each row of flat
     row = torch.arange(num_views * batch, device=z.device).reshape(num_views, batch)
-    row = row[:, anchors if anchors is not None else slice(None)].reshape(-1)  # the anchors' rows
+    row = row[:, anchors].reshape(-1)  # the anchors' rows
     logits = flat[row] @ flat.t() / temperature
     itself = row[:, None] == torch.arange(num_views * batch, device=z.device)[None, :]
     logits = logits.masked_fill(itself, float("-inf"))

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from swav_fast.distributed import all_gather_cat, rank
+from swav_fast.distributed import all_gather_cat, gather_samples, rank
 from swav_fast.errors import ConfigError
 from swav_fast.losses.contrastive import info_nce_loss, view_pairs
 from swav_fast.memory import KeyQueue
@@ -122,10 +122,9 @@ class MoCoV3(Method):
         q = self.model.predictor(z)
         q = per_view(q, num_views)
         k = per_view(self.target(views[:num_globals]), num_globals)  # [G, B, D], no gradient
-        batch, dim = k.shape[1], k.shape[2]
+        batch = k.shape[1]
         # negatives: every rank's keys (the paper gathers them); query b's positive is this rank's key b
-        k = all_gather_cat(k.transpose(0, 1).reshape(batch, num_globals * dim))
-        k = k.reshape(-1, num_globals, dim).transpose(0, 1)
+        k = gather_samples(k, with_grad=False)
         pairs = view_pairs(num_views, range(num_globals))
         total = sum(info_nce_loss(q[v], k[g], None, self.temperature, key_offset=rank() * batch)
                     for g, v in pairs)

@@ -5,7 +5,7 @@ from typing import Any, Sequence
 
 import torch
 
-from swav_fast.distributed import gather_with_grad, rank
+from swav_fast.distributed import gather_samples, rank
 from swav_fast.losses.contrastive import nt_xent_loss
 from swav_fast.methods.base import Method, per_view, register_method
 from swav_fast.methods.configs import method_config
@@ -25,12 +25,10 @@ class SimCLR(Method):
 
     def forward(self, views: Sequence[torch.Tensor], indices: torch.Tensor | None = None) -> torch.Tensor:
         z = per_view(self.model(views), len(views))  # [V, B, D]
-        num_views, batch, dim = z.shape
+        batch = z.shape[1]
         # every rank's samples are negatives (one process: the batch itself); this rank's are anchors
-        everyone = gather_with_grad(z.transpose(0, 1).reshape(batch, num_views * dim))
-        everyone = everyone.reshape(-1, num_views, dim).transpose(0, 1)
         anchors = slice(rank() * batch, (rank() + 1) * batch)
-        return nt_xent_loss(everyone, self.temperature, anchors)
+        return nt_xent_loss(gather_samples(z, with_grad=True), self.temperature, anchors)
 
 
 @register_method("simclr")
