@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from benchmarks import bench_e2e, bench_prepare, bench_sinkhorn, bench_step
+from benchmarks import bench_e2e, bench_methods, bench_prepare, bench_sinkhorn, bench_step
 from swav_fast.cli import main as cli_main
 from swav_fast.commands.bench import load
 from swav_fast.errors import ConfigError
+from swav_fast.methods import available_methods
 from tests.helpers import write_image_folder
 
 TINY_MODEL = ["--device", "cpu", "--arch", "resnet10_half", "--batch", "4", "--crops", "2x32,2x16",
@@ -43,6 +44,38 @@ def test_bench_step(tmp_path, capsys):
     assert rows["plain-compile:fp32"]["compile_s"] > 0
     graph = rows["graph:fp32"]
     assert graph["mode"] == "compile" and "CUDA" in graph["fallback_reason"] and graph["captures"] == 0
+
+
+def test_bench_methods_runs_every_method_through_the_trainer_step(tmp_path, capsys):
+    out = tmp_path / "methods.json"
+    assert cli_main(["bench", "methods", "--device", "cpu", "--batch", "4", "--crops", "2x32,2x16",
+                     "--heads", "same", "--hidden-dim", "32", "--feat-dim", "16", "--bank-size", "64",
+                     "--steps", "2", "--warmup", "1", "--json", str(out)]) == 0
+    assert "x first" in capsys.readouterr().out
+    data = _read(out)
+    assert data["benchmark"] == "methods" and data["config"]["crops"] == [[2, 32], [2, 16]]
+    rows = data["results"]
+    assert [r["method"] for r in rows] == ["swav"] + [m for m in available_methods() if m != "swav"]
+    for r in rows:
+        assert "note" not in r, r
+        assert r["variant"] == "eager:fp32" and r["mode"] == "eager" and r["images_per_s"] > 0
+        assert (r["hidden_dim"], r["feat_dim"]) == (32, 16) and r["loss"] == r["loss"]
+    assert rows[0]["ratio"] == 1.0
+    assert rows[1]["ratio"] == pytest.approx(rows[1]["images_per_s"] / rows[0]["images_per_s"])
+
+
+def test_bench_methods_paper_heads_cover_the_registry():
+    assert set(bench_methods.PAPER_HEADS) == set(available_methods())
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--methods", "swav,mae"], "unknown mae"),
+    (["--variants", "plain-compile:fp32"], "SwAV-only"),
+    (["--bank-size", "2"], "--bank-size"),
+])
+def test_bench_methods_rejects_bad_arguments(argv, needle, capsys):
+    assert cli_main(["bench", "methods", "--device", "cpu", *argv]) == 2
+    assert needle in capsys.readouterr().err
 
 
 def test_bench_sinkhorn(tmp_path):

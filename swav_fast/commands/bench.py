@@ -9,6 +9,7 @@ from swav_fast.errors import ConfigError
 #: benchmark name -> what it measures (module ``benchmarks.bench_<name>``, imported when run)
 BENCHMARKS = {
     "step": "training-step images/s per step mode, arch and batch (synthetic on-device crops)",
+    "methods": "training-step images/s of every method of the family on the same trunk and crops",
     "sinkhorn": "Sinkhorn (+ loss) time per call per implementation against the bytes-moved floor",
     "e2e": "real loader + step: images/s and the split between loader wait and compute",
     "loader": "loader throughput per backend and stage (read, decode, augment)",
@@ -23,7 +24,7 @@ Arguments after NAME go to the benchmark: swav-fast bench step --help
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="run a benchmark (step, sinkhorn, e2e, loader, prepare)", epilog=EPILOG,
+    p = sub.add_parser("bench", help="run a benchmark (step, methods, sinkhorn, e2e, loader, prepare)", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Run one of the benchmark scripts in benchmarks/.")
     p.add_argument("name", choices=list(BENCHMARKS), metavar="NAME", help=", ".join(BENCHMARKS))
