@@ -74,7 +74,8 @@ def parse_methods(text: str | None) -> list[str]:
     names = default if text is None else [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in names if m not in valid]
     if unknown or not names:
-        raise ConfigError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; valid: {', '.join(valid)}")
+        raise ConfigError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; "
+                          f"valid: {', '.join(valid)}")
     return names
 
 

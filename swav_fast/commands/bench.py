@@ -24,7 +24,7 @@ Arguments after NAME go to the benchmark: swav-fast bench step --help
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="run a benchmark (step, methods, sinkhorn, e2e, loader, prepare)", epilog=EPILOG,
+    p = sub.add_parser("bench", help=f"run a benchmark ({', '.join(BENCHMARKS)})", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Run one of the benchmark scripts in benchmarks/.")
     p.add_argument("name", choices=list(BENCHMARKS), metavar="NAME", help=", ".join(BENCHMARKS))
