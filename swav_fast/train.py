@@ -10,6 +10,7 @@ passes its checksum and loads.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -195,7 +196,8 @@ class Trainer:
         if channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
         if cfg.model.sync_bn and self.world > 1:  # batch statistics of the global batch
-            self.method.model = ddp.convert_sync_batchnorm(self.method.model, self.device)
+            self.method.convert_sync_batchnorm_(functools.partial(ddp.convert_sync_batchnorm,
+                                                                  device=self.device))
         self.model = self.method.model  # the online network (trunk + heads)
         s = cfg.swav
         self.optimizer = build_optimizer(cfg, self.method.trainable())

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from swav_fast.config import load_config
+from swav_fast.ddp import CPUSyncBatchNorm, convert_sync_batchnorm
 from swav_fast.errors import ConfigError, DataError
 from swav_fast.memory import KeyQueue, MemoryBank
 from swav_fast.methods import barlow, byol, dino, instdisc, moco, simclr, simsiam  # noqa: F401 (register)
-from swav_fast.methods.base import build_method
+from swav_fast.methods.base import available_methods, build_method
 from swav_fast.methods.configs import (BYOLConfig, DINOConfig, InstDiscConfig, MethodsConfig, MoCoV2Config,
                                        MoCoV3Config, estimated_total_steps, method_config)
 from swav_fast.methods.momentum import EMATarget, MomentumSchedule, cosine_momentum, ema_update_
@@ -517,3 +518,24 @@ def test_spread_detects_a_collapsing_objective():
     control = _AlignOnly(build_method("moco_v2", _collapse_config()).model)  # head without BN
     head, _ = _short_run(control)
     assert head < SPREAD_FLOOR
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_sync_bn_converts_online_and_target_networks_but_moco_v2_keys(name):
+    """``model.sync_bn``: every batch norm becomes synchronised (targets too, as MoCo v3, BYOL and DINO
+    do), except MoCo v2's key encoder, whose shuffle BN needs per-rank statistics; the EMA pairing of
+    online and target parameters survives the conversion."""
+    method = build_method(name, family_config())
+    before = {k: p for k, p in method.named_parameters()}
+    method.convert_sync_batchnorm_(convert_sync_batchnorm)
+    norms = [(k, type(m)) for k, m in method.named_modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms, "every method's ResNet trunk has batch norms"
+    local = {k for k, t in norms if t is not CPUSyncBatchNorm}
+    if name == "moco_v2":
+        assert local and all(k.startswith("target.") for k in local)
+        assert not any(k.startswith("model.") for k in local)
+    else:
+        assert local == set()
+    after = dict(method.named_parameters())
+    assert after.keys() == before.keys() and all(after[k] is p for k, p in before.items())

@@ -62,6 +62,14 @@ class Method(nn.Module):
     def set_fused(self, enabled: bool) -> None:
         """Compiled step modes ask for the method's fused loss kernels (if it has any)."""
 
+    def convert_sync_batchnorm_(self, convert: Callable[[nn.Module], nn.Module]) -> None:
+        """``model.sync_bn`` under several processes: ``convert`` (e.g.
+        :func:`swav_fast.ddp.convert_sync_batchnorm`) every sub-module's batch norms, the online network's
+        and the target networks' alike (MoCo v3, BYOL and DINO synchronise both). A method whose target
+        must keep per-rank statistics overrides this (MoCo v2's shuffle BN)."""
+        for name, child in self.named_children():
+            setattr(self, name, convert(child))
+
     def on_train_start(self, num_samples: int, total_steps: int) -> None:
         """Sizes known only once the loader exists: the training set (a memory bank's rows) and the
         run's length (a momentum schedule's end). Called by the trainer before any resume."""

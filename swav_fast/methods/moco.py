@@ -7,9 +7,10 @@ other keys as negatives (no queue).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from swav_fast.distributed import all_gather_cat, gather_samples, rank
@@ -86,6 +87,11 @@ class MoCoV2(Method):
         loss = sum(info_nce_loss(q[v], keys[g], negatives, self.temperature) for g, v in pairs) / len(pairs)
         self._pending_keys = torch.cat([keys[g] for g in key_views])
         return loss
+
+    def convert_sync_batchnorm_(self, convert: Callable[[nn.Module], nn.Module]) -> None:
+        """The query encoder only: the key encoder keeps per-rank (shuffle) batch norm, whose point is
+        statistics that differ from the queries'."""
+        self.model = convert(self.model)
 
     def after_update(self, step: torch.Tensor) -> None:
         self.target.update_(self.model, step)
