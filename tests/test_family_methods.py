@@ -18,6 +18,8 @@ from swav_fast.methods.configs import (BYOLConfig, DINOConfig, InstDiscConfig, M
                                        MoCoV3Config, estimated_total_steps, method_config)
 from swav_fast.methods.momentum import EMATarget, MomentumSchedule, cosine_momentum, ema_update_
 from swav_fast.models.predictor import DINOHead, EncoderNet, MLPHead
+from swav_fast.step import TrainStep
+from swav_fast.train import build_optimizer
 
 METHODS = ["instdisc", "moco_v2", "moco_v3", "simclr", "byol", "simsiam", "barlow_twins", "dino"]
 EMA_METHODS = ["moco_v2", "moco_v3", "byol", "dino"]
@@ -539,3 +541,75 @@ def test_sync_bn_converts_online_and_target_networks_but_moco_v2_keys(name):
         assert local == set()
     after = dict(method.named_parameters())
     assert after.keys() == before.keys() and all(after[k] is p for k, p in before.items())
+
+
+# ---- step modes -------------------------------------------------------------------------------------
+def _family_steps(name: str, modes: tuple[str, ...], device: torch.device, **options) -> list[TrainStep]:
+    """One TrainStep per mode over identical copies of method ``name`` (the trainer's optimiser)."""
+    cfg = family_config()
+    steps = []
+    for mode in modes:
+        torch.manual_seed(0)
+        method = build_method(name, cfg)
+        method.on_train_start(4 * BATCH, 20)
+        method = method.to(device)
+        steps.append(TrainStep(method, build_optimizer(cfg, method.trainable()), device, "fp32", mode=mode,
+                               compile_options=options if mode != "eager" else None))
+    return steps
+
+
+def _run_alike(steps: list[TrainStep], num_steps: int, device: torch.device) -> list[list[float]]:
+    """The same batches, indices and random draws (MoCo v2's shuffle) for every step object."""
+    losses = []
+    for step in steps:
+        torch.manual_seed(1)
+        losses.append([float(step([v.to(device) for v in views_for(family_config(), seed=i)], 0.1, i,
+                                  torch.arange(BATCH) + BATCH * (i % 4)))
+                       for i in range(num_steps)])
+    return losses
+
+
+def _assert_same_state(a: TrainStep, b: TrainStep, rtol: float, atol: float) -> None:
+    """Online and target parameters, BN statistics, banks, queues and centres agree."""
+    for (key, x), y in zip(a.method.state_dict().items(), b.method.state_dict().values()):
+        torch.testing.assert_close(y.float(), x.float(), rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_compiled_step_of_each_method_is_the_eager_step(fresh_dynamo, name):
+    """``train.step_mode=compile`` traces every method's forward + loss as one graph (``fullgraph``:
+    the EMA, bank and queue bookkeeping has no graph break) and trains as eager does: three steps give
+    the same losses and the same online, target, bank and queue state (AOTAutograd backend on the CPU)."""
+    eager, compiled = _family_steps(name, ("eager", "compile"), torch.device("cpu"),
+                                    backend="aot_eager", fullgraph=True)
+    losses = _run_alike([eager, compiled], 3, torch.device("cpu"))
+    assert compiled.mode == "compile"
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    _assert_same_state(eager, compiled, rtol=1e-4, atol=1e-4)
+    assert losses[0][0] != losses[0][2]  # the steps trained
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", METHODS)
+def test_graph_step_of_each_method_is_the_eager_step(fresh_dynamo, name):
+    """``train.step_mode=graph`` on CUDA: the captured step (EMA update, bank/queue writes and the
+    momentum schedule replayed from device tensors) trains as eager does, one capture for every step."""
+    cuda = torch.device("cuda")
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        eager, graph = _family_steps(name, ("eager", "graph"), cuda)
+        losses = _run_alike([eager, graph], 8, cuda)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    assert graph.mode == "graph", graph.stats.fallback_reason
+    assert graph.stats.captures == 1 and graph.stats.uncaptured_steps == 0
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-3, atol=1e-4)
+    _assert_same_state(eager, graph, rtol=1e-3, atol=1e-3)
