@@ -36,7 +36,7 @@ import torch
 
 from benchmarks.bench_step import (build_swav, make_step, parse_crops, reset_memory, resolve_device,
                                    short_error)
-from benchmarks.common import env_info, format_table, synchronize, write_json
+from benchmarks.common import benchmark_main, env_info, synchronize
 from pipelines import MultiCropBatch, MultiCropSpec, available_backends, build_loader, scan_image_folder
 from swav_fast.errors import ConfigError, SwavFastError
 
@@ -280,26 +280,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    result = run(args)
+def describe(result: dict[str, Any]) -> str:
     cfg = result["config"]
-    title = (f"{cfg['arch']} batch {cfg['batch']}, {'+'.join(f'{c}x{s}' for c, s in cfg['crops'])}, step "
-             f"{cfg['mode']} {cfg['precision']}, {result['env'].get('gpu', 'cpu')}")
-    print(f"end-to-end benchmark: {title}; {cfg['images']} images from {cfg['data']}")
-    print(format_table(result["results"], COLUMNS))
+    return (f"{cfg['arch']} batch {cfg['batch']}, {'+'.join(f'{c}x{s}' for c, s in cfg['crops'])}, step "
+            f"{cfg['mode']} {cfg['precision']}, {result['env'].get('gpu', 'cpu')}")
+
+
+def headline(result: dict[str, Any]) -> str:
+    cfg = result["config"]
+    return f"end-to-end benchmark: {describe(result)}; {cfg['images']} images from {cfg['data']}"
+
+
+def after_table(result: dict[str, Any], args: argparse.Namespace) -> None:
+    """The fastest loader's share of step-only throughput, and the bar chart (named in the JSON)."""
     if "fastest_loader" in result:
         f = result["fastest_loader"]
         print(f"fastest loader: {f['loader']}, {f['e2e_images_per_s']:.1f} images/s end to end = "
               f"{100 * f['e2e_over_step']:.1f}% of step-only")
     plot_path = args.plot or (str(Path(args.json_path).with_suffix(".png")) if args.json_path else None)
     if plot_path and any("e2e_images_per_s" in r for r in result["results"]):
-        result["plot"] = str(plot(result["results"], plot_path, title))
+        result["plot"] = str(plot(result["results"], plot_path, describe(result)))
         print(f"wrote {result['plot']}")
-    if args.json_path:
-        print(f"wrote {write_json(args.json_path, result)}")
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return benchmark_main(argv, parse_args, run, headline, COLUMNS, after_table)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from benchmarks.common import env_info, format_table, synchronize, timed, write_json
+from benchmarks.common import benchmark_main, env_info, synchronize, timed
 from pipelines import MultiCropSpec, available_backends, build_loader, scan_image_folder
 from pipelines.folder import ImageFolderIndex
 from swav_fast.errors import SwavFastError
@@ -312,23 +312,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    result = run(args)
+def headline(result: dict[str, Any]) -> str:
     cfg = result["config"]
-    print(f"loader benchmark: {cfg['images']} images ({cfg['mean_file_kb']} KB mean) from {cfg['data']}, "
-          f"batch {cfg['batch_size']}, {cfg['batches']} timed batches, views "
-          f"{'+'.join(f'{c}x{s}' for s, c in MultiCropSpec().resolution_groups)}, "
-          f"{result['env'].get('gpu', 'cpu')}")
-    print(format_table(result["results"], COLUMNS))
+    return (f"loader benchmark: {cfg['images']} images ({cfg['mean_file_kb']} KB mean) from {cfg['data']}, "
+            f"batch {cfg['batch_size']}, {cfg['batches']} timed batches, views "
+            f"{'+'.join(f'{c}x{s}' for s, c in MultiCropSpec().resolution_groups)}, "
+            f"{result['env'].get('gpu', 'cpu')}")
+
+
+def after_table(result: dict[str, Any], args: argparse.Namespace) -> None:
+    """Each GPU backend's decode + augment time as a share of the SwAV step's (``--step``)."""
     if "step_ms_per_image" in result:
         shares = ", ".join(f"{r['backend']} {100 * r['gpu_fraction_of_step']:.1f}%" for r in result["results"]
                            if "gpu_fraction_of_step" in r)
         print(f"ResNet-50 SwAV step: {result['step_ms_per_image']:.3f} GPU ms/img; loader share: {shares}")
-    if args.json_path:
-        print(f"wrote {write_json(args.json_path, result)}")
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return benchmark_main(argv, parse_args, run, headline, COLUMNS, after_table)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch
 
 from benchmarks.bench_step import (input_dtype, parse_crops, parse_variants, peak_memory_gib, reset_memory,
                                    resolve_device, short_error, synthetic_views)
-from benchmarks.common import env_info, format_table, synchronize, write_json
+from benchmarks.common import benchmark_main, env_info, synchronize
 from swav_fast.config import Config, load_config
 from swav_fast.errors import ConfigError, SwavFastError
 from swav_fast.methods import available_methods, build_method
@@ -199,18 +199,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    result = run(args)
+def headline(result: dict[str, Any]) -> str:
     cfg = result["config"]
-    print(f"method step benchmark on {result['env'].get('gpu', 'cpu')}: {cfg['arch']}, batch {cfg['batch']}, "
-          f"crops {'+'.join(f'{c}x{s}' for c, s in cfg['crops'])}, {cfg['heads']} heads, "
-          f"{cfg['steps']} timed steps after {cfg['warmup']}")
-    print(format_table(result["results"], COLUMNS))
-    if args.json_path:
-        print(f"wrote {write_json(args.json_path, result)}")
-    return 0
+    return (f"method step benchmark on {result['env'].get('gpu', 'cpu')}: {cfg['arch']}, "
+            f"batch {cfg['batch']}, crops {'+'.join(f'{c}x{s}' for c, s in cfg['crops'])}, "
+            f"{cfg['heads']} heads, {cfg['steps']} timed steps after {cfg['warmup']}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return benchmark_main(argv, parse_args, run, headline, COLUMNS)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch
 
 from benchmarks.bench_step import resolve_device, short_error
-from benchmarks.common import env_info, format_table, synchronize, write_json
+from benchmarks.common import benchmark_main, env_info, synchronize
 from swav_fast.errors import ConfigError
 from swav_fast.losses import sinkhorn_knopp, swapped_prediction_loss
 from swav_fast.losses.fused import compiled
@@ -205,17 +205,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    result = run(args)
+def headline(result: dict[str, Any]) -> str:
     cfg = result["config"]
-    print(f"Sinkhorn benchmark on {result['env'].get('gpu', 'cpu')}: {cfg['iters']} iterations, "
-          f"copy bandwidth {cfg['copy_bandwidth_gbs']:.0f} GB/s, {cfg['repeats']} timed calls")
-    print(format_table(result["results"], COLUMNS))
-    if args.json_path:
-        print(f"wrote {write_json(args.json_path, result)}")
-    return 0
+    return (f"Sinkhorn benchmark on {result['env'].get('gpu', 'cpu')}: {cfg['iters']} iterations, "
+            f"copy bandwidth {cfg['copy_bandwidth_gbs']:.0f} GB/s, {cfg['repeats']} timed calls")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return benchmark_main(argv, parse_args, run, headline, COLUMNS)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
-from benchmarks.common import env_info, format_table, synchronize, write_json
+from benchmarks.common import benchmark_main, env_info, synchronize
 from swav_fast.errors import ConfigError, SwavFastError
 from swav_fast.methods.swav import SwAVMethod, SwAVObjective
 from swav_fast.models import SwAVModel
@@ -258,18 +258,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    result = run(args)
+def headline(result: dict[str, Any]) -> str:
     cfg = result["config"]
-    print(f"step benchmark on {result['env'].get('gpu', 'cpu')}: crops "
-          f"{'+'.join(f'{c}x{s}' for c, s in cfg['crops'])}, {cfg['prototypes']} prototypes, "
-          f"{cfg['steps']} timed steps after {cfg['warmup']}")
-    print(format_table(result["results"], COLUMNS))
-    if args.json_path:
-        print(f"wrote {write_json(args.json_path, result)}")
-    return 0
+    return (f"step benchmark on {result['env'].get('gpu', 'cpu')}: crops "
+            f"{'+'.join(f'{c}x{s}' for c, s in cfg['crops'])}, {cfg['prototypes']} prototypes, "
+            f"{cfg['steps']} timed steps after {cfg['warmup']}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return benchmark_main(argv, parse_args, run, headline, COLUMNS)
 
 
 if __name__ == "__main__":

@@ -99,3 +99,24 @@ def write_json(path: str | os.PathLike[str], data: Any) -> Path:
             pass
         raise
     return path
+
+
+def benchmark_main(argv: Sequence[str] | None, parse_args: Callable[[Sequence[str] | None], Any],
+                   run: Callable[[Any], dict[str, Any]], headline: Callable[[dict[str, Any]], str],
+                   columns: Sequence[tuple[str, str]],
+                   after_table: Callable[[dict[str, Any], Any], None] | None = None) -> int:
+    """The ``main`` of a benchmark script: parse ``argv``, ``run(args)``, print ``headline(result)``
+    and the table of ``result["results"]``, then ``after_table(result, args)`` (extra lines, files
+    that the JSON should name), and write the JSON when ``--json`` was given."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    result = run(args)
+    print(headline(result))
+    print(format_table(result["results"], columns))
+    if after_table is not None:
+        after_table(result, args)
+    if args.json_path:
+        print(f"wrote {write_json(args.json_path, result)}")
+    return 0
