@@ -52,8 +52,8 @@ COLUMNS = [("method", "method"), ("variant", "variant"), ("hidden_dim", "hidden"
            ("peak_mem_gib", "peak GiB"), ("compile_s", "compile s"), ("mode", "ran as"), ("note", "note")]
 
 
-def method_config(method: str, arch: str, batch: int, crops: list[tuple[int, int]], hidden_dim: int,
-                  feat_dim: int) -> Config:
+def bench_config(method: str, arch: str, batch: int, crops: list[tuple[int, int]], hidden_dim: int,
+                 feat_dim: int) -> Config:
     """The config ``swav-fast train --method METHOD`` would run with these trunk, heads and crops."""
     sizes = [size for _, size in crops]
     extra = {
@@ -120,7 +120,7 @@ def bench_one(method_name: str, mode: str, precision: str, args: argparse.Namesp
     row: dict[str, Any] = {"method": method_name, "variant": f"{mode}:{precision}", "hidden_dim": hidden_dim,
                            "feat_dim": feat_dim, "channels_last": channels_last}
     total = args.warmup + args.steps
-    cfg = method_config(method_name, args.arch, args.batch, crops, hidden_dim, feat_dim)
+    cfg = bench_config(method_name, args.arch, args.batch, crops, hidden_dim, feat_dim)
     torch.manual_seed(0)
     method = build_method(method_name, cfg)
     method.on_train_start(args.bank_size, total)
