@@ -36,7 +36,7 @@ import torch
 
 from benchmarks.bench_step import (build_swav, make_step, parse_crops, reset_memory, resolve_device,
                                    short_error)
-from benchmarks.common import benchmark_main, env_info, synchronize
+from benchmarks.common import benchmark_main, env_info, parse_with_common, synchronize
 from pipelines import MultiCropBatch, MultiCropSpec, available_backends, build_loader, scan_image_folder
 from swav_fast.errors import ConfigError, SwavFastError
 
@@ -72,13 +72,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-sync", dest="sync", action="store_false",
                    help="do not wait for the device after each end-to-end step (then 'compute' is launch "
                         "time only and the wait absorbs the rest)")
-    p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--json", dest="json_path", help="write the results here (JSON)")
     p.add_argument("--plot", help="bar chart PNG (default: the JSON path with .png)")
-    args = p.parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]
-    return args
+    return parse_with_common(p, argv)
 
 
 def crop_spec(crops: list[tuple[int, int]], dtype: str, channels_last: bool) -> MultiCropSpec:

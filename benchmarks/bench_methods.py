@@ -21,7 +21,6 @@ import argparse
 import logging
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,8 +30,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch
 
 from benchmarks.bench_step import (input_dtype, parse_crops, parse_variants, peak_memory_gib, reset_memory,
-                                   resolve_device, short_error, synthetic_views)
-from benchmarks.common import benchmark_main, env_info, synchronize
+                                   resolve_device, short_error, synthetic_views, time_steps)
+from benchmarks.common import benchmark_main, env_info, parse_with_common
 from swav_fast.config import Config, load_config
 from swav_fast.errors import ConfigError, SwavFastError
 from swav_fast.methods import available_methods, build_method
@@ -96,12 +95,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="InstDisc memory-bank rows (default 1,281,167 = ImageNet on CUDA; 1000 on CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 30 on CUDA, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; 1 on CPU)")
-    p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--json", dest="json_path", help="write the results here (JSON)")
-    args = p.parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]
-    return args
+    return parse_with_common(p, argv)
 
 
 def heads_of(method: str, args: argparse.Namespace) -> tuple[int, int]:
@@ -135,22 +129,11 @@ def bench_one(method_name: str, mode: str, precision: str, args: argparse.Namesp
     inputs = [synthetic_views(crops, args.batch, device, dtype, channels_last, seed) for seed in (1, 2)]
     g = torch.Generator().manual_seed(0)
     indices = [torch.randint(args.bank_size, (args.batch,), generator=g) for _ in range(2)]
-    start = time.perf_counter()
-    loss = step(inputs[0], 0.1, 0, indices[0])
-    synchronize(device)
-    first_step_s = time.perf_counter() - start
-    for i in range(1, args.warmup):
-        loss = step(inputs[i % 2], 0.1, i, indices[i % 2])
-    synchronize(device)
-    start = time.perf_counter()
-    for i in range(args.steps):
-        loss = step(inputs[i % 2], 0.1, args.warmup + i, indices[i % 2])
-    synchronize(device)
-    seconds = time.perf_counter() - start
+    loss, first_step_s, seconds = time_steps(step, inputs, 0.1, args.warmup, args.steps, device, indices)
     stats = step.stats
     row.update(images_per_s=args.steps * args.batch / seconds, step_ms=1e3 * seconds / args.steps,
                peak_mem_gib=peak_memory_gib(device), first_step_s=first_step_s, compile_s=stats.compile_s,
-               mode=stats.mode, fallback_reason=stats.fallback_reason, loss=float(loss))
+               mode=stats.mode, fallback_reason=stats.fallback_reason, loss=loss)
     if stats.fallback_reason:
         row["note"] = f"fell back: {stats.fallback_reason}"[:80]
     return row

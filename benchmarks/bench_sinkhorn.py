@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch
 
 from benchmarks.bench_step import resolve_device, short_error
-from benchmarks.common import benchmark_main, env_info, synchronize
+from benchmarks.common import benchmark_main, env_info, parse_with_common, synchronize
 from swav_fast.errors import ConfigError
 from swav_fast.losses import sinkhorn_knopp, swapped_prediction_loss
 from swav_fast.losses.fused import compiled
@@ -57,12 +57,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     p.add_argument("--repeats", type=int, default=None, help="timed calls (default 100 on CUDA, 5 on CPU)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (compilation)")
-    p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--json", dest="json_path", help="write the results here (JSON)")
-    args = p.parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]
-    return args
+    return parse_with_common(p, argv)
 
 
 def copy_bandwidth(device: torch.device, megabytes: int) -> float:

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
-from benchmarks.common import benchmark_main, env_info, synchronize
+from benchmarks.common import benchmark_main, env_info, parse_with_common, synchronize
 from swav_fast.errors import ConfigError, SwavFastError
 from swav_fast.methods.swav import SwAVMethod, SwAVObjective
 from swav_fast.models import SwAVModel
@@ -121,6 +121,28 @@ def synthetic_views(crops: list[tuple[int, int]], batch: int, device: torch.devi
             for count, size in crops for _ in range(count)]
 
 
+def time_steps(step: TrainStep, inputs: list[list[torch.Tensor]], lr: float, warmup: int, steps: int,
+               device: torch.device, indices: list[torch.Tensor] | None = None) -> tuple[float, float, float]:
+    """``warmup`` untimed steps (the first one timed alone: compilation, capture), then ``steps`` timed
+    ones, cycling through ``inputs`` (and ``indices``). Returns (last loss, first step s, timed s)."""
+    def one(i: int) -> torch.Tensor:
+        k = i % len(inputs)
+        return step(inputs[k], lr, i, indices[k] if indices is not None else None)
+
+    start = time.perf_counter()
+    one(0)
+    synchronize(device)
+    first_step_s = time.perf_counter() - start
+    for i in range(1, warmup):
+        one(i)
+    synchronize(device)
+    start = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        loss = one(i)
+    synchronize(device)
+    return float(loss), first_step_s, time.perf_counter() - start
+
+
 def peak_memory_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
@@ -174,12 +196,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="auto: on for bf16/fp16 on CUDA, off for fp32")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 30 on CUDA, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; 1 on CPU)")
-    p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--json", dest="json_path", help="write the results here (JSON)")
-    args = p.parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]
-    return args
+    return parse_with_common(p, argv)
 
 
 def bench_one(mode: str, precision: str, arch: str, batch: int, args: argparse.Namespace,
@@ -196,24 +213,12 @@ def bench_one(mode: str, precision: str, arch: str, batch: int, args: argparse.N
     step = make_step(mode, method, opt, device, precision, channels_last, args.compile_backend)
     dtype = input_dtype(precision, device)
     inputs = [synthetic_views(crops, batch, device, dtype, channels_last, seed) for seed in (1, 2)]
-    start = time.perf_counter()
-    loss = step(inputs[0], 0.6, 0)
-    synchronize(device)
-    row["first_step_s"] = time.perf_counter() - start
-    for i in range(1, args.warmup):
-        loss = step(inputs[i % 2], 0.6, i)
-    synchronize(device)
-    start = time.perf_counter()
-    for i in range(args.steps):
-        loss = step(inputs[i % 2], 0.6, args.warmup + i)
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    loss_value = float(loss)
+    loss, row["first_step_s"], seconds = time_steps(step, inputs, 0.6, args.warmup, args.steps, device)
     stats = step.stats
     row.update(images_per_s=args.steps * batch / seconds, step_ms=1e3 * seconds / args.steps,
                peak_mem_gib=peak_memory_gib(device), compile_s=stats.compile_s, capture_s=stats.capture_s,
                mode=stats.mode, fallback_reason=stats.fallback_reason, captures=stats.captures,
-               loss=loss_value, steps=args.steps, warmup=args.warmup)
+               loss=loss, steps=args.steps, warmup=args.warmup)
     if stats.fallback_reason:
         row["note"] = f"fell back: {stats.fallback_reason}"[:80]
     return row

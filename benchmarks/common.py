@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -99,6 +100,17 @@ def write_json(path: str | os.PathLike[str], data: Any) -> Path:
             pass
         raise
     return path
+
+
+def parse_with_common(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Add the options every device benchmark has (``--compile-backend``, ``--device``, ``--json``),
+    parse ``argv`` and keep it (``args.argv``) for the JSON's ``command``."""
+    p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--json", dest="json_path", help="write the results here (JSON)")
+    args = p.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    return args
 
 
 def benchmark_main(argv: Sequence[str] | None, parse_args: Callable[[Sequence[str] | None], Any],

@@ -8,6 +8,26 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """Compile afresh: dynamo's per-function recompile limit counts TrainStep instances."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def exact_cuda():
+    """No TF32, deterministic cuDNN: eager and captured steps then differ by rounding only."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+           torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    yield
+    (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) = old
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

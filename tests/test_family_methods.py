@@ -575,13 +575,6 @@ def _assert_same_state(a: TrainStep, b: TrainStep, rtol: float, atol: float) -> 
         torch.testing.assert_close(y.float(), x.float(), rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("name", METHODS)
 def test_compiled_step_of_each_method_is_the_eager_step(fresh_dynamo, name):
     """``train.step_mode=compile`` traces every method's forward + loss as one graph (``fullgraph``:
@@ -598,17 +591,12 @@ def test_compiled_step_of_each_method_is_the_eager_step(fresh_dynamo, name):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", METHODS)
-def test_graph_step_of_each_method_is_the_eager_step(fresh_dynamo, name):
+def test_graph_step_of_each_method_is_the_eager_step(fresh_dynamo, exact_cuda, name):
     """``train.step_mode=graph`` on CUDA: the captured step (EMA update, bank/queue writes and the
     momentum schedule replayed from device tensors) trains as eager does, one capture for every step."""
     cuda = torch.device("cuda")
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        eager, graph = _family_steps(name, ("eager", "graph"), cuda)
-        losses = _run_alike([eager, graph], 8, cuda)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    eager, graph = _family_steps(name, ("eager", "graph"), cuda)
+    losses = _run_alike([eager, graph], 8, cuda)
     assert graph.mode == "graph", graph.stats.fallback_reason
     assert graph.stats.captures == 1 and graph.stats.uncaptured_steps == 0
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-3, atol=1e-4)

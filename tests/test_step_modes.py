@@ -27,12 +27,7 @@ FREEZE, QUEUE_FROM = 2, 2  # prototypes frozen for iterations 0, 1; queue on fro
 BATCH, QUEUE = 8, 16  # the queue is full after two pushes: used from iteration 4 on
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Every test compiles afresh: dynamo's per-function recompile limit counts TrainStep instances."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def make_method(arch: str = "resnet10_half", seed: int = 0) -> SwAVMethod:
@@ -192,18 +187,6 @@ def test_checkpoint_keys_unchanged():
 
 # -- GPU ---------------------------------------------------------------------------------------------
 CUDA = torch.device("cuda")
-
-
-@pytest.fixture
-def exact_cuda():
-    """No TF32, deterministic cuDNN: eager and captured steps then differ by rounding only."""
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-           torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
-    yield
-    (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) = old
 
 
 @pytest.mark.gpu
