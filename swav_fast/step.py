@@ -423,23 +423,23 @@ class TrainStep:
                 graph = torch.cuda.CUDAGraph()
                 start = time.perf_counter()
                 # thread_local: loader threads (pinning, decoding) may keep using CUDA meanwhile
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    static_loss = self._body(self._static_views, self._static_indices)
+                static_loss = capture_graph(graph, lambda: self._body(self._static_views, self._static_indices),
+                                            CudaCaptureOps(device), capture_error_mode="thread_local")
                 torch.cuda.synchronize(device)
                 self.stats.capture_s = time.perf_counter() - start
         except Exception as exc:  # noqa: BLE001 - any capture failure falls back, with the reason logged
+            reason = _failure_reason(exc)  # a string: the traceback (and the tensors its frames hold) goes
+        else:
+            reason = None
+        if reason is not None:
             self._graph = None
             with contextlib.suppress(Exception):
                 torch.cuda.synchronize(device)
             saved.restore(self._state())
-            self.optimizer.zero_grad(set_to_none=True)
-            root = exc  # a failed capture often re-raises from the graph's exit: report the first error
-            for _ in range(8):
-                if root.__context__ is None:
-                    break
-                root = root.__context__
-            first_line = (str(root).strip().splitlines() or [""])[0][:300]
-            self._fall_back(f"capture failed: {type(root).__name__}: {first_line}")
+            self.optimizer.zero_grad(set_to_none=True)  # gradients allocated in the failed graph's pool
+            with contextlib.suppress(Exception):
+                torch.cuda.empty_cache()  # the failed graph's pool, released by capture_graph, goes back
+            self._fall_back(f"capture failed: {reason}")
             return False
         self._graph, self._static_loss = graph, static_loss
         self._captured_state = self._state()
@@ -483,3 +483,119 @@ def _same_objects(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# -- owning the capture ---------------------------------------------------------------------------
+class CudaCaptureOps:
+    """The CUDA calls around a graph capture, in one place (the CPU tests pass a fake).
+
+    Only calls that exist in the torch versions this project runs on (2.11 on the GPU machine, the
+    pinned CPU build in CI): the allocator's pool calls are the ones ``torch.cuda.graph`` and
+    ``torch.cuda.use_mem_pool`` make themselves.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def empty_cache(self) -> None:
+        torch.cuda.empty_cache()
+
+    def new_pool(self) -> Any:
+        return torch.cuda.graph_pool_handle()
+
+    def new_stream(self) -> Any:
+        return torch.cuda.Stream(self.device)
+
+    def use_stream(self, stream: Any) -> Any:
+        return torch.cuda.stream(stream)  # restores the previous stream on exit, exception or not
+
+    def is_capturing(self) -> bool:
+        return torch.cuda.is_current_stream_capturing()
+
+    def end_pool(self, pool: Any) -> bool:
+        """Stop routing this device's allocations to ``pool``; False where ending the capture had done so."""
+        try:
+            torch._C._cuda_endAllocateToPool(self.index, pool)
+        except RuntimeError:  # "not currently recording to mempool_id": capture_end got that far
+            return False
+        return True
+
+    def release_pool(self, pool: Any) -> None:
+        torch._C._cuda_releasePool(self.index, pool)
+
+    def reset_rng(self) -> None:
+        """A capture that failed before its end leaves the CUDA generator in capture mode (its epilogue
+        never ran): every random op outside a capture then raises "Offset increment outside graph
+        capture". Probe with one random op; where it fails, give the generator a fresh copy of its
+        state (same seed and offset, out of capture mode)."""
+        before = torch.cuda.get_rng_state(self.index)
+        try:
+            torch.empty(1, device=self.device).uniform_()
+        except RuntimeError:
+            gen = torch.cuda.default_generators[self.index]
+            gen.graphsafe_set_state(gen.clone_state())
+        torch.cuda.set_rng_state(before, self.index)
+
+
+def capture_graph(graph: Any, body: Any, ops: Any, capture_error_mode: str = "global") -> Any:
+    """Capture ``body()`` into ``graph`` on a new side stream and return what it returned.
+
+    What ``torch.cuda.graph`` does, but a failure inside ``body`` or in ending the capture leaves the
+    process healthy before the error propagates: the capture is ended, the allocator no longer
+    routes allocations to the graph's private pool and the pool is released (its memory is freed by
+    the next ``empty_cache`` once no tensor uses it), the caller's stream is current again, and the
+    CUDA generator is out of capture mode. (``torch.cuda.graph``'s exit skips restoring the stream
+    when ending the capture raises, and a capture that never ended never gives its pool back.)
+    ``ops``: :class:`CudaCaptureOps` (or a fake with the same methods).
+    """
+    ops.synchronize()
+    ops.empty_cache()
+    pool = ops.new_pool()  # our own pool id: graph.pool() refuses to say it after a failed capture
+    with ops.use_stream(ops.new_stream()):
+        graph.capture_begin(pool=pool, capture_error_mode=capture_error_mode)
+        try:
+            out = body()
+        except BaseException:
+            _abandon_capture(graph, pool, ops, end_capture=True)
+            raise
+        try:
+            graph.capture_end()
+        except BaseException:
+            _abandon_capture(graph, pool, ops, end_capture=False)
+            raise
+    return out
+
+
+def _abandon_capture(graph: Any, pool: Any, ops: Any, end_capture: bool) -> None:
+    """Undo a capture that failed (the first error is the caller's to re-raise; these are logged)."""
+    if end_capture:
+        try:
+            graph.capture_end()  # a capture the body did not invalidate ends (and instantiates) normally
+        except Exception as exc:  # noqa: BLE001 - an invalidated capture: its end fails, expectedly
+            log.debug("ending the failed capture: %s: %s", type(exc).__name__, exc)
+    try:
+        if ops.end_pool(pool):
+            # The capture died before the allocator was told (cudaStreamEndCapture failed): the graph
+            # never counts as captured, so its reset will not release the pool: release it here.
+            ops.release_pool(pool)
+        graph.reset()  # a graph whose capture did end (and was instantiated) releases its pool here
+        ops.reset_rng()
+    except Exception as exc:  # noqa: BLE001 - cleanup is best effort; say so and let the first error through
+        log.warning("cleaning up after a failed CUDA graph capture: %s: %s", type(exc).__name__, exc)
+    if ops.is_capturing():
+        log.warning("the stream is still capturing after a failed CUDA graph capture")
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """``Type: first line`` of the first error of a chain (a failed capture often re-raises later)."""
+    root = exc
+    for _ in range(8):
+        if root.__context__ is None:
+            break
+        root = root.__context__
+    first_line = (str(root).strip().splitlines() or [""])[0][:300]
+    return f"{type(root).__name__}: {first_line}"
