@@ -83,6 +83,7 @@ __all__ = [
     "colour_matrices",
     "colour_steps",
     "colour_params_from_batch",
+    "constant",
     "compiled_kernels",
     "gaussian_weights",
     "hue_rotation",
@@ -136,6 +137,37 @@ class ColourParams:
                                for f in fields(ColourParams)})
 
 
+# -- constants ------------------------------------------------------------------------------------
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+_HUE_K = ((0.0, -1.0, 1.0), (1.0, 0.0, -1.0), (-1.0, 1.0, 0.0))
+
+
+def constant(values: Any, dtype: torch.dtype, device: Any) -> torch.Tensor:
+    """A small constant tensor (nested tuples/lists of numbers), built once per (values, dtype, device).
+
+    ``torch.tensor(list, device=cuda)`` is a blocking host-to-device copy; building the same few
+    constants on every batch cost several synchronisations per batch. The cached tensors are shared:
+    never modify one in place.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    key = (_frozen(values), dtype, dev)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.tensor(key[0], dtype=dtype, device=dev)
+    return t
+
+
+def _frozen(values: Any) -> Any:
+    """Nested tuples of Python numbers (a dictionary key)."""
+    if isinstance(values, np.ndarray):
+        values = values.tolist()
+    if isinstance(values, (list, tuple)):
+        return tuple(_frozen(v) for v in values)
+    return int(values) if isinstance(values, (bool, int, np.integer)) else float(values)
+
+
 # -- parameters -----------------------------------------------------------------------------------
 def sample_colour_params(spec: MultiCropSpec, batch_size: int, generator: torch.Generator,
                          device: Any = None) -> ColourParams:
@@ -154,13 +186,13 @@ def sample_colour_params(spec: MultiCropSpec, batch_size: int, generator: torch.
     u = torch.rand((batch_size, NUM_COLOUR_UNIFORMS), generator=generator, device=gdev, dtype=torch.float64)
     jitter = u[:, 0] < spec.jitter_p
     b, c, s, hue_max = spec.jitter_factors
-    lows = torch.tensor([max(0.0, 1.0 - m) for m in (b, c, s)], dtype=torch.float64, device=gdev)
-    highs = torch.tensor([1.0 + m for m in (b, c, s)], dtype=torch.float64, device=gdev)
+    lows = constant([max(0.0, 1.0 - m) for m in (b, c, s)], torch.float64, gdev)
+    highs = constant([1.0 + m for m in (b, c, s)], torch.float64, gdev)
     factors = torch.where(jitter[:, None], lows + u[:, 1:4] * (highs - lows), torch.ones_like(u[:, 1:4]))
     hue = torch.where(jitter, -hue_max + u[:, 4] * 2.0 * hue_max, torch.zeros_like(u[:, 4]))
-    orders = torch.as_tensor(JITTER_ORDERS, device=gdev)
+    orders = constant(JITTER_ORDERS, torch.int64, gdev)
     pick = torch.clamp((u[:, 5] * 24).long(), max=23)
-    order = torch.where(jitter[:, None], orders[pick], torch.tensor(IDENTITY_ORDER, device=gdev))
+    order = torch.where(jitter[:, None], orders[pick], constant(IDENTITY_ORDER, torch.int64, gdev))
     lo, hi = spec.blur_sigma
     sigma = torch.where(u[:, 7] < spec.blur_p, lo + u[:, 8] * (hi - lo), torch.zeros_like(u[:, 8]))
     solarize = u[:, 9] < spec.solarize_p
@@ -192,8 +224,7 @@ def hue_rotation(hue: torch.Tensor) -> torch.Tensor:
     cos, sin = torch.cos(a)[:, None, None], torch.sin(a)[:, None, None]
     eye = torch.eye(3, device=hue.device)
     third = torch.full((3, 3), 1.0 / 3.0, device=hue.device)
-    k = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]], device=hue.device)
-    k = k / math.sqrt(3.0)
+    k = constant(_HUE_K, torch.float32, hue.device) / math.sqrt(3.0)
     return cos * eye + (1.0 - cos) * third + sin * k
 
 
@@ -209,7 +240,7 @@ def colour_steps(params: ColourParams, channel_means: torch.Tensor) -> tuple[tor
     dev = channel_means.device
     n = len(params)
     f32 = torch.float32
-    w = torch.tensor(LUMA, dtype=f32, device=dev)
+    w = constant(LUMA, f32, dev)
     eye = torch.eye(3, dtype=f32, device=dev).expand(n, 3, 3)
     ones_w = torch.ones(3, 1, dtype=f32, device=dev) * w[None, :]  # 1 w^T
     b = params.brightness.to(dev, f32)[:, None, None]
@@ -373,8 +404,8 @@ def augment_views(crops: torch.Tensor, params: ColourParams, spec: MultiCropSpec
     p = params.to(dev, non_blocking=True)
     mu = crops.sum(dim=(2, 3), dtype=torch.float32) * (1.0 / (255.0 * crops.shape[2] * crops.shape[3]))
     m, t = colour_steps(p, mu)
-    std = torch.tensor(spec.std, dtype=torch.float32, device=dev)
-    mean = torch.tensor(spec.mean, dtype=torch.float32, device=dev)
+    std = constant(spec.std, torch.float32, dev)
+    mean = constant(spec.mean, torch.float32, dev)
     scale, shift = 1.0 / std, -mean / std
     cl = bool(spec.channels_last)
     if len(blur_idx) == 0:

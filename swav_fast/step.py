@@ -423,7 +423,8 @@ class TrainStep:
                 graph = torch.cuda.CUDAGraph()
                 start = time.perf_counter()
                 # thread_local: loader threads (pinning, decoding) may keep using CUDA meanwhile
-                static_loss = capture_graph(graph, lambda: self._body(self._static_views, self._static_indices),
+                static_loss = capture_graph(graph, lambda: self._body(self._static_views,
+                                                                      self._static_indices),
                                             CudaCaptureOps(device), capture_error_mode="thread_local")
                 torch.cuda.synchronize(device)
                 self.stats.capture_s = time.perf_counter() - start

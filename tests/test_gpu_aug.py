@@ -19,6 +19,7 @@ from pipelines.gpu_aug import (
     colour_matrices,
     colour_params_from_batch,
     compiled_kernels,
+    constant,
     sample_colour_params,
 )
 from pipelines.params import JITTER_ORDERS, sample_batch_params
@@ -309,6 +310,33 @@ def test_colour_params_from_batch_round_trip() -> None:
             assert float(getattr(p, name)[i]) == pytest.approx(getattr(r, name), abs=1e-6)
     both = ColourParams.cat([p, p.select(torch.arange(3))])
     assert len(both) == 53 and torch.equal(both.order[50:], p.order[:3])
+
+
+def test_constants_are_built_once_per_device_and_dtype(monkeypatch) -> None:
+    """No small tensor is built from a Python list per batch (on CUDA each is a blocking copy): after a
+    first call, augmenting and sampling build none, and the results are those of the first call."""
+    a = constant((0.5, 0.25), torch.float32, "cpu")
+    assert constant([0.5, 0.25], torch.float32, torch.device("cpu")) is a
+    assert constant((0.5, 0.25), torch.float64, "cpu") is not a and a.tolist() == [0.5, 0.25]
+    assert constant(np.array([[1, 2]]), torch.int64, "cpu").tolist() == [[1, 2]]
+    spec = MultiCropSpec(jitter_strength=0.25, jitter_p=0.9, grayscale_p=0.3, blur_p=0.5, solarize_p=0.3)
+    p = sample_colour_params(spec, 24, torch.Generator().manual_seed(3))
+    x = mid_range(24)
+    first = augment_views(x, p, spec)
+    built: list[object] = []
+    real_tensor = torch.tensor
+
+    def counting(data, *args, **kwargs):
+        built.append(data)
+        return real_tensor(data, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", counting)
+    again = augment_views(x, p, spec)
+    q = sample_colour_params(spec, 24, torch.Generator().manual_seed(3))
+    assert built == []
+    assert torch.equal(again, first) and torch.equal(q.order, p.order) and torch.equal(q.hue, p.hue)
+    ref = np.stack([ref_view(x[i].numpy(), p, i, spec) for i in range(24)])  # the formula's values
+    assert np.abs(first.numpy() - ref).max() < 1e-4
 
 
 # -- CUDA -------------------------------------------------------------------------------------------
