@@ -55,24 +55,31 @@ class NonFiniteCounts:
 class NonFiniteGuard:
     """Snapshot before a step, keep or restore after it; count non-finite steps on the device.
 
-    The snapshot is one multi-tensor copy (``torch._foreach_copy_``) into buffers reused from step
-    to step (allocated again only when the set of tensors changes, e.g. when the optimiser creates
-    its momentum), so the guard adds no allocation to a step and can sit inside a CUDA graph.
+    Multi-tensor throughout, so the guard costs a few kernels per step whatever the number of
+    tensors: the snapshot lives in one flat buffer per (device, dtype), written by one
+    ``torch._foreach_copy_`` into views that have each tensor's own strides; the restore is one
+    ``cat`` of the tensors (in memory order), one ``torch.where`` against the flat snapshot and one
+    ``torch._foreach_copy_`` back. The buffers are reused from step to step (allocated again only
+    when the set of tensors changes, e.g. when the optimiser creates its momentum), so the guard
+    adds no host synchronisation and can sit inside a CUDA graph.
     """
 
     def __init__(self, device: torch.device):
         self._counts = torch.zeros(3, dtype=torch.long, device=device)  # total, streak, worst streak
-        self._snapshot: list[torch.Tensor] = []
+        self._snapshot: list[torch.Tensor] = []  # per tensor: a view of a flat buffer (or its own copy)
         self._snapshot_of: list[torch.Tensor] = []  # the tensors the snapshot buffers were made for
+        self._layout: list[tuple] = []  # (shape, stride, dtype, device) of those tensors
+        self._flat: list[_FlatGroup] = []
         self._before: list[torch.Tensor] = []
 
     @torch.no_grad()
     def begin(self, tensors: list[torch.Tensor]) -> None:
         """Remember the values of ``tensors`` (copied into reused buffers)."""
         if not _same_objects(tensors, self._snapshot_of):
-            if [(t.shape, t.dtype, t.device) for t in tensors] != [
-                    (s.shape, s.dtype, s.device) for s in self._snapshot]:
-                self._snapshot = [torch.empty_like(t) for t in tensors]
+            layout = [(t.shape, t.stride(), t.dtype, t.device) for t in tensors]
+            if layout != self._layout:
+                self._snapshot, self._flat = _snapshot_buffers(tensors)
+                self._layout = layout
             self._snapshot_of = list(tensors)
         if tensors:
             torch._foreach_copy_(self._snapshot, tensors)
@@ -86,11 +93,13 @@ class NonFiniteGuard:
         SGD and LARS is the same as not existing yet.
         """
         if _same_objects(tensors, self._before):
-            olds: list[torch.Tensor | None] = list(self._snapshot)
-        else:
+            for group in self._flat:
+                group.restore_unless(finite, [tensors[i] for i in group.index])
+            loose = [(tensors[i], self._snapshot[i]) for i in _loose(self._flat, len(tensors))]
+        else:  # the set of tensors changed during the step: the rare per-tensor path
             index = {id(t): i for i, t in enumerate(self._before)}
-            olds = [self._snapshot[index[id(t)]] if id(t) in index else None for t in tensors]
-        for t, old in zip(tensors, olds):
+            loose = [(t, self._snapshot[index[id(t)]] if id(t) in index else None) for t in tensors]
+        for t, old in loose:
             if old is None:
                 old = torch.zeros((), dtype=t.dtype, device=t.device)
             torch.where(finite, t, old, out=t)
@@ -110,6 +119,67 @@ class NonFiniteGuard:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self._counts.copy_(state["counts"])
+
+
+class _FlatGroup:
+    """The snapshot of the dense tensors of one (device, dtype): one flat buffer in their memory order."""
+
+    def __init__(self, index: list[int], flat: torch.Tensor, numels: list[int]):
+        self.index, self.flat, self.numels = index, flat, numels
+
+    def restore_unless(self, finite: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+        """``t <- where(finite, t, snapshot)`` for all of them in three kernels."""
+        flat_views = [_memory_order(t) for t in tensors]
+        now = torch.cat(flat_views)
+        torch.where(finite, now, self.flat, out=now)
+        torch._foreach_copy_(flat_views, list(now.split(self.numels)))
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense (contiguous in some dimension order: channels-last included)."""
+    if t.numel() == 0:
+        return False
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _memory_order(t: torch.Tensor) -> torch.Tensor:
+    """A dense tensor's elements as a 1-d view in memory order (no copy)."""
+    return t.as_strided((t.numel(),), (1,))
+
+
+def _snapshot_buffers(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[_FlatGroup]]:
+    """Per tensor a buffer with its shape and strides: views of one flat buffer per (device, dtype) for
+    dense tensors, a copy of its own otherwise."""
+    snapshot: list[torch.Tensor | None] = [None] * len(tensors)
+    by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        if _dense(t):
+            by_kind.setdefault((t.device, t.dtype), []).append(i)
+        else:
+            snapshot[i] = torch.empty_like(t)
+    groups = []
+    for (device, dtype), index in by_kind.items():
+        numels = [tensors[i].numel() for i in index]
+        flat = torch.empty(sum(numels), dtype=dtype, device=device)
+        offset = 0
+        for i, n in zip(index, numels):
+            t = tensors[i]
+            # the view's memory order is the tensor's (dense strides): flat[offset:offset+n] holds t
+            snapshot[i] = flat.as_strided(t.shape, t.stride(), offset)
+            offset += n
+        groups.append(_FlatGroup(index, flat, numels))
+    return snapshot, groups  # type: ignore[return-value]
+
+
+def _loose(groups: list[_FlatGroup], n: int) -> list[int]:
+    """Indices of the tensors that no flat group holds (not dense)."""
+    held = {i for g in groups for i in g.index}
+    return [i for i in range(n) if i not in held]
 
 
 def _same_objects(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:

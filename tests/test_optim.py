@@ -43,6 +43,37 @@ def test_lars_tensor_lr_and_zero_weight():
     torch.testing.assert_close(p.detach(), torch.full((3, 3), -0.1))
 
 
+def test_many_params_mixed_dtypes_layouts_and_zero_norms_match_the_formula_per_param():
+    """The flat (multi-tensor) trust-ratio path equals the per-parameter float64 formula for every
+    parameter: several shapes, a channels-last conv weight, a float64 parameter in a float32 group
+    (grouped by dtype), a zero weight, a zero gradient, a tensor learning rate, and three steps."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(4, 3, 3, 3), (7, 5), (16,), (2, 2), (3, 4), (6, 6)]
+    params = [nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    params[0] = nn.Parameter(params[0].detach().contiguous(memory_format=torch.channels_last))
+    params[1] = nn.Parameter(params[1].detach().double())
+    params[3] = nn.Parameter(torch.zeros(2, 2))  # zero weight: ratio 1
+    opt = LARS([{"params": params}], lr=torch.tensor(0.3, dtype=torch.float64), momentum=0.9, weight_decay=1e-2,
+               trust_coefficient=0.02)
+    refs = [(p.detach().double().clone(), torch.zeros(p.shape, dtype=torch.float64)) for p in params]
+    for step in range(3):
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        grads[4] = torch.zeros(3, 4)  # zero gradient: no step from the gradient
+        for p, gr in zip(params, grads):
+            p.grad = gr.to(p.dtype)
+        opt.step()
+        for i, (p, gr) in enumerate(zip(params, grads)):
+            w, buf = refs[i]
+            refs[i] = reference_lars(w, gr.to(p.dtype), buf, 0.3, 0.9, 1e-2, 0.02)
+            tol = dict(rtol=1e-12, atol=1e-14) if p.dtype == torch.float64 else dict(rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(p.detach().double(), refs[i][0], **tol, msg=f"param {i}, step {step}")
+            momentum = opt.state[p]["momentum_buffer"]
+            assert momentum.dtype == p.dtype and momentum.shape == p.shape
+            torch.testing.assert_close(momentum.double(), refs[i][1], **tol)
+    assert params[0].is_contiguous(memory_format=torch.channels_last)
+    assert set(opt.state_dict()["state"][0]) == {"momentum_buffer"}  # the checkpoint format is unchanged
+
+
 def test_groups_exclude_bias_and_norm():
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2))
     groups = lars_param_groups(m)

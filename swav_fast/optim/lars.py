@@ -35,31 +35,36 @@ class LARS(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
+        """One update; a handful of multi-tensor kernels per (device, dtype) of a group, whatever the
+        number of parameters (trust ratios applied to one flat buffer, not one kernel per parameter)."""
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            updates = grads if group["lars_exclude"] else self._adapted(params, grads, group)
-            bufs = []
-            for p in params:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                bufs.append(state["momentum_buffer"])
-            torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, updates)
-            lr = group["lr"]
-            if isinstance(lr, torch.Tensor):  # a device tensor: read by the kernels, not the host
-                torch._foreach_add_(params, torch._foreach_mul(bufs, -lr))
-            else:
-                torch._foreach_add_(params, bufs, alpha=-lr)
+            for same in _by_device_and_dtype(params):
+                self._update(same, group)
         return loss
 
-    @staticmethod
-    def _adapted(params: list[torch.Tensor], grads: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
-        """``d = ratio * (g + wd * w)`` per parameter, the ratios computed for all at once.
+    def _update(self, params: list[torch.Tensor], group: dict) -> None:
+        grads = [p.grad for p in params]
+        updates = grads if group["lars_exclude"] else self._adapted(params, grads, group)
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            bufs.append(state["momentum_buffer"])
+        torch._foreach_mul_(bufs, group["momentum"])
+        torch._foreach_add_(bufs, updates)
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):  # a device tensor: read by the kernels, not the host
+            torch._foreach_add_(params, torch._foreach_mul(bufs, -lr))
+        else:
+            torch._foreach_add_(params, bufs, alpha=-lr)
+
+    def _adapted(self, params: list[torch.Tensor], grads: list[torch.Tensor],
+                 group: dict) -> list[torch.Tensor]:
+        """``d = ratio * (g + wd * w)`` per parameter, the ratios computed for all at once and applied to
+        one flat buffer (``ratio`` repeated ``numel`` times per parameter).
 
         Where a norm is zero apex LARC leaves ``g`` untouched: ``ratio = 1`` when ``w = 0`` (then
         ``g + wd*w = g``) and ``ratio = 0`` when ``g = 0`` (then ``d = 0 = g``).
@@ -71,9 +76,27 @@ class LARS(Optimizer):
         ratios = torch.where(ok, trust * p_norms / (g_norms + wd * p_norms + eps),
                              (g_norms > 0).to(p_norms.dtype))
         updates = torch._foreach_add(grads, params, alpha=wd)
-        for d, ratio in zip(updates, ratios.unbind()):
-            d.mul_(ratio)
-        return updates
+        flat = torch.cat([u.reshape(-1) for u in updates])
+        numels = [u.numel() for u in updates]
+        flat.mul_(torch.repeat_interleave(ratios.to(flat.dtype), self._repeats(numels, flat.device),
+                                          output_size=flat.numel()))
+        return [f.view(u.shape) for f, u in zip(flat.split(numels), updates)]
+
+    def _repeats(self, numels: list[int], device: torch.device) -> torch.Tensor:
+        """The parameters' sizes as a device tensor, built once per parameter set (not saved)."""
+        cache = self.__dict__.setdefault("_repeats_cache", {})
+        key = (tuple(numels), device)
+        if key not in cache:
+            cache[key] = torch.tensor(numels, dtype=torch.long, device=device)
+        return cache[key]
+
+
+def _by_device_and_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``tensors`` split by (device, dtype), first-seen order (one multi-tensor launch each)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return list(groups.values())
 
 
 def is_excluded(name: str, param: nn.Parameter) -> bool:
