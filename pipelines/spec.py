@@ -149,6 +149,35 @@ class MultiCropSpec:
         return dataclasses.replace(self, **changes)
 
 
+#: The loader dtype that matches a training step's autocast precision (``auto``: bf16 on CUDA).
+STEP_DTYPES = {"auto": "bfloat16", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def spec_for_step(spec: MultiCropSpec, step_device: Any, precision: str,
+                  channels_last: bool) -> MultiCropSpec:
+    """The spec a loader should use to write what a training step on ``step_device`` reads.
+
+    On CUDA a bf16 (or fp16) step with channels-last inputs gets its views in that dtype and layout
+    straight from the loader (no per-step conversion copy, half the bytes). The spec's defaults
+    (``float32``, ``channels_last: false``) count as "not set" and follow the step; a dtype or layout
+    set explicitly (``data.crops.dtype: float16``, ``channels_last: true``) is kept. Float32 views for a
+    bf16 step would gain nothing: autocast casts them to bf16 at the first convolution anyway. Off
+    CUDA the spec is returned unchanged.
+    """
+    import torch
+
+    if torch.device(step_device).type != "cuda":
+        return spec
+    if precision not in STEP_DTYPES:
+        raise ConfigError(f"precision: must be one of {', '.join(STEP_DTYPES)}, got {precision!r}")
+    changes: dict[str, Any] = {}
+    if spec.dtype == "float32" and STEP_DTYPES[precision] != "float32":
+        changes["dtype"] = STEP_DTYPES[precision]
+    if channels_last and not spec.channels_last:
+        changes["channels_last"] = True
+    return spec.replace(**changes) if changes else spec
+
+
 def _int_list(name: str, value: Any) -> list[int]:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise ConfigError(f"{name}: expected a list of integers, got {value!r}")

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from pipelines import build_loader
+from pipelines.spec import spec_for_step
 from swav_fast import checkpoint as ckpt
 from swav_fast import ddp
 from swav_fast.distributed import (StopAgreement, all_reduce_mean, broadcast_object, destroy, detect_launch,
@@ -174,7 +175,10 @@ class Trainer:
             root = synthetic_root(cfg)
             data_path = root / "train"
             self.knn_data = self.knn_data or root
-        self.loader = build_loader(data_path, cfg.data.crops, cfg.optim.batch_size, backend=cfg.data.loader,
+        # the loader writes what the step reads (bf16 channels-last views for a bf16 CUDA step)
+        loader_spec = spec_for_step(cfg.data.crops, self.device, t.precision,
+                                    t.channels_last and self.device.type == "cuda")
+        self.loader = build_loader(data_path, loader_spec, cfg.optim.batch_size, backend=cfg.data.loader,
                                    device=self.device, rank=self.rank, world_size=self.world, seed=t.seed,
                                    num_workers=cfg.data.workers, **loader_options(cfg))
         self.steps_per_epoch = len(self.loader)
