@@ -977,23 +977,18 @@ class DALILoader(MultiCropLoader):
     def _gather(self, views: Sequence[Any], b: int, stream: Any) -> list[torch.Tensor]:
         """Copy the views' DALI outputs (``[B, S, S, 3]`` uint8 each) into one torch buffer per crop size.
 
-        Returns ``[n_g B, 3, S, S]`` per group (a permuted view of the HWC buffer: channels-last strides).
+        Returns ``[n_g B, 3, S, S]`` per group (a permuted view of the HWC buffer: channels-last strides,
+        which the augmentation keeps, so nothing is converted to NCHW and back). On CUDA the copies are
+        ordered on ``stream`` (torch's current stream), whose handle DALI must get as a
+        ``ctypes.c_void_p``: a plain int is read as stream 0.
         """
         out = []
+        handle = ctypes.c_void_p(stream.cuda_stream) if stream is not None else None
         for members in self._groups:
             s = self.spec.view_sizes[members[0]]
             buf = torch.empty((len(members) * b, s, s, 3), dtype=torch.uint8, device=self.device)
-            step = b * s * s * 3
             for k, v in enumerate(members):
-                dense = views[v].as_tensor()
-                if list(dense.shape()) != [b, s, s, 3]:
-                    raise RuntimeError(f"dali loader: view {v} came out {dense.shape()}, "
-                                       f"expected {[b, s, s, 3]}")
-                ptr = ctypes.c_void_p(buf.data_ptr() + k * step)
-                if stream is not None:
-                    dense.copy_to_external(ptr, stream.cuda_stream, non_blocking=True)
-                else:
-                    dense.copy_to_external(ptr)
+                copy_dali_output(views[v], buf[k * b:(k + 1) * b], handle)
             out.append(buf.permute(0, 3, 1, 2))
         return out
 
@@ -1026,6 +1021,35 @@ class DALILoader(MultiCropLoader):
         self._active = False
         if isinstance(self.source, _ShardedSource):
             self.source.close()
+
+
+def copy_dali_output(tl: Any, dst: torch.Tensor, stream: ctypes.c_void_p | None = None) -> None:
+    """Copy a DALI TensorList of ``B`` samples ``[S, S, 3]`` into the contiguous ``dst`` ``[B, S, S, 3]``.
+
+    A dense output goes in one ``copy_to_external``; a non-contiguous one (samples in separate
+    allocations) sample by sample. ``stream``: on the GPU, the ``ctypes.c_void_p`` handle of the stream
+    the copies are ordered on (asynchronous: no host synchronisation); None on the CPU.
+    """
+    if not dst.is_contiguous():
+        raise ValueError("copy_dali_output needs a contiguous destination")
+    expected = list(dst.shape[1:])
+    shapes = [list(sh) for sh in tl.shape()]
+    if len(shapes) != dst.shape[0] or any(sh != expected for sh in shapes):
+        raise RuntimeError(f"dali loader: a view came out {shapes[:3]}{'...' if len(shapes) > 3 else ''} "
+                           f"({len(shapes)} samples), expected {dst.shape[0]} x {expected}")
+
+    def copy(src: Any, ptr: int) -> None:
+        if stream is not None:
+            src.copy_to_external(ctypes.c_void_p(ptr), stream, non_blocking=True)
+        else:
+            src.copy_to_external(ctypes.c_void_p(ptr))
+
+    if tl.is_dense_tensor():
+        copy(tl.as_tensor(), dst.data_ptr())
+        return
+    step = dst[0].numel() * dst.element_size()
+    for i in range(len(shapes)):
+        copy(tl[i], dst.data_ptr() + i * step)
 
 
 def _view_groups(spec: MultiCropSpec) -> list[list[int]]:

@@ -26,6 +26,7 @@ from pipelines.dali_backend import (BadImage, DALILoader, TFRecordSource, WebDat
 from pipelines.loader import available_backends
 from swav_fast.errors import ConfigError, DataError
 from tests.helpers import write_image_folder
+from tests.test_dali_copy import needs_dali
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = MultiCropSpec(num_crops=[2, 3], size_crops=[24, 12], dtype="float32")
@@ -527,6 +528,7 @@ def test_train_with_the_dali_loader(tmp_path):
 
 # -- GPU ----------------------------------------------------------------------------------------
 @pytest.mark.gpu
+@needs_dali  # skips where DALI is not installed; where it is, a broken DALI fails
 def test_gpu_mixed_decoding_matches_the_cpu_path(jpeg_folder):
     spec = SMALL.replace(dtype="bfloat16", channels_last=True)
     gpu = DALILoader(jpeg_folder, spec, batch_size=6, device="cuda", num_workers=2, seed=4,
@@ -542,6 +544,7 @@ def test_gpu_mixed_decoding_matches_the_cpu_path(jpeg_folder):
 
 
 @pytest.mark.gpu
+@needs_dali
 def test_gpu_corrupt_files_are_replaced_and_counted(tmp_path):
     data = write_image_folder(tmp_path / "data", classes=2, per_class=6, size=(40, 32))
     good = (data / "class_0" / "img_0.jpg").read_bytes()
