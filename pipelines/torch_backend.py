@@ -272,7 +272,7 @@ def crop_resize_flip(canvases: Canvases, top: np.ndarray, left: np.ndarray, heig
         if k == n:
             out.copy_(o)
         else:
-            out[:, sel.to(dev)] = o
+            out[:, sel.to(dev, non_blocking=True)] = o
     return out
 
 
@@ -348,6 +348,10 @@ class TorchLoader(MultiCropLoader):
         self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="swav-read")
         self._labels = np.array([c for _, c in index.samples], dtype=np.int64)
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # nvJPEG writes the decoded images from its own stream, which waits for nothing of ours: their
+        # memory comes from a stream used for nothing else, and record_stream keeps a block there
+        # until the augmentation has read it (no host synchronisation of the loader's stream).
+        self._decode_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._warned: set[str] = set()
         self._keepalive: list[Any] = []
 
@@ -414,15 +418,28 @@ class TorchLoader(MultiCropLoader):
     def produce(self, epoch: int, batch_no: int, indices: np.ndarray) -> MultiCropBatch:
         """One whole batch (on the current stream)."""
         datas = self.read(indices)
-        decoded = self.decode(indices, datas)
-        # nvJPEG may still read the encoded bytes after decode_jpeg returns; keep them until the next
-        # batch, which starts after a synchronize of the loader's stream.
+        decoded = self._decode_on_own_stream(indices, datas)
+        # keep the encoded bytes until the next batch (torchvision's nvJPEG decode has finished reading
+        # them when it returns; this is only a guard against a decoder that does not)
         self._keepalive = datas
         views = self.augment(decoded.images, self.params(epoch, batch_no, decoded))
         return MultiCropBatch(
             views=views, labels=torch.from_numpy(self._labels[decoded.sources]),
             indices=torch.as_tensor(np.asarray(indices, dtype=np.int64)),
             num_bad=int((~decoded.ok).sum()), bad_paths=decoded.bad_paths)
+
+    def _decode_on_own_stream(self, indices: Sequence[int], datas: list[bytearray | BaseException]
+                              ) -> DecodedBatch:
+        """Stage 2 with the images allocated on the decode stream and handed to the current one."""
+        if self._decode_stream is None or torch.cuda.current_stream(self.device) == self._decode_stream:
+            return self.decode(indices, datas)
+        work = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._decode_stream):
+            decoded = self.decode(indices, datas)
+        work.wait_stream(self._decode_stream)
+        for img in decoded.images:
+            img.record_stream(work)  # the block returns to the decode stream once `work` is done with it
+        return decoded
 
     # -- the pipeline ---------------------------------------------------------------------------------
     def _iterate(self, epoch: int, batches: list[np.ndarray]) -> Iterator[MultiCropBatch]:
@@ -448,9 +465,6 @@ class TorchLoader(MultiCropLoader):
                         item: Any = (self.produce(epoch, first + k, idx), None)
                     else:
                         with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
-                            # nvJPEG writes from its own stream into blocks freed on this one: make sure
-                            # this stream's earlier kernels are done with them before decoding.
-                            self._stream.synchronize()
                             batch = self.produce(epoch, first + k, idx)
                             ready = torch.cuda.Event()
                             ready.record(self._stream)
