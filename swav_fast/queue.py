@@ -20,14 +20,22 @@ class FeatureQueue(nn.Module):
         super().__init__()
         self.register_buffer("items", torch.zeros(slots, length, dim))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self._known_full = False  # the host has seen count >= length (it never decreases but by reset/load)
 
     @property
     def length(self) -> int:
         return self.items.shape[1]
 
     def is_full(self) -> bool:
-        """Host-side test (reads the device counter: a synchronisation)."""
-        return int(self.count) >= self.length
+        """Host-side test. Reads the device counter (a synchronisation) only until the queue is seen
+        full: pushes only add, and a skipped (non-finite) step restores a count that was already full."""
+        if not self._known_full:
+            self._known_full = int(self.count) >= self.length
+        return self._known_full
+
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self._known_full = False  # a loaded queue may be shorter
+        super()._load_from_state_dict(*args, **kwargs)
 
     def full(self) -> torch.Tensor:
         """0-d bool tensor on the queue's device: ``length`` embeddings have been pushed."""
@@ -53,3 +61,4 @@ class FeatureQueue(nn.Module):
     def reset(self) -> None:
         self.items.zero_()
         self.count.zero_()
+        self._known_full = False

@@ -119,7 +119,8 @@ def nt_xent_loss(z: torch.Tensor, temperature: float = 0.1, anchors: slice = sli
     logits = logits.masked_fill(itself, float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     positive = (sample[row][:, None] == sample[None, :]) & ~itself
-    return -log_prob.masked_select(positive).sum() / positive.sum()
+    # a masked sum, not masked_select: its data-dependent size would synchronise with the host
+    return -torch.where(positive, log_prob, torch.zeros_like(log_prob)).sum() / positive.sum()
 
 
 @full_precision

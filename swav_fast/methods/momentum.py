@@ -92,7 +92,11 @@ def ema_update_(target: nn.Module, online: nn.Module, momentum: torch.Tensor | f
         os_.append(o.detach())
     for dtype, (ts, os_) in by_dtype.items():
         weight = 1.0 - torch.as_tensor(momentum, device=ts[0].device).to(dtype)
-        torch._foreach_lerp_(ts, os_, weight)
+        # theta_t += (1 - m) (theta_o - theta_t): the weight multiplies as a device tensor (the
+        # _foreach_lerp_ overload for one weight takes a Python scalar: a host read of m every step)
+        diff = torch._foreach_sub(os_, ts)
+        torch._foreach_mul_(diff, weight)
+        torch._foreach_add_(ts, diff)
 
 
 class EMATarget(nn.Module):

@@ -30,8 +30,8 @@ class SwAVObjective(nn.Module):
     :func:`~swav_fast.losses.fused.fused_swav_loss` with the decisions on the device: the queue takes
     part in Sinkhorn as masked rows under the 0-d flag ``queue_on & queue.full()`` and is pushed with
     :meth:`~swav_fast.queue.FeatureQueue.push_where`, so no host synchronisation and no re-capture.
-    ``queue_active`` reads and sets the device flag ``queue_on`` (not saved: the trainer sets it
-    from the epoch).
+    ``queue_active`` sets the device flag ``queue_on`` (not saved: the trainer sets it from the epoch)
+    and a host copy of it, which the eager path reads (reading the device flag would synchronise).
     """
 
     def __init__(self, num_views: int, crops_for_assign: Sequence[int] = (0, 1), temperature: float = 0.1,
@@ -45,15 +45,17 @@ class SwAVObjective(nn.Module):
         self.sinkhorn_iterations = sinkhorn_iterations
         self.queue = FeatureQueue(len(self.crops_for_assign), queue_length, embed_dim) if queue_length else None
         self.register_buffer("queue_on", torch.zeros((), dtype=torch.bool), persistent=False)
+        self._queue_on_host = False  # what was last written to queue_on
         self.fused = False  # set by the training step (compile / graph modes)
 
     @property
     def queue_active(self) -> bool:
         """The queue is in use this epoch (set by the trainer from ``epoch_queue_starts`` on)."""
-        return bool(self.queue_on)
+        return self._queue_on_host
 
     @queue_active.setter
     def queue_active(self, value: bool) -> None:
+        self._queue_on_host = bool(value)
         self.queue_on.fill_(bool(value))
 
     def codes(self, z: torch.Tensor, scores: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
