@@ -55,7 +55,8 @@ def test_restore_equals_the_per_tensor_rule(finite):
     if not finite:
         for t, b in zip(tensors, before):
             assert torch.equal(t, b)
-    assert guard.counts().total == (0 if finite else 2) and guard.counts().worst_streak == (0 if finite else 2)
+    skipped = 0 if finite else 2
+    assert guard.counts().total == skipped and guard.counts().worst_streak == skipped
 
 
 def test_tensors_created_during_the_step_are_zeroed_when_it_is_skipped():
