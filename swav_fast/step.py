@@ -519,8 +519,10 @@ class CudaCaptureOps:
 
     def end_pool(self, pool: Any) -> bool:
         """Stop routing this device's allocations to ``pool``; False where ending the capture had done so."""
+        end = getattr(torch._C, "_cuda_endAllocateToPool", None) or getattr(
+            torch._C, "_cuda_endAllocateCurrentStreamToPool")  # the older name of the same call
         try:
-            torch._C._cuda_endAllocateToPool(self.index, pool)
+            end(self.index, pool)
         except RuntimeError:  # "not currently recording to mempool_id": capture_end got that far
             return False
         return True
