@@ -87,7 +87,8 @@ class LARS(Optimizer):
         cache = self.__dict__.setdefault("_repeats_cache", {})
         key = (tuple(numels), device)
         if key not in cache:
-            cache[key] = torch.tensor(numels, dtype=torch.long, device=device)
+            # non-blocking: a staged copy from pageable memory, no stream synchronisation
+            cache[key] = torch.tensor(numels, dtype=torch.long).to(device, non_blocking=True)
         return cache[key]
 
 
