@@ -127,22 +127,17 @@ def _audit(trainer) -> None:
     result.check()
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["eager", "compile", "graph"])
-def test_torch_loader_and_step_do_not_sync_in_steady_state(fresh_dynamo, tmp_path, mode):
-    trainer = _trainer(tmp_path, "torch", mode)
-    try:
-        _audit(trainer)
-        assert trainer.step_fn.mode == mode, trainer.step_fn.stats.fallback_reason
-    finally:
-        trainer.loader.close()
+def _dali_unless_missing(loader: str) -> list:
+    return [needs_dali] if loader == "dali" else []
 
 
 @pytest.mark.gpu
-@needs_dali
 @pytest.mark.parametrize("mode", ["eager", "compile", "graph"])
-def test_dali_loader_and_step_do_not_sync_in_steady_state(fresh_dynamo, tmp_path, mode):
-    trainer = _trainer(tmp_path, "dali", mode)
+@pytest.mark.parametrize("loader", [pytest.param(name, marks=_dali_unless_missing(name))
+                                    for name in ("torch", "dali")])
+def test_gpu_loader_and_step_do_not_sync_in_steady_state(fresh_dynamo, tmp_path, loader, mode):
+    """Every GPU loader (torch: nvJPEG + GPU augmentation; DALI mixed) x every step mode."""
+    trainer = _trainer(tmp_path, loader, mode)
     try:
         _audit(trainer)
         assert trainer.step_fn.mode == mode, trainer.step_fn.stats.fallback_reason
