@@ -559,7 +559,11 @@ def capture_graph(graph: Any, body: Any, ops: Any, capture_error_mode: str = "gl
     ops.empty_cache()
     pool = ops.new_pool()  # our own pool id: graph.pool() refuses to say it after a failed capture
     with ops.use_stream(ops.new_stream()):
-        graph.capture_begin(pool=pool, capture_error_mode=capture_error_mode)
+        try:
+            graph.capture_begin(pool=pool, capture_error_mode=capture_error_mode)
+        except BaseException:  # e.g. cudaStreamBeginCapture failing after the pool was opened
+            _abandon_capture(graph, pool, ops, end_capture=False)
+            raise
         try:
             out = body()
         except BaseException:

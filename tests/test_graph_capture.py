@@ -165,6 +165,22 @@ def test_older_torch_that_ends_the_pool_first_is_never_released_twice():
     assert cuda.use_count[1] >= 0 and not cuda.rng_in_capture  # a leak at worst, never a double free
 
 
+def test_a_failing_capture_begin_closes_the_pool_it_opened():
+    cuda = FakeCuda()
+    graph = FakeGraph(cuda)
+    real_begin = graph.capture_begin
+
+    def begin(pool, capture_error_mode):
+        real_begin(pool, capture_error_mode)
+        cuda.capturing = False
+        raise RuntimeError("cudaStreamBeginCapture failed")
+
+    graph.capture_begin = begin
+    with pytest.raises(RuntimeError, match="BeginCapture"):
+        capture_graph(graph, lambda: 0, cuda)
+    healthy(cuda)
+
+
 # -- GPU ------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_failed_capture_then_a_capture_that_matches_eager(exact_cuda):
