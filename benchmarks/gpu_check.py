@@ -187,7 +187,8 @@ def loaders(ctx: Context, gpu: list[str]) -> str:
 def cmd_bench_e2e(ctx: Context) -> list[str]:
     plot = ["--plot", str(ctx.stage / "e2e.png")]
     if ctx.tiny:
-        args = [*TINY_MODEL, "--mode", "graph", "--workers", "0", "--loaders", loaders(ctx, ["torch", "dali"])]
+        args = [*TINY_MODEL, "--mode", "graph", "--workers", "0",
+                "--loaders", loaders(ctx, ["torch", "dali"])]
     else:
         args = ["--loaders", loaders(ctx, ["torch", "dali"]), "--mode", "graph", "--precision", "bf16",
                 "--arch", "resnet50", "--batch", "128", "--crops", "2x224,6x96", "--steps", "20",
@@ -200,16 +201,16 @@ def cmd_bench_loader(ctx: Context) -> list[str]:
         args = ["--device", "cpu", "--batch-size", "4", "--batches", "2", "--warmup", "1", "--workers", "0",
                 "--backends", loaders(ctx, ["torch", "dali"])]
     else:
-        args = ["--backends", loaders(ctx, ["torch", "dali", "pil"]), "--batch-size", "256", "--batches", "10",
-                "--warmup", "2", "--step"]
+        args = ["--backends", loaders(ctx, ["torch", "dali", "pil"]), "--batch-size", "256",
+                "--batches", "10", "--warmup", "2", "--step"]
     return _bench("bench_loader", ctx, "bench-loader", [*args, "--data", str(ctx.data)])
 
 
 def cmd_bench_methods(ctx: Context) -> list[str]:
     if ctx.tiny:
-        args = ["--device", "cpu", "--methods", "swav,byol", "--batch", "4", "--crops", "2x32,2x16", "--heads",
-                "same", "--hidden-dim", "32", "--feat-dim", "16", "--bank-size", "64", "--steps", "1",
-                "--warmup", "1"]
+        args = ["--device", "cpu", "--methods", "swav,byol", "--batch", "4", "--crops", "2x32,2x16",
+                "--heads", "same", "--hidden-dim", "32", "--feat-dim", "16", "--bank-size", "64",
+                "--steps", "1", "--warmup", "1"]
     else:
         args = ["--variants", "eager:bf16", "--steps", "10", "--warmup", "2"]
     return _bench("bench_methods", ctx, "bench-methods", args)
@@ -369,7 +370,8 @@ def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
     p.add_argument("--out", default="gpu-check", help="output folder (default ./gpu-check)")
     p.add_argument("--work", default=DEFAULT_WORK,
                    help=f"data, compile caches and staging (default {DEFAULT_WORK}); reused by a second call")
-    p.add_argument("--budget", type=float, default=None, help=f"total seconds (default {DEFAULT_BUDGET_S:.0f})")
+    p.add_argument("--budget", type=float, default=None,
+                   help=f"total seconds (default {DEFAULT_BUDGET_S:.0f})")
     p.add_argument("--parts", default=None, help="comma-separated parts (default all; env PARTS= too)")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default cuda, cpu with --dry-run")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (with --device cpu: the dry run)")
@@ -389,7 +391,8 @@ def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
     names = [n.strip() for n in text.split(",") if n.strip()] if text else list(PART_NAMES)
     unknown = [n for n in names if n not in PART_NAMES]
     if unknown or not names:
-        raise ConfigError(f"--parts: unknown {', '.join(unknown) or '(none)'}; valid: {', '.join(PART_NAMES)}")
+        raise ConfigError(f"--parts: unknown {', '.join(unknown) or '(none)'}; "
+                          f"valid: {', '.join(PART_NAMES)}")
     args.selected = [n for n in PART_NAMES if n in names]
     args.budget = DEFAULT_BUDGET_S if args.budget is None else args.budget
     if args.budget <= 0:
@@ -417,7 +420,8 @@ def kill_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
         return
 
 
-def run_command(cmd: list[str], log_path: Path, timeout_s: float, env: dict[str, str]) -> tuple[str, int | None]:
+def run_command(cmd: list[str], log_path: Path, timeout_s: float,
+                env: dict[str, str]) -> tuple[str, int | None]:
     """Run ``cmd`` in its own process group, output to ``log_path``; ``(status, rc)``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
@@ -541,7 +545,8 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [f"swav-fast GPU check {s['run_id']}: {s['device_name']}, torch {s.get('torch', '?')}, "
              f"commit {s.get('commit') or '?'}",
              f"command: {s['command']}",
-             f"budget {s['budget_s']:.0f} s, used {s['used_s']:.0f} s{' (still running)' if s['running'] else ''}",
+             f"budget {s['budget_s']:.0f} s, used {s['used_s']:.0f} s"
+             + (" (still running)" if s["running"] else ""),
              ""]
     rows = [("part", "status", "time s", "est s", "limit s", "headline")]
     for p in s["parts"]:
@@ -556,7 +561,8 @@ def format_summary(s: dict[str, Any]) -> str:
     for r in rows:
         lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
                      + "  " + r[5])
-    skipped = [p for p in s["parts"] if p["status"] == "skipped" and p.get("reason", "").startswith("needs ~")]
+    skipped = [p for p in s["parts"]
+               if p["status"] == "skipped" and p.get("reason", "").startswith("needs ~")]
     if skipped:
         lines += ["", "skipped for time (run them with --parts " + ",".join(p["name"] for p in skipped)
                   + "): " + "; ".join(f"{p['name']} ({p['reason']})" for p in skipped)]
@@ -579,7 +585,8 @@ def verdict(ctx: Context) -> list[str]:
             why = (f"the GPU idles {100 * r['gpu_idle_fraction']:.0f}% of each step"
                    if r.get("gpu_idle_fraction") is not None
                    else f"{100 * r['wait_fraction']:.0f}% of each step waits for the loader")
-            out.append(f"bottleneck ({r['loader']}): the LOADER: end to end {_n(r['e2e_images_per_s'])} img/s "
+            out.append(f"bottleneck ({r['loader']}): the LOADER: end to end "
+                       f"{_n(r['e2e_images_per_s'])} img/s "
                        f"= {100 * r['e2e_over_step']:.0f}% of step-only {_n(r['step_images_per_s'])}; {why}; "
                        f"a faster loader gains up to {gap:.2f}x")
         else:
@@ -591,8 +598,8 @@ def verdict(ctx: Context) -> list[str]:
     if loader and loader.get("step_ms_per_image"):
         for r in loader["results"]:
             if r.get("gpu_fraction_of_step") is not None:
-                out.append(f"loader {r['backend']}: its GPU work is {100 * r['gpu_fraction_of_step']:.1f}% of the "
-                           f"step's GPU time per image (the rest of the GPU is the step's)")
+                out.append(f"loader {r['backend']}: its GPU work is "
+                           f"{100 * r['gpu_fraction_of_step']:.1f}% of the step's GPU time per image")
     return out
 
 
@@ -629,7 +636,8 @@ def check(args: argparse.Namespace, prog: str) -> int:
             (out / old).unlink()
     n, w, h = DATA[bool(args.tiny)]
     dali_path, dali_note = find_dali(args)
-    ctx = Context(args, stage, out, work / f"data-{n}-{w}x{h}", dali=bool(dali_path) or dali_note == "installed")
+    ctx = Context(args, stage, out, work / f"data-{n}-{w}x{h}",
+                  dali=bool(dali_path) or dali_note == "installed")
     env = child_env(args, work, dali_path)
     env["SWAV_FAST_DALI_NOTE"] = dali_note
     sampler = SmiSampler(stage / "nvidia-smi.csv")
@@ -718,9 +726,10 @@ def part_env(json_path: str, device: str) -> int:
     info["executable"] = sys.executable
     for name in ("numpy", "triton", "PIL", "matplotlib", "crc32c"):
         try:
-            info[name if name != "PIL" else "pillow"] = getattr(importlib.import_module(name), "__version__", "yes")
+            version = getattr(importlib.import_module(name), "__version__", "yes")
         except ImportError:
-            info[name if name != "PIL" else "pillow"] = None
+            version = None
+        info[name if name != "PIL" else "pillow"] = version
     try:
         import nvidia.dali as dali  # type: ignore[import-not-found]
 
@@ -751,7 +760,8 @@ def part_data(root: str, num: str, size: str, json_path: str) -> int:
 
     w, h = (int(v) for v in size.split("x"))
     t0 = time.perf_counter()
-    manifest = generate_synthetic(root, num_images=int(num), num_classes=10, size=(w, h), seed=0, progress=False)
+    manifest = generate_synthetic(root, num_images=int(num), num_classes=10, size=(w, h), seed=0,
+                                  progress=False)
     total = manifest.get("total_bytes") or sum(f.stat().st_size for f in Path(root).rglob("*.jpg"))
     info = {"root": root, "images": int(num), "size": size, "mean_kb": round(total / int(num) / 1024, 1),
             "seconds": round(time.perf_counter() - t0, 2)}
@@ -760,7 +770,8 @@ def part_data(root: str, num: str, size: str, json_path: str) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "PYTHONPATH=. python3 benchmarks/gpu_check.py") -> int:
+def main(argv: Sequence[str] | None = None,
+         prog: str = "PYTHONPATH=. python3 benchmarks/gpu_check.py") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_env"]:
         return part_env(*argv[1:3])

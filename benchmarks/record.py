@@ -88,7 +88,8 @@ def entry(summary: dict[str, Any], benches: dict[str, dict[str, Any]]) -> str:
              MARK.format(run_id=summary["run_id"]),
              f"- device: {device}",
              f"- date: {summary['started_utc']}",
-             f"- commit: {summary.get('commit') or 'unknown'} (a \"+dirty\" suffix means local changes were present)",
+             f"- commit: {summary.get('commit') or 'unknown'}"
+             + (" (+dirty: local changes were present)" if "+dirty" in (summary.get("commit") or "") else ""),
              f"- software: {', '.join(software)}",
              f"- command: `{summary['command']}`",
              f"- budget: {summary['budget_s']:.0f} s, used {summary['used_s']:.0f} s"
