@@ -149,8 +149,9 @@ def cmd_sync_audit(ctx: Context) -> list[str] | str:
     return _pytest(ctx, "sync-audit", SYNC_TESTS)
 
 
-def cmd_loader_tests(ctx: Context) -> list[str]:
-    return _pytest(ctx, "loader-tests", [f for f in LOADER_TESTS if (REPO / f).exists()])
+def cmd_loader_tests(ctx: Context) -> list[str] | str:
+    files = [f for f in LOADER_TESTS if (REPO / f).exists()]
+    return _pytest(ctx, "loader-tests", files) if files else f"none of {', '.join(LOADER_TESTS)} here"
 
 
 def cmd_gpu_tests(ctx: Context) -> list[str]:
@@ -786,9 +787,14 @@ def main(argv: Sequence[str] | None = None,
     return check(args, prog)
 
 
-if __name__ == "__main__":
+def run_script(entry: Callable[[], int]) -> None:
+    """``sys.exit(entry())`` for a script run directly: a ConfigError is one line and exit code 2."""
     try:
-        sys.exit(main())
+        sys.exit(entry())
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_script(main)

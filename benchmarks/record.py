@@ -145,8 +145,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "python3 benchmarks/reco
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    from benchmarks.gpu_check import run_script
+
+    run_script(main)
