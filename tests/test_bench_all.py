@@ -201,3 +201,61 @@ print(records.crc32c(blob))
     except ImportError:
         return
     assert value == crc32c.crc32c((tmp_path / "blob.bin").read_bytes())
+
+
+def gpu_context(tmp_path: Path, dali: bool) -> gpu_check.Context:
+    args = gpu_check.parse_args(["--out", str(tmp_path / "out")], "x")
+    return gpu_check.Context(args, tmp_path / "stage", tmp_path / "out", tmp_path / "data", dali=dali)
+
+
+@pytest.mark.parametrize("dali", [True, False])
+def test_gpu_commands_have_the_issue_sizes_and_parse(tmp_path, dali):
+    """The GPU run's commands (never run here): the sizes of the check, and each parses with its benchmark's
+    own parser, so the one GPU call cannot fail on an argument."""
+    import importlib
+
+    ctx = gpu_context(tmp_path, dali)
+    assert ctx.args.device == "cuda" and not ctx.tiny and ctx.args.budget == 480
+    commands = {p.name: p.command(ctx) for p in gpu_check.PARTS}
+    step = commands["bench-step"]
+    for flag, value in (("--variants", "eager:bf16,compile:bf16,graph:bf16"), ("--arch", "resnet50"),
+                        ("--batch", "128"), ("--crops", "2x224,6x96")):
+        assert step[step.index(flag) + 1] == value
+    e2e = commands["bench-e2e"]
+    assert e2e[e2e.index("--mode") + 1] == "graph" and e2e[e2e.index("--precision") + 1] == "bf16"
+    assert e2e[e2e.index("--loaders") + 1] == ("torch,dali" if dali else "torch")
+    assert "--step" in commands["bench-loader"]
+    for name, module in record.BENCH_MODULES.items():
+        cmd = commands[name]
+        assert cmd[1:3] == ["-m", f"benchmarks.{module}"]
+        parsed = importlib.import_module(f"benchmarks.{module}").parse_args(cmd[3:])
+        assert parsed.json_path == str(ctx.json(name))
+    for name in PYTEST_PARTS:
+        assert commands[name][1:3] == ["-m", "pytest"] and "gpu" in commands[name]
+    assert "--ignore=tests/test_step_modes.py" in commands["gpu-tests"]
+
+
+def test_dali_is_found_where_the_carried_parts_were_unpacked(tmp_path, monkeypatch):
+    site = tmp_path / "dali-site"
+    (site / "nvidia" / "dali").mkdir(parents=True)
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setenv("SWAV_FAST_DALI_SITE", str(site))
+    args = gpu_check.parse_args([], "x")
+    assert gpu_check.find_dali(args) == ([str(site)], f"unpacked in {site}")
+    env = gpu_check.child_env(args, tmp_path, [str(site)])
+    assert env["PYTHONPATH"].split(os.pathsep)[:2] == [str(REPO), str(site)]
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == os.environ.get("TORCHINDUCTOR_CACHE_DIR",
+                                                            str(tmp_path / "inductor-cache"))
+    monkeypatch.setenv("SWAV_FAST_DALI_SITE", str(tmp_path / "none"))
+    paths, note = gpu_check.find_dali(args)
+    assert paths == [] and "dali-pack.sh" in note
+
+
+def test_nvidia_smi_samples_are_summarised_per_part(tmp_path):
+    sampler = gpu_check.SmiSampler.__new__(gpu_check.SmiSampler)
+    sampler.path, sampler.proc = tmp_path / "smi.csv", object()
+    sampler.path.write_text("timestamp, clocks.current.sm [MHz], power.draw [W], utilization.gpu [%]\n"
+                            "2026/12/02 06:00:00.000, 345, 80.5, 0\n"
+                            "2026/12/02 06:00:00.500, 1980, 650.0, 100\n"
+                            "2026/12/02 06:00:01.000, 1960, 640.0, 90\n")
+    assert sampler.summary(2, 4) == {"sm_mhz_mean": 1970, "util_mean": 95.0, "power_w_max": 650.0}
