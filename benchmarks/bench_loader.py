@@ -13,8 +13,9 @@ Stages, per backend:
   ``decode_jpeg`` on pre-read bytes; ``augment`` = parameters + crop/resize/flip + colour/blur/normalise
   on pre-decoded images; ``total`` = iterating the loader (prefetching on its side stream).  On CUDA,
   ``gpu ms/img`` is the GPU time of decode + augment per image, from CUDA events around each batch's
-  work (no profiler in the timed loop), to compare with the training step's (``--step``).  ``--profile``
-  adds one separate profiled pass over the same batches: ``kernel ms/img`` is the summed kernel time.
+  work (no profiler in the timed loop; an upper bound: it spans the batch's work on every stream),
+  to compare with the training step's (``--step``).  ``--profile`` adds one separate profiled pass
+  over the same batches: ``kernel ms/img`` is the summed kernel time, and the share of the step uses it.
 * ``pil``: ``read``, ``decode`` (PIL) and ``augment`` (PIL crop/resize + torchvision ops) in this one
   process, i.e. *per worker*; ``total`` = the DataLoader with ``--workers`` processes.
 * any other registered backend (``dali``, ``ffcv``): ``total``; stages too when its loader has a
@@ -353,8 +354,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ms = step_ms_per_image(spec, args.batch_size, device)
         result["step_ms_per_image"] = ms
         for r in rows:
-            if r.get("gpu_ms_per_image"):
-                r["gpu_fraction_of_step"] = r["gpu_ms_per_image"] / ms
+            loader_ms = r.get("kernel_ms_per_image") or r.get("gpu_ms_per_image")
+            if loader_ms:
+                r["gpu_fraction_of_step"] = loader_ms / ms
     return result
 
 

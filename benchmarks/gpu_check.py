@@ -203,7 +203,7 @@ def cmd_bench_loader(ctx: Context) -> list[str]:
                 "--backends", loaders(ctx, ["torch", "dali"])]
     else:
         args = ["--backends", loaders(ctx, ["torch", "dali", "pil"]), "--batch-size", "256",
-                "--batches", "10", "--warmup", "2", "--step"]
+                "--batches", "10", "--warmup", "2", "--step", "--profile"]
     return _bench("bench_loader", ctx, "bench-loader", [*args, "--data", str(ctx.data)])
 
 
