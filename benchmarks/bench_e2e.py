@@ -7,9 +7,16 @@
 
 * ``loader only``: images/s of iterating the loader (batches on the device);
 * ``step only``: images/s of the step on one of the loader's batches, repeated (no loading);
-* ``end to end``: the loader feeding the step. Each step is split into *loader wait* (time blocked in
-  ``next(loader)``) and *compute* (the step call until the device is done), so the bottleneck shows:
-  a wait fraction near 0 means the GPU is the limit, a large one means the loader is.
+* ``end to end``: the loader feeding the step, with no host synchronisation between steps (as in
+  training; ``--sync-each-step`` waits for the device after every step instead). Host side, each step
+  is split into *loader wait* (time blocked in ``next(loader)``) and *compute* (the step call). On CUDA,
+  events recorded on the step's stream around every step also give the GPU's view: *GPU busy* (inside
+  steps) and *GPU idle* (between one step's end and the next one's start: the GPU waiting for the
+  loader). The bottleneck is the loader when the GPU idles more than 5% of the time (on the CPU: when
+  the host waits more than 5%) and end to end keeps less than 95% of step-only, else compute.
+
+One step object (model, optimiser, compiled code, CUDA graph) serves every loader: it is compiled
+once, by the first loader's warm-up, and every loader hands it batches of the same spec.
 
 ``end to end / step only`` is the fraction of the step-only speed that training keeps. Without
 ``--data`` the built-in synthetic set (ImageNet-like 500x375 JPEGs) is generated once into
@@ -46,7 +53,8 @@ BACKEND_MODULES = ("pipelines.torch_backend", "pipelines.dali_backend", "pipelin
 COLUMNS = [("loader", "loader"), ("mode", "step"), ("loader_images_per_s", "loader img/s"),
            ("step_images_per_s", "step img/s"), ("e2e_images_per_s", "e2e img/s"),
            ("e2e_over_step", "e2e/step"), ("wait_ms", "wait ms"), ("compute_ms", "compute ms"),
-           ("wait_fraction", "wait frac"), ("bottleneck", "bottleneck"), ("compile_s", "compile s"),
+           ("wait_fraction", "wait frac"), ("gpu_busy_ms", "GPU busy ms"), ("gpu_idle_ms", "GPU idle ms"),
+           ("gpu_idle_fraction", "GPU idle frac"), ("bottleneck", "bottleneck"), ("compile_s", "compile s"),
            ("capture_s", "capture s"), ("note", "note")]
 
 
@@ -69,9 +77,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--feat-dim", type=int, default=128)
     p.add_argument("--steps", type=int, default=None, help="timed steps per stage (default 30; 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; 1 on CPU)")
-    p.add_argument("--no-sync", dest="sync", action="store_false",
-                   help="do not wait for the device after each end-to-end step (then 'compute' is launch "
-                        "time only and the wait absorbs the rest)")
+    p.add_argument("--sync-each-step", dest="sync", action="store_true",
+                   help="wait for the device after each end-to-end step (then 'compute' is the step's full "
+                        "time, but the loader cannot overlap the next step's GPU work)")
     p.add_argument("--plot", help="bar chart PNG (default: the JSON path with .png)")
     return parse_with_common(p, argv)
 
@@ -110,13 +118,45 @@ def endless(loader: Any) -> Iterator[MultiCropBatch]:
         epoch += 1
 
 
-def bench_loader(name: str, spec: MultiCropSpec, index: Any, args: argparse.Namespace,
-                 device: torch.device, precision: str, channels_last: bool) -> dict[str, Any]:
-    row: dict[str, Any] = {"loader": name}
+def loader_workers(name: str, args: argparse.Namespace) -> int:
+    """``--workers``, else one per core for pil (processes) and dali (threads), 4 for the others."""
     if args.workers is not None:
-        workers = args.workers
-    else:
-        workers = (os.cpu_count() or 1) if name == "pil" else 4
+        return args.workers
+    return (os.cpu_count() or 1) if name in ("pil", "dali") else 4
+
+
+class StepClock:
+    """Host time blocked in the loader and in the step call, and on CUDA the GPU's busy / idle time from
+    event pairs recorded on the current stream around each step (read once, after the last step)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.wait = self.compute = 0.0
+        self.events: list[tuple[Any, Any]] = []
+
+    def start(self) -> None:
+        if self.cuda:
+            self.events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self.events[-1][0].record()
+
+    def end(self) -> None:
+        if self.cuda:
+            self.events[-1][1].record()
+
+    def gpu(self) -> tuple[float, float] | None:
+        """(busy s, idle s) summed over the steps (the device must be synchronised)."""
+        if not self.cuda or not self.events:
+            return None
+        busy = sum(a.elapsed_time(b) for a, b in self.events) / 1e3
+        idle = sum(prev[1].elapsed_time(nxt[0]) for prev, nxt in zip(self.events, self.events[1:])) / 1e3
+        return busy, idle
+
+
+def bench_loader(name: str, spec: MultiCropSpec, index: Any, args: argparse.Namespace,
+                 device: torch.device, step: Any, counter: list[int]) -> dict[str, Any]:
+    """The three measurements of one loader with the shared ``step`` (``counter[0]``: its iteration)."""
+    row: dict[str, Any] = {"loader": name}
+    workers = loader_workers(name, args)
     loader = build_loader(index, spec, args.batch, backend=name, device=device, seed=0, num_workers=workers)
     try:
         batches = endless(loader)
@@ -130,49 +170,57 @@ def bench_loader(name: str, spec: MultiCropSpec, index: Any, args: argparse.Name
         synchronize(device)
         row["loader_images_per_s"] = args.steps * args.batch / (time.perf_counter() - start)
 
-        # 2. step only, on one loader batch
-        method, opt = build_swav(args.arch, spec.num_views, device, args.prototypes, args.hidden_dim,
-                                 args.feat_dim, channels_last=channels_last)
-        step = make_step(args.mode, method, opt, device, precision, channels_last, args.compile_backend)
-        fixed = [v.clone() for v in next(batches).views]
-        it = 0
+        # 2. step only, on one loader batch (the first loader's warm-up compiles and captures)
+        first = next(batches)  # the step always gets the batch's indices, so nothing recompiles later
+        fixed, fixed_idx = [v.clone() for v in first.views], first.indices
+        it = counter[0]
         for _ in range(args.warmup):
-            step(fixed, 0.6, it)
+            step(fixed, 0.6, it, fixed_idx)
             it += 1
         synchronize(device)
         start = time.perf_counter()
         for _ in range(args.steps):
-            step(fixed, 0.6, it)
+            step(fixed, 0.6, it, fixed_idx)
             it += 1
         synchronize(device)
         row["step_images_per_s"] = args.steps * args.batch / (time.perf_counter() - start)
 
         # 3. end to end, split into loader wait and compute
         for _ in range(args.warmup):
-            step(next(batches).views, 0.6, it)
+            data = next(batches)
+            step(data.views, 0.6, it, data.indices)
             it += 1
         synchronize(device)
-        wait = compute = 0.0
+        clock = StepClock(device)
         start = time.perf_counter()
         for _ in range(args.steps):
             t0 = time.perf_counter()
             data = next(batches)
             t1 = time.perf_counter()
+            clock.start()
             step(data.views, 0.6, it, data.indices)
+            clock.end()
             if args.sync:
                 synchronize(device)
             t2 = time.perf_counter()
-            wait, compute, it = wait + t1 - t0, compute + t2 - t1, it + 1
+            clock.wait, clock.compute, it = clock.wait + t1 - t0, clock.compute + t2 - t1, it + 1
         synchronize(device)
         total = time.perf_counter() - start
+        counter[0] = it
         stats = step.stats
-        row.update(e2e_images_per_s=args.steps * args.batch / total, wait_ms=1e3 * wait / args.steps,
-                   compute_ms=1e3 * compute / args.steps, wait_fraction=wait / total,
-                   mode=stats.mode, compile_s=stats.compile_s, capture_s=stats.capture_s,
-                   captures=stats.captures, fallback_reason=stats.fallback_reason, workers=workers,
-                   bad_images=loader.num_bad)
+        row.update(e2e_images_per_s=args.steps * args.batch / total, wait_ms=1e3 * clock.wait / args.steps,
+                   compute_ms=1e3 * clock.compute / args.steps, wait_fraction=clock.wait / total,
+                   mode=stats.mode, captures=stats.captures, fallback_reason=stats.fallback_reason,
+                   workers=workers, bad_images=loader.num_bad)
+        gpu = clock.gpu()
+        if gpu is not None:
+            busy, idle = gpu
+            row.update(gpu_busy_ms=1e3 * busy / args.steps, gpu_idle_ms=1e3 * idle / max(1, args.steps - 1),
+                       gpu_idle_fraction=idle / (busy + idle) if busy + idle > 0 else 0.0)
         row["e2e_over_step"] = row["e2e_images_per_s"] / row["step_images_per_s"]
-        row["bottleneck"] = "loader" if row["wait_fraction"] > 0.05 else "compute"
+        limiting = row["gpu_idle_fraction"] if gpu is not None else row["wait_fraction"]
+        # the loader limits when the step waits for it (> 5%) and training keeps < 95% of step-only speed
+        row["bottleneck"] = "loader" if limiting > 0.05 and row["e2e_over_step"] < 0.95 else "compute"
     finally:
         loader.close()
     return row
@@ -199,8 +247,14 @@ def plot(rows: list[dict[str, Any]], path: str | os.PathLike[str], title: str) -
     ax1.set_title("throughput per stage")
     ax1.legend(fontsize=8)
     names = [r["loader"] for r in ok]
-    ax2.bar(names, [r["compute_ms"] for r in ok], label="compute (step)")
-    ax2.bar(names, [r["wait_ms"] for r in ok], bottom=[r["compute_ms"] for r in ok], label="loader wait")
+    if all("gpu_busy_ms" in r for r in ok):  # the GPU's view: busy in the step, idle waiting for data
+        busy, idle = [r["gpu_busy_ms"] for r in ok], [r["gpu_idle_ms"] for r in ok]
+        labels = ("GPU busy (step)", "GPU idle (waiting for the loader)")
+    else:
+        busy, idle = [r["compute_ms"] for r in ok], [r["wait_ms"] for r in ok]
+        labels = ("compute (step)", "loader wait")
+    ax2.bar(names, busy, label=labels[0])
+    ax2.bar(names, idle, bottom=busy, label=labels[1])
     ax2.set_ylabel("ms per end-to-end step")
     ax2.set_title("where an end-to-end step goes")
     ax2.legend(fontsize=8)
@@ -245,6 +299,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if cuda:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # one step for every loader: compiled (and captured) once, by the first loader's warm-up
+    method, opt = build_swav(args.arch, spec.num_views, device, args.prototypes, args.hidden_dim,
+                             args.feat_dim, channels_last=channels_last)
+    step = make_step(args.mode, method, opt, device, precision, channels_last, args.compile_backend)
+    counter = [0]
     rows: list[dict[str, Any]] = []
     for name in args.loaders.split(","):
         if name not in available_backends():
@@ -252,11 +311,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append({"loader": name, "note": f"not available (registered: {registered})"})
             continue
         try:
-            rows.append(bench_loader(name, spec, index, args, device, precision, channels_last))
+            rows.append(bench_loader(name, spec, index, args, device, step, counter))
         except (RuntimeError, SwavFastError, ImportError) as exc:
             log.warning("loader %s failed: %s", name, short_error(exc))
             rows.append({"loader": name, "note": short_error(exc)})
-        reset_memory(device)
+    stats = step.stats
+    compiled = next((r for r in rows if "e2e_images_per_s" in r), None)
+    if compiled is not None:  # the compilation happened in the first measured loader's warm-up
+        compiled.update(compile_s=stats.compile_s, capture_s=stats.capture_s)
+    del step, method, opt
+    reset_memory(device)
     result: dict[str, Any] = {
         "benchmark": "e2e", "env": env_info(device),
         "command": "python3 benchmarks/bench_e2e.py " + shlex.join(args.argv),
@@ -264,6 +328,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "precision": precision, "channels_last": channels_last, "arch": args.arch,
                    "batch": args.batch, "crops": [list(c) for c in crops], "steps": args.steps,
                    "warmup": args.warmup, "sync_each_step": args.sync, "prototypes": args.prototypes,
+                   "compile_s": stats.compile_s, "capture_s": stats.capture_s, "step_mode_ran": stats.mode,
                    "compile_backend": args.compile_backend or "inductor"},
         "results": rows,
     }

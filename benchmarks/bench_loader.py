@@ -12,12 +12,18 @@ Stages, per backend:
 * ``torch``: ``read`` = the loader's thread-pool file reads; ``decode`` = the batched
   ``decode_jpeg`` on pre-read bytes; ``augment`` = parameters + crop/resize/flip + colour/blur/normalise
   on pre-decoded images; ``total`` = iterating the loader (prefetching on its side stream).  On CUDA,
-  ``gpu ms/img`` is the kernel time of decode + augment per image (CUDA profiler; CUDA events when the
-  profiler is unavailable), to compare with the training step's (``--step``).
+  ``gpu ms/img`` is the GPU time of decode + augment per image, from CUDA events around each batch's
+  work (no profiler in the timed loop; an upper bound: it spans the batch's work on every stream),
+  to compare with the training step's (``--step``).  ``--profile`` adds one separate profiled pass
+  over the same batches: ``kernel ms/img`` is the summed kernel time, and the share of the step uses it.
 * ``pil``: ``read``, ``decode`` (PIL) and ``augment`` (PIL crop/resize + torchvision ops) in this one
   process, i.e. *per worker*; ``total`` = the DataLoader with ``--workers`` processes.
 * any other registered backend (``dali``, ``ffcv``): ``total``; stages too when its loader has a
   ``bench_stages(batches) -> {stage: seconds}`` method.
+
+Workers: ``--workers N`` is each backend's parallelism: PIL worker processes, DALI CPU threads, FFCV
+workers, the torch loader's file-reading threads. Its default is one per CPU core for ``pil``, ``dali``
+and ``ffcv``, and the torch loader's own (``min(8, cores)`` read threads).
 """
 
 from __future__ import annotations
@@ -26,10 +32,14 @@ import argparse
 import importlib
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import torch
@@ -45,7 +55,7 @@ log = logging.getLogger("benchmarks")
 BACKEND_MODULES = ("pipelines.torch_backend", "pipelines.dali_backend", "pipelines.ffcv_backend")
 COLUMNS = [("backend", "backend"), ("device", "device"), ("read", "read img/s"), ("decode", "decode img/s"),
            ("augment", "augment img/s"), ("total", "total img/s"), ("gpu_ms_per_image", "gpu ms/img"),
-           ("note", "note")]
+           ("kernel_ms_per_image", "kernel ms/img"), ("note", "note")]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -61,15 +71,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="timed batches per stage (default 10 CUDA, 3 CPU)")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches first (compilation, caches)")
     p.add_argument("--workers", type=int, default=None,
-                   help="pil worker processes (default: one per core) / other backends' workers "
-                        "(default: theirs)")
+                   help="each backend's workers: pil processes, dali / ffcv threads (default: one per "
+                        "core), torch read threads (default: its own)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="output dtype (default bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--step", action="store_true",
                    help="also time a SwAV ResNet-50 step (fwd+bwd, bf16, channels-last) per image")
+    p.add_argument("--profile", action="store_true",
+                   help="CUDA: one extra profiled pass (summed kernel time of decode + augment)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path", help="write the results here (JSON)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    return args
 
 
 # -- data ---------------------------------------------------------------------------------------------
@@ -88,29 +102,48 @@ def mean_file_kb(index: ImageFolderIndex, limit: int = 512) -> float:
 
 
 # -- per-backend stages ---------------------------------------------------------------------------------
-def gpu_kernel_seconds(fn: Any, device: torch.device) -> tuple[Any, float | None]:
-    """``(fn(), summed CUDA kernel time)`` via the profiler; falls back to CUDA-event wall time."""
+class GpuTimer:
+    """GPU time of blocks of work on the current stream, from CUDA events (nothing on the CPU).
+
+    ``with timer: work()`` records an event pair around ``work``; ``seconds()`` (after the device is
+    synchronised) sums them. No profiler and no host synchronisation inside the timed loop."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.pairs: list[tuple[Any, Any]] = []
+
+    def __enter__(self) -> "GpuTimer":
+        if self.cuda:
+            self.pairs.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self.pairs[-1][0].record()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cuda:
+            self.pairs[-1][1].record()
+
+    def seconds(self) -> float | None:
+        if not self.cuda:
+            return None
+        return sum(a.elapsed_time(b) for a, b in self.pairs) / 1e3
+
+
+def profiled_kernel_seconds(fn: Any, device: torch.device) -> float | None:
+    """Summed CUDA kernel time of ``fn()`` in one profiler session (None without CUDA or CUPTI)."""
     if device.type != "cuda":
-        return fn(), None
+        return None
     try:
         from torch.profiler import ProfilerActivity, profile
 
         synchronize(device)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            out = fn()
+            fn()
             synchronize(device)
         us = sum(e.self_device_time_total for e in prof.key_averages())
-        if us > 0:
-            return out, us / 1e6
-    except Exception as e:  # noqa: BLE001 - CUPTI missing etc.: use events
-        log.info("CUDA profiler unavailable (%s); timing with events", e)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    synchronize(device)
-    start.record()
-    out = fn()
-    end.record()
-    synchronize(device)
-    return out, start.elapsed_time(end) / 1e3
+        return us / 1e6 if us > 0 else None
+    except Exception as e:  # noqa: BLE001 - CUPTI missing etc.: no kernel figure
+        log.warning("CUDA profiler unavailable (%s); no kernel ms/img", e)
+        return None
 
 
 def torch_stages(index: ImageFolderIndex, spec: MultiCropSpec, args: argparse.Namespace,
@@ -132,18 +165,28 @@ def torch_stages(index: ImageFolderIndex, spec: MultiCropSpec, args: argparse.Na
             d, t = timed(lambda: ld.read(idx), "cpu")
             datas.append(d)
             t_read += t
-        decs, t_dec, gpu = [], 0.0, 0.0
+        gpu = GpuTimer(device)
+        decs, t_dec = [], 0.0
         for idx, d in zip(timed_b, datas):
-            (dec, g), t = timed(lambda: gpu_kernel_seconds(lambda: ld.decode(idx, d), device), device)
+            with gpu:
+                dec, t = timed(lambda: ld.decode(idx, d), device)
             decs.append(dec)
             t_dec += t
-            gpu += g or 0.0
+        params = [ld.params(0, args.warmup + k, dec) for k, dec in enumerate(decs)]
+        synchronize(device)
         t_aug = 0.0
-        for k, dec in enumerate(decs):
-            (_, g), t = timed(lambda: gpu_kernel_seconds(
-                lambda: ld.augment(dec.images, ld.params(0, args.warmup + k, dec)), device), device)
+        for dec, prm in zip(decs, params):
+            with gpu:
+                _, t = timed(lambda: ld.augment(dec.images, prm), device)
             t_aug += t
-            gpu += g or 0.0
+        synchronize(device)
+        gpu_s = gpu.seconds()
+        kernel_s = None
+        if args.profile:  # one separate profiled pass over the same batches
+            def work() -> None:
+                for idx, d, prm in zip(timed_b, datas, params):
+                    ld.augment(ld.decode(idx, d).images, prm)
+            kernel_s = profiled_kernel_seconds(work, device)
         del decs
         ld.set_epoch(0)
         it = iter(ld)
@@ -160,7 +203,8 @@ def torch_stages(index: ImageFolderIndex, spec: MultiCropSpec, args: argparse.Na
     finally:
         ld.close()
     return {"read": n_img / t_read, "decode": n_img / t_dec, "augment": n_img / t_aug, "total": got / t_total,
-            "gpu_ms_per_image": 1e3 * gpu / n_img if device.type == "cuda" else None,
+            "gpu_ms_per_image": 1e3 * gpu_s / n_img if gpu_s is not None else None,
+            "kernel_ms_per_image": 1e3 * kernel_s / n_img if kernel_s is not None else None,
             "note": f"{ld.read_threads} read threads"}
 
 
@@ -194,10 +238,11 @@ def pil_stages(index: ImageFolderIndex, spec: MultiCropSpec, args: argparse.Name
 
 
 def workers(backend: str, args: argparse.Namespace) -> int:
-    """``--workers``, else one PIL worker process per CPU core and each other backend's own default (0)."""
+    """``--workers``, else one per CPU core (PIL processes, DALI / FFCV threads); the torch loader's own
+    default (0: ``min(8, cores)`` read threads)."""
     if args.workers is not None:
         return int(args.workers)
-    return (os.cpu_count() or 1) if backend == "pil" else 0
+    return 0 if backend == "torch" else (os.cpu_count() or 1)
 
 
 def total_throughput(backend: str, index: ImageFolderIndex, spec: MultiCropSpec, args: argparse.Namespace,
@@ -283,7 +328,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = MultiCropSpec(dtype=args.dtype or ("bfloat16" if cuda else "float32"), channels_last=cuda)
     rows: list[dict[str, Any]] = []
     for backend in wanted:
-        row: dict[str, Any] = {"backend": backend, "device": str(device)}
+        row: dict[str, Any] = {"backend": backend, "device": str(device), "workers": workers(backend, args)}
         try:
             if backend == "torch":
                 row.update(torch_stages(index, spec, args, device))
@@ -293,11 +338,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 stages: dict[str, Any] = {}
                 row["total"] = total_throughput(backend, index, spec, args, device, stages)
                 row.update(stages)
+                row.setdefault("note", f"{row['workers']} {'threads' if backend == 'dali' else 'workers'}")
         except (SwavFastError, ImportError, RuntimeError, KeyError) as e:
             row["note"] = f"unavailable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:120]
         rows.append(row)
     result: dict[str, Any] = {
         "benchmark": "loader", "env": env_info(device),
+        "command": "python3 benchmarks/bench_loader.py " + shlex.join(args.argv),
         "config": {"data": str(root), "images": len(index), "mean_file_kb": round(mean_file_kb(index), 1),
                    "batch_size": args.batch_size, "batches": args.batches, "warmup": args.warmup,
                    "workers": args.workers, "spec": spec.to_dict()},
@@ -307,8 +354,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ms = step_ms_per_image(spec, args.batch_size, device)
         result["step_ms_per_image"] = ms
         for r in rows:
-            if r.get("gpu_ms_per_image"):
-                r["gpu_fraction_of_step"] = r["gpu_ms_per_image"] / ms
+            loader_ms = r.get("kernel_ms_per_image") or r.get("gpu_ms_per_image")
+            if loader_ms:
+                r["gpu_fraction_of_step"] = loader_ms / ms
     return result
 
 

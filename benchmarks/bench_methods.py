@@ -1,8 +1,8 @@
 """Training-step throughput (images/s) of every method of the family on the same trunk and crops.
 
-    python3 benchmarks/bench_methods.py [--methods swav,simclr,...] [--variants compile:bf16]
-        [--arch resnet50] [--batch 128] [--crops 2x224,6x96] [--heads paper|same] [--steps 30]
-        [--warmup 5] [--json out.json]
+    python3 benchmarks/bench_methods.py [--methods swav,simclr,...] [--variants eager:bf16]
+        [--arch resnet50] [--batch 128] [--crops 2x224,6x96] [--heads paper|same] [--steps 10]
+        [--warmup 2] [--json out.json]
 
 (also ``swav-fast bench methods ...``). Each method is built exactly as ``swav-fast train --method
 NAME`` builds it (:func:`swav_fast.methods.build_method` from a config, the trainer's optimiser) and
@@ -13,7 +13,9 @@ method its paper's projector (e.g. BYOL 4096-256, Barlow Twins 8192-8192, DINO 2
 ``--heads same`` gives every method ``--hidden-dim``/``--feat-dim``. Methods that take only the global
 crops from the target side (BYOL, MoCo v3, DINO) still run the online network on every crop. Freezes
 that would cover the timed steps (SwAV's prototypes, DINO's last layer) are shortened to the first
-step. ``x first`` is each row's images/s over the first method's in the same variant.
+step. ``x first`` is each row's images/s over the first method's in the same variant. The defaults
+(eager bf16, 10 timed steps after 2) fit a short slice of GPU time: nine compiled variants would spend
+most of it compiling (``--variants compile:bf16`` for those, compile time reported separately).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import argparse
 import logging
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,7 +33,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch
 
 from benchmarks.bench_step import (input_dtype, parse_crops, parse_variants, peak_memory_gib, reset_memory,
-                                   resolve_device, short_error, synthetic_views, time_steps)
+                                   resolve_device, short_error, synthetic_views, time_note, time_split,
+                                   time_steps)
 from benchmarks.common import benchmark_main, env_info, parse_with_common
 from swav_fast.config import Config, load_config
 from swav_fast.errors import ConfigError, SwavFastError
@@ -82,7 +86,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="swav-fast bench methods", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", help="comma-separated methods (default: all, swav first)")
-    p.add_argument("--variants", help="comma-separated MODE:PRECISION (default compile:bf16 on CUDA, "
+    p.add_argument("--variants", help="comma-separated MODE:PRECISION (default eager:bf16 on CUDA, "
                                       "eager:fp32 on CPU)")
     p.add_argument("--arch", default=None, help="trunk (default resnet50 on CUDA, resnet10_half on CPU)")
     p.add_argument("--batch", type=int, default=None, help="per-GPU batch size (default 128; 4 on CPU)")
@@ -93,8 +97,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--feat-dim", type=int, default=128)
     p.add_argument("--bank-size", type=int, default=None,
                    help="InstDisc memory-bank rows (default 1,281,167 = ImageNet on CUDA; 1000 on CPU)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 30 on CUDA, 3 on CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; 1 on CPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on CUDA, 3 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; 1 on CPU)")
     return parse_with_common(p, argv)
 
 
@@ -143,17 +147,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     methods = parse_methods(args.methods)
-    variants = parse_variants(args.variants or ("compile:bf16" if cuda else "eager:fp32"), device)
+    variants = parse_variants(args.variants or ("eager:bf16" if cuda else "eager:fp32"), device)
     if any(mode == "plain-compile" for mode, _ in variants):
         raise ConfigError("--variants: plain-compile is a SwAV-only baseline (benchmarks/bench_step.py)")
     args.arch = args.arch or ("resnet50" if cuda else "resnet10_half")
     args.batch = args.batch or (128 if cuda else 4)
     args.bank_size = args.bank_size or (1_281_167 if cuda else 1000)
     crops = parse_crops(args.crops or ("2x224,6x96" if cuda else "2x64,4x32"))
-    args.steps = args.steps if args.steps is not None else (30 if cuda else 3)
-    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    args.steps = args.steps if args.steps is not None else (10 if cuda else 3)
+    args.warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
     if args.steps < 1 or args.warmup < 1 or args.batch < 2 or args.bank_size < args.batch:
         raise ConfigError("--steps and --warmup must be >= 1, --batch >= 2, --bank-size >= --batch")
+    started = time.perf_counter()
     if cuda:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -172,7 +177,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(row)
         reset_memory(device)
     return {
-        "benchmark": "methods", "env": env_info(device),
+        "benchmark": "methods", "env": env_info(device), **time_split(rows, started),
         "command": "python3 benchmarks/bench_methods.py " + shlex.join(args.argv),
         "config": {"device": str(device), "crops": [list(c) for c in crops], "arch": args.arch,
                    "batch": args.batch, "methods": methods, "variants": [f"{m}:{p}" for m, p in variants],
@@ -186,7 +191,7 @@ def headline(result: dict[str, Any]) -> str:
     cfg = result["config"]
     return (f"method step benchmark on {result['env'].get('gpu', 'cpu')}: {cfg['arch']}, "
             f"batch {cfg['batch']}, crops {'+'.join(f'{c}x{s}' for c, s in cfg['crops'])}, "
-            f"{cfg['heads']} heads, {cfg['steps']} timed steps after {cfg['warmup']}")
+            f"{cfg['heads']} heads, {cfg['steps']} timed steps after {cfg['warmup']}; {time_note(result)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

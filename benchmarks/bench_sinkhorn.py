@@ -15,7 +15,10 @@ Implementations (``--modes``): ``eager`` (:func:`swav_fast.losses.sinkhorn_knopp
 :mod:`swav_fast.losses.fused`), ``graph`` (``fused`` replayed from a CUDA graph; CUDA only).
 
 The floor is the time to read every input once and write every output once at the copy bandwidth
-measured on this device (a large device-to-device copy): ``bytes / bandwidth``.
+measured on this device (a device-to-device copy far larger than the L2 cache, timed with CUDA events):
+``bytes / bandwidth``. Timed calls rotate through ``--sets`` input sets (default: enough that together
+they are at least 4x the GPU's L2 cache; a 4096x3000 float32 matrix is 49 MB, inside an H200's 60 MB
+L2), so a call cannot read its inputs from the cache the previous call left them in.
 """
 from __future__ import annotations
 
@@ -57,38 +60,52 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     p.add_argument("--repeats", type=int, default=None, help="timed calls (default 100 on CUDA, 5 on CPU)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (compilation)")
+    p.add_argument("--sets", type=int, default=None,
+                   help="input sets the timed calls rotate through (default: 4x the L2 cache; 2 on CPU)")
     return parse_with_common(p, argv)
 
 
+def l2_bytes(device: torch.device) -> int:
+    """The GPU's L2 cache size (0 on the CPU or where torch does not report it)."""
+    if device.type != "cuda":
+        return 0
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0)
+
+
+def default_sets(device: torch.device, smallest_problem_bytes: int) -> int:
+    """Input sets whose inputs together are >= 4x the L2 cache (2..64 on CUDA; 2 on the CPU)."""
+    if device.type != "cuda":
+        return 2
+    l2 = l2_bytes(device) or 64 * 2**20
+    return max(2, min(64, -(-4 * l2 // max(1, smallest_problem_bytes // 2))))
+
+
 def copy_bandwidth(device: torch.device, megabytes: int) -> float:
-    """Bytes per second of a device-to-device copy (read + write counted), best of a few."""
+    """Bytes per second of a device-to-device copy (read + write counted), best of a few; CUDA events
+    on the GPU (one copy each, after a warm-up copy), wall clock on the CPU."""
     n = megabytes * 2**20 // 4
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(5):
-        synchronize(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
+    dst.copy_(src)
+    best = min(time_per_call(lambda k: dst.copy_(src), device, 1) for _ in range(5))
     return 2 * src.numel() * 4 / best
 
 
-def time_per_call(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    """Seconds per call (CUDA events on the GPU, wall clock on the CPU)."""
+def time_per_call(fn: Callable[[int], Any], device: torch.device, repeats: int) -> float:
+    """Seconds per call of ``fn(k)``, ``k = 0..repeats-1`` (CUDA events on the GPU, wall clock on the
+    CPU); the device is synchronised only before the first call and after the last."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         synchronize(device)
         start.record()
-        for _ in range(repeats):
-            fn()
+        for k in range(repeats):
+            fn(k)
         end.record()
-        synchronize(device)
+        end.synchronize()
         return start.elapsed_time(end) / 1e3 / repeats
     start_s = time.perf_counter()
-    for _ in range(repeats):
-        fn()
+    for k in range(repeats):
+        fn(k)
     return (time.perf_counter() - start_s) / repeats
 
 
@@ -123,20 +140,28 @@ def implementations(args: argparse.Namespace, device: torch.device) -> dict[str,
     }
 
 
-def make_inputs(args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, Any]]:
+def problem_bytes(args: argparse.Namespace) -> dict[str, int]:
+    """Bytes each problem must read and write once (its floor's numerator)."""
+    k, rows, b, v = args.prototypes, args.rows, args.loss_batch, args.views
+    return {"sinkhorn": 2 * rows * k * 4, "sinkhorn+loss": (v * b + len(ASSIGN) * (rows - b)) * k * 4}
+
+
+def make_inputs(args: argparse.Namespace, device: torch.device, sets: int) -> dict[str, dict[str, Any]]:
+    """Per problem: ``sets`` independent input sets (``inputs`` is their list), shape and bytes."""
     g = torch.Generator(device="cpu").manual_seed(0)
     k, rows, b, v = args.prototypes, args.rows, args.loss_batch, args.views
     queue_rows = rows - b
+    nbytes = problem_bytes(args)
 
     def cosine(*shape: int) -> torch.Tensor:
         return (torch.rand(*shape, generator=g) * 2 - 1).to(device)
 
     return {
-        "sinkhorn": {"inputs": {"scores": cosine(rows, k)}, "shape": f"{rows}x{k}",
-                     "bytes": 2 * rows * k * 4},
-        "sinkhorn+loss": {"inputs": {"views": cosine(v, b, k), "queue": cosine(len(ASSIGN), queue_rows, k)},
-                          "shape": f"{v}x{b}x{k} + queue {queue_rows}",
-                          "bytes": (v * b + len(ASSIGN) * queue_rows) * k * 4},
+        "sinkhorn": {"inputs": [{"scores": cosine(rows, k)} for _ in range(sets)], "shape": f"{rows}x{k}",
+                     "bytes": nbytes["sinkhorn"]},
+        "sinkhorn+loss": {"inputs": [{"views": cosine(v, b, k), "queue": cosine(len(ASSIGN), queue_rows, k)}
+                                     for _ in range(sets)],
+                          "shape": f"{v}x{b}x{k} + queue {queue_rows}", "bytes": nbytes["sinkhorn+loss"]},
     }
 
 
@@ -148,6 +173,15 @@ def graph_of(fn: Callable[[dict], Any], inputs: dict, device: torch.device) -> C
     return graph.replay
 
 
+def rotating_call(fn: Callable[[dict], Any], sets: list[dict], mode: str,
+                  device: torch.device) -> Callable[[int], Any]:
+    """``call(k)`` runs ``fn`` on input set ``k % len(sets)`` (graph mode: replays that set's graph)."""
+    if mode == "graph":
+        replays = [graph_of(fn, inputs, device) for inputs in sets]
+        return lambda k: replays[k % len(replays)]()
+    return lambda k: fn(sets[k % len(sets)])
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     modes = args.modes.split(",")
@@ -157,8 +191,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.loss_batch >= args.rows or args.rows < 2 or args.prototypes < 2 or args.views < 2:
         raise ConfigError("need --rows > --loss-batch >= 1, --prototypes >= 2, --views >= 2")
     repeats = args.repeats or (100 if device.type == "cuda" else 5)
-    bandwidth = copy_bandwidth(device, 512 if device.type == "cuda" else 64)
-    problems, impls = make_inputs(args, device), implementations(args, device)
+    sets = args.sets or default_sets(device, min(problem_bytes(args).values()))
+    if sets < 1:
+        raise ConfigError("--sets must be >= 1")
+    # the copy: >= 8x the L2 cache (and >= 512 MB) on the GPU, so it streams from HBM
+    copy_mb = max(512, 8 * l2_bytes(device) // 2**20) if device.type == "cuda" else 64
+    bandwidth = copy_bandwidth(device, copy_mb)
+    problems, impls = make_inputs(args, device, sets), implementations(args, device)
     rows: list[dict[str, Any]] = []
     for name, problem in problems.items():
         floor = problem["bytes"] / bandwidth
@@ -172,18 +211,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 fn = impls[name]["fused" if mode == "graph" else mode]
                 inputs = problem["inputs"]
                 start = time.perf_counter()
-                fn(inputs)
+                fn(inputs[0])
                 synchronize(device)
                 if mode != "eager":
                     row["compile_s"] = time.perf_counter() - start
-                for _ in range(args.warmup):
-                    fn(inputs)
-                if mode == "graph":
-                    call = graph_of(fn, inputs, device)
-                else:
-                    def call(fn=fn, inputs=inputs):
-                        return fn(inputs)
-                seconds = time_per_call(call, device, repeats)
+                for k in range(max(args.warmup, len(inputs))):  # every set once (no recompiles)
+                    fn(inputs[k % len(inputs)])
+                seconds = time_per_call(rotating_call(fn, inputs, mode, device), device, repeats)
                 row.update(us_per_call=1e6 * seconds, x_floor=seconds / floor)
             except Exception as exc:  # noqa: BLE001 - one failing implementation is a row, not a crash
                 row["note"] = short_error(exc)
@@ -195,6 +229,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "iters": args.iters,
                    "epsilon": args.epsilon, "views": args.views, "loss_batch": args.loss_batch,
                    "repeats": repeats, "warmup": args.warmup, "copy_bandwidth_gbs": bandwidth / 1e9,
+                   "sets": sets, "copy_mb": copy_mb, "l2_mb": l2_bytes(device) / 2**20,
+                   "timing": "CUDA events" if device.type == "cuda" else "wall clock",
                    "compile_backend": args.compile_backend or "inductor"},
         "results": rows,
     }
@@ -203,7 +239,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def headline(result: dict[str, Any]) -> str:
     cfg = result["config"]
     return (f"Sinkhorn benchmark on {result['env'].get('gpu', 'cpu')}: {cfg['iters']} iterations, "
-            f"copy bandwidth {cfg['copy_bandwidth_gbs']:.0f} GB/s, {cfg['repeats']} timed calls")
+            f"copy bandwidth {cfg['copy_bandwidth_gbs']:.0f} GB/s, {cfg['repeats']} timed calls rotating "
+            f"{cfg['sets']} input sets")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -81,15 +81,16 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     return "\n".join(out)
 
 
-def write_json(path: str | os.PathLike[str], data: Any) -> Path:
-    """Write ``data`` as JSON atomically (temp file in the same folder, fsync, rename)."""
+def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename): a reader or a
+    kill never sees a half-written file, and the old content stays until the new one is complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; results are for everyone to read
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -100,6 +101,11 @@ def write_json(path: str | os.PathLike[str], data: Any) -> Path:
             pass
         raise
     return path
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> Path:
+    """Write ``data`` as JSON atomically (temp file in the same folder, fsync, rename)."""
+    return write_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def parse_with_common(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:

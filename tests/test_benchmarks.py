@@ -3,10 +3,13 @@ prints its table and writes JSON with the documented keys (no timing assertions)
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
-from benchmarks import bench_e2e, bench_methods, bench_prepare, bench_sinkhorn, bench_step
+import torch
+
+from benchmarks import bench_e2e, bench_loader, bench_methods, bench_prepare, bench_sinkhorn, bench_step
 from swav_fast.cli import main as cli_main
 from swav_fast.commands.bench import load
 from swav_fast.errors import ConfigError
@@ -44,6 +47,9 @@ def test_bench_step(tmp_path, capsys):
     assert rows["plain-compile:fp32"]["compile_s"] > 0
     graph = rows["graph:fp32"]
     assert graph["mode"] == "compile" and "CUDA" in graph["fallback_reason"] and graph["captures"] == 0
+    # compilation is reported apart from the run's wall time
+    compiled = rows["plain-compile:fp32"]["compile_s"] + graph["compile_s"]
+    assert data["compile_total_s"] == pytest.approx(compiled) and data["wall_s"] > compiled
 
 
 def test_bench_methods_runs_every_method_through_the_trainer_step(tmp_path, capsys):
@@ -73,6 +79,7 @@ def test_bench_sinkhorn(tmp_path):
     assert bench_sinkhorn.main([*TINY_SINKHORN, "--json", str(out)]) == 0
     data = _read(out)
     assert data["benchmark"] == "sinkhorn" and data["config"]["copy_bandwidth_gbs"] > 0
+    assert data["config"]["sets"] == 2 and data["config"]["timing"] == "wall clock"
     rows = {(r["problem"], r["mode"]): r for r in data["results"]}
     assert set(rows) == {(p, m) for p in ("sinkhorn", "sinkhorn+loss") for m in bench_sinkhorn.MODES}
     for (problem, mode), r in rows.items():
@@ -83,6 +90,65 @@ def test_bench_sinkhorn(tmp_path):
             assert r["us_per_call"] > 0 and r["x_floor"] > 0 and "note" not in r
     assert rows[("sinkhorn", "eager")]["bytes"] == 2 * 48 * 30 * 4
     assert rows[("sinkhorn+loss", "fused")]["shape"] == "4x16x30 + queue 32"
+
+
+def test_sinkhorn_calls_rotate_through_the_input_sets():
+    seen = []
+    call = bench_sinkhorn.rotating_call(lambda x: seen.append(x["id"]), [{"id": i} for i in range(3)], "eager",
+                                        torch.device("cpu"))
+    assert bench_sinkhorn.time_per_call(call, torch.device("cpu"), 7) > 0
+    assert seen == [0, 1, 2, 0, 1, 2, 0]
+
+
+def test_sinkhorn_default_sets_cover_the_l2_cache():
+    assert bench_sinkhorn.default_sets(torch.device("cpu"), 10**6) == 2
+    args = bench_sinkhorn.parse_args(["--device", "cpu"])
+    assert bench_sinkhorn.problem_bytes(args)["sinkhorn"] == 2 * 4096 * 3000 * 4  # 49 MB read, 49 written
+
+
+def test_bench_loader_stages_and_workers(tmp_path, capsys):
+    data_dir = write_image_folder(tmp_path / "data", per_class=4)
+    out = tmp_path / "loader.json"
+    assert bench_loader.main(["--data", str(data_dir), "--device", "cpu", "--backends", "pil,torch,dali",
+                              "--batch-size", "4", "--batches", "1", "--warmup", "1", "--workers", "0",
+                              "--json", str(out)]) == 0
+    data = _read(out)
+    rows = {r["backend"]: r for r in data["results"]}
+    for name in ("pil", "torch"):
+        r = rows[name]
+        assert r["read"] > 0 and r["decode"] > 0 and r["augment"] > 0 and r["total"] > 0, r
+        assert r["gpu_ms_per_image"] is None and r["workers"] == 0  # no CUDA: no GPU figure
+    assert rows["dali"]["workers"] == 0 and (rows["dali"].get("total") or "unavailable" in rows["dali"]["note"])
+    args = bench_loader.parse_args([])
+    assert bench_loader.workers("dali", args) == bench_loader.workers("pil", args) == (os.cpu_count() or 1)
+    assert bench_loader.workers("torch", args) == 0  # the torch loader's own read threads
+    timer = bench_loader.GpuTimer(torch.device("cpu"))
+    with timer:
+        pass
+    assert timer.seconds() is None
+
+
+def test_bench_e2e_builds_and_compiles_one_step_for_all_loaders(tmp_path, monkeypatch):
+    data_dir = write_image_folder(tmp_path / "data", per_class=4)
+    made = []
+    real = bench_e2e.make_step
+
+    def counting(*a, **k):
+        made.append(a[0])
+        return real(*a, **k)
+
+    monkeypatch.setattr(bench_e2e, "make_step", counting)
+    out = tmp_path / "e2e.json"
+    assert bench_e2e.main([*TINY_MODEL, "--data", str(data_dir), "--workers", "0", "--mode", "compile",
+                           "--loaders", "pil,torch", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert made == ["compile"]
+    first, second = data["results"]
+    assert first["compile_s"] > 0 and "compile_s" not in second and data["config"]["compile_s"] > 0
+    assert second["mode"] == "compile" and second["e2e_images_per_s"] > 0
+    assert data["config"]["sync_each_step"] is False  # no host synchronisation between steps by default
+    assert bench_e2e.parse_args(["--sync-each-step"]).sync is True
+    assert bench_e2e.StepClock(torch.device("cpu")).gpu() is None
 
 
 def test_bench_e2e_with_plot(tmp_path):

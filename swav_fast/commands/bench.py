@@ -1,4 +1,6 @@
-"""``swav-fast bench NAME [args...]``: run ``benchmarks/bench_NAME.py`` (its ``--help`` lists the args)."""
+"""``swav-fast bench NAME [args...]``: run ``benchmarks/bench_NAME.py`` (its ``--help`` lists the args);
+``bench all`` runs ``benchmarks/gpu_check.py`` (every part inside a time budget) and ``bench record DIR``
+``benchmarks/record.py`` (its output folder -> ``benchmarks/RESULTS.md``)."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +16,13 @@ BENCHMARKS = {
     "e2e": "real loader + step: images/s and the split between loader wait and compute",
     "loader": "loader throughput per backend and stage (read, decode, augment)",
     "prepare": "dataset preparation (shard writing) throughput",
+    "all": "every GPU test and benchmark in priority order inside a time budget (--dry-run: tiny, CPU)",
+    "record": "turn a 'bench all' output folder into a benchmarks/RESULTS.md entry",
 }
+#: names whose module is not ``benchmarks.bench_<name>``
+MODULES = {"all": "gpu_check", "record": "record"}
+#: how each module's main names itself in its usage and in the command it records
+PROGS = {"all": "swav-fast bench all", "record": "swav-fast bench record"}
 
 EPILOG = "benchmarks:\n" + "\n".join(f"  {name:<9} {what}" for name, what in BENCHMARKS.items()) + """
 
@@ -34,14 +42,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def load(name: str):
     """The ``main(argv)`` of ``benchmarks.bench_<name>``."""
-    module_name = f"benchmarks.bench_{name}"
+    file = MODULES.get(name, f"bench_{name}")
+    module_name = f"benchmarks.{file}"
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name == module_name:
+        if exc.name in (module_name, "benchmarks"):
             raise ConfigError(f"benchmark {name!r} is not available in this installation "
-                              f"(benchmarks/bench_{name}.py is missing)") from exc
+                              f"(benchmarks/{file}.py is missing)") from exc
         raise
+    if name in PROGS:
+        return lambda argv: module.main(argv, prog=PROGS[name])
     return module.main
 
 

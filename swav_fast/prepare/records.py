@@ -60,8 +60,21 @@ def _load_crc32c() -> Callable[[bytes], int]:
         return lambda data: int(_g.value(bytes(data)))
     except ImportError:
         pass
-    log.warning("no C CRC-32C implementation found (pip install crc32c); TFRecord writing will be slow")
-    return _crc32c_python
+    return _crc32c_fallback
+
+
+_warned = False
+
+
+def _crc32c_fallback(data: bytes) -> int:
+    """The table-driven CRC when no C package is installed (the GPU machine's image has none): the
+    package is optional, needed only for speed when TFRecords are written or checked; says so once."""
+    global _warned
+    if not _warned:
+        _warned = True
+        log.warning("no C CRC-32C implementation found (pip install crc32c); TFRecord CRCs are computed in "
+                    "pure Python (~10 MB/s)")
+    return _crc32c_python(data)
 
 
 _TABLE = _crc32c_table()
