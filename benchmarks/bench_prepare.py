@@ -255,41 +255,34 @@ def main(argv: list[str] | None = None) -> int:
         args.workers = "1,2,0" if args.tar_source else "1,2"
     src = source_folder(args)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-prepare-"))
-    if args.tar_source:
-        return _main_tar(src, work, args, argv)
     try:
-        prep, kept = bench_prepare(src, work, args)
-        loaders = bench_loaders(kept, args)
+        if args.tar_source:
+            rows = bench_prepare_tar(src, work, args)
+        else:
+            prep, kept = bench_prepare(src, work, args)
+            loaders = bench_loaders(kept, args)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    if args.tar_source:
+        print("\n| source | format | workers (0 = all) | images/s |\n|---|---|---|---|")
+        for r in rows:
+            print(f"| tar of per-class tars | {r['format']} | {r['workers']} | {r['images_per_s']} |")
+        return _write_result(args, argv, src, "prepare-tar", prepare_tar=rows)
     print("\n| format | mode | workers | images/s | MiB |\n|---|---|---|---|---|")
     for r in prep:
         print(f"| {r['format']} | {r['mode']} | {r['workers']} | {r['images_per_s']} | {r['mib']} |")
     print("\n| format | loader | images/s |\n|---|---|---|")
     for r in loaders:
         print(f"| {r['format']} | {r['loader']} | {r.get('images_per_s', r.get('error'))} |")
-    result = {"benchmark": "prepare", "env": env_info("cpu"),
-              "command": "python3 benchmarks/bench_prepare.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-              "source": str(src), "cpu_count": os.cpu_count(), "prepare": prep, "loaders": loaders}
-    if args.json:
-        print(f"wrote {write_json(args.json, result)}")
-    return 0
+    return _write_result(args, argv, src, "prepare", prepare=prep, loaders=loaders)
 
 
-def _main_tar(src: Path, work: Path, args: argparse.Namespace, argv: list[str] | None) -> int:
-    try:
-        rows = bench_prepare_tar(src, work, args)
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-    print("\n| source | format | workers (0 = all) | images/s |\n|---|---|---|---|")
-    for r in rows:
-        print(f"| tar of per-class tars | {r['format']} | {r['workers']} | {r['images_per_s']} |")
+def _write_result(args: argparse.Namespace, argv: list[str] | None, src: Path, name: str, **rows: Any) -> int:
     given = sys.argv[1:] if argv is None else argv
-    result = {"benchmark": "prepare-tar", "env": env_info("cpu"),
+    result = {"benchmark": name, "env": env_info("cpu"),
               "command": "python3 benchmarks/bench_prepare.py " + shlex.join(given),
-              "source": str(src), "cpu_count": os.cpu_count(), "prepare_tar": rows}
+              "source": str(src), "cpu_count": os.cpu_count(), **rows}
     if args.json:
         print(f"wrote {write_json(args.json, result)}")
     return 0

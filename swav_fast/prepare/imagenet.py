@@ -515,17 +515,8 @@ def _devkit_table(where: str, text: str, id_synsets: list[str], mapping: str) ->
                 f"{where}, line {k}: ID {ident} has no synset in {mapping} (it maps 1..{len(id_synsets)})"
             )
         synset_of[k] = id_synsets[ident - 1]
-    if not synset_of:
-        raise DataError(f"{where} holds no labels")
-    return LabelTable(
-        file=where,
-        format="devkit",
-        synset_of=synset_of,
-        classes=sorted(set(id_synsets)),
-        key_of=_val_number,
-        describe=lambda k: f"ILSVRC2012_val_{k:08d}.JPEG (line {k})",
-        info={"file": where, "format": "devkit", "synsets": mapping, "sha256": _sha(text)},
-    )
+    return _table(where, "devkit", text, synset_of, id_synsets, _val_number,
+                  lambda k: f"ILSVRC2012_val_{k:08d}.JPEG (line {k})", synsets=mapping)
 
 
 def _loc_table(where: str, text: str) -> LabelTable:
@@ -546,21 +537,31 @@ def _loc_table(where: str, text: str) -> LabelTable:
         if key in synset_of:
             raise DataError(f"{where}, line {ln}: {key} is listed twice")
         synset_of[key] = tokens[0]
+    return _table(where, "loc-csv", text, synset_of, synset_of.values(), _stem, str)
+
+
+def _table(
+    where: str,
+    fmt: str,
+    text: str,
+    synset_of: dict[Any, str],
+    known: Any,
+    key_of: Callable[[str], Any],
+    describe: Callable[[Any], str],
+    **info: str,
+) -> LabelTable:
     if not synset_of:
         raise DataError(f"{where} holds no labels")
+    sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     return LabelTable(
         file=where,
-        format="loc-csv",
+        format=fmt,
         synset_of=synset_of,
-        classes=sorted(set(synset_of.values())),
-        key_of=_stem,
-        describe=lambda k: str(k),
-        info={"file": where, "format": "loc-csv", "sha256": _sha(text)},
+        classes=sorted(set(known)),
+        key_of=key_of,
+        describe=describe,
+        info={"file": where, "format": fmt, **info, "sha256": sha},
     )
-
-
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def label_flat(images: FlatImages, table: LabelTable) -> SourceList:
