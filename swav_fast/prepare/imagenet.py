@@ -295,8 +295,9 @@ def scan_train_tar(
                 members = exc.members
             found = {}
             for im in members:  # a name stored twice: the last copy wins, as on extraction
-                if im.isreg() and _image_member(im.name):
-                    found[f"{cls}/{im.name}"] = (m.offset_data + im.offset_data, im.size)
+                if im.isreg() and _image_member(im.name):  # "./a.JPEG" extracts to <class>/a.JPEG
+                    rel = "/".join((cls, *(x for x in PurePosixPath(im.name).parts if x != "/")))
+                    found[rel] = (m.offset_data + im.offset_data, im.size)
             entries.extend((rel, off, n) for rel, (off, n) in found.items())
     if not classes:
         raise DataError(f"{path} holds no inner .tar files")
