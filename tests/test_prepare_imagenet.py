@@ -238,7 +238,7 @@ def test_val_tar_and_folder_with_every_label_format_match_the_class_folders(imne
     assert [samples[i][0] for i in range(len(VAL))] == [SYNSETS.index(VAL[k]) for k in order]
 
 
-def test_meta_mat_without_scipy_names_what_is_missing(imnet, monkeypatch) -> None:
+def test_meta_mat_without_scipy_names_what_is_missing(imnet, tmp_path: Path, monkeypatch) -> None:
     """Where scipy is installed the meta.mat path is tested above (written by scipy.io.savemat);
     without scipy the error must say what to install or pass instead."""
     if HAS_SCIPY:
@@ -246,7 +246,8 @@ def test_meta_mat_without_scipy_names_what_is_missing(imnet, monkeypatch) -> Non
         monkeypatch.setitem(sys.modules, "scipy.io", None)
         labels = imnet["devkit_dir"]
     else:
-        labels = imnet["gt"].parent
+        labels = tmp_path
+        (labels / imnet["gt"].name).write_bytes(imnet["gt"].read_bytes())
         (labels / "meta.mat").write_bytes(b"MATLAB 5.0 MAT-file")
     with pytest.raises(DataError, match=r"needs scipy \(pip install scipy\); or pass --synsets FILE"):
         read_labels(labels)

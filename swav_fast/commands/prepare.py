@@ -26,9 +26,10 @@ ILSVRC2012_validation_ground_truth.txt (IDs mapped through the devkit's meta.mat
 scipy, or --synsets), the devkit folder or ILSVRC2012_devkit_t12.tar.gz, or LOC_val_solution.csv.
 ImageNet from the official archives:
   swav-fast prepare --src ILSVRC2012_img_train.tar --format wds --out /data/in1k
-  swav-fast prepare --src ILSVRC2012_img_val.tar --labels ILSVRC2012_devkit_t12.tar.gz \
+  swav-fast prepare --src ILSVRC2012_img_val.tar --labels ILSVRC2012_devkit_t12.tar.gz \\
       --split val --format wds --out /data/in1k
   add --classes imagenet100 (both commands) for ImageNet-100, --per-class 50 for a quick subset.
+
 """
 
 

@@ -103,7 +103,7 @@ def detect_kind(src: str | os.PathLike[str], has_labels: bool) -> str:
     """One of :data:`KINDS` for ``src``; raises :class:`DataError` when it is none of them."""
     p = Path(src)
     if not p.exists():
-        raise DataError(f"dataset folder not found: {os.path.abspath(p)}")
+        raise DataError(f"source not found: {os.path.abspath(p)}")
     if p.is_dir():
         flat = _has_top_level_images(p)
         if has_labels:
