@@ -2,6 +2,11 @@
 the loaders reading each format (images/s).
 
     python3 benchmarks/bench_prepare.py --images 2000 --workers 1,2 --json prepare.json
+    python3 benchmarks/bench_prepare.py --tar-source --images 2000 --formats wds --json prepare-tar.json
+
+``--tar-source``: pack the source into a tar of per-class tars (the ``ILSVRC2012_img_train.tar``
+layout, cached beside the synthetic set) and time ``prepare`` reading it in place, with 1, 2 and
+all cores (``--workers``, default ``1,2,0``; 0 = all), pass-through; indexing the archive is included.
 
 Loaders: ``ffcv`` for beton (needs the ffcv extra), the registered ``dali`` backend for TFRecord /
 webdataset when present (it is given the prepared split folder), and always a plain-Python
@@ -40,7 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", default="500x375", help="synthetic image size WxH (default: %(default)s)")
     p.add_argument("--data", default=None, help="source ImageFolder (default: a cached synthetic set)")
     p.add_argument("--formats", default=",".join(FORMATS), help="comma list of formats")
-    p.add_argument("--workers", default="1,2", help="comma list of prepare worker counts (0 = all cores)")
+    p.add_argument("--workers", default=None,
+                   help="comma list of prepare worker counts, 0 = all cores "
+                   "(default: 1,2; --tar-source: 1,2,0)")
+    p.add_argument("--tar-source", action="store_true",
+                   help="time prepare from a tar of per-class tars (ILSVRC2012_img_train.tar layout)")
     p.add_argument("--shard-size", type=int, default=500)
     p.add_argument("--reencode-quality", type=int, default=90, help="quality of the re-encode runs")
     p.add_argument("--max-resolution", type=int, default=None, help="also applied in the re-encode runs")
@@ -65,6 +74,46 @@ def source_folder(args: argparse.Namespace) -> Path:
     )
     generate_synthetic(out, args.images, args.classes, (w, h), seed=0, workers=0, progress=False)
     return out
+
+
+def pack_train_tar(src: Path, out: Path) -> Path:
+    """``out``: a tar of per-class tars of the ImageFolder ``src`` (ILSVRC2012_img_train.tar layout)."""
+    import tarfile
+
+    if out.is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    with tarfile.open(tmp, "w") as outer:
+        for cls in sorted(d for d in src.iterdir() if d.is_dir()):
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as inner:
+                for f in sorted(cls.iterdir()):
+                    inner.add(f, arcname=f.name)
+            info = tarfile.TarInfo(f"{cls.name}.tar")
+            info.size = buf.tell()
+            buf.seek(0)
+            outer.addfile(info, buf)
+    os.replace(tmp, out)
+    return out
+
+
+def bench_prepare_tar(src: Path, work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    archive = pack_train_tar(src, src.with_name(src.name + "-train.tar"))
+    rows = []
+    for fmt in args.formats.split(","):
+        for w in _ints(args.workers):
+            out = work / f"tar-{fmt}-{w}"
+            start = time.perf_counter()
+            m = prepare_dataset(archive, out, fmt, shard_size=args.shard_size, workers=w, progress=False)
+            seconds = time.perf_counter() - start
+            rows.append({"format": fmt, "source": m["source_kind"], "workers": w,
+                         "cores_used": w or os.cpu_count(), "images": m["num_source_files"],
+                         "seconds": round(seconds, 3),
+                         "images_per_s": round(m["num_source_files"] / seconds, 1)})
+            rate = rows[-1]["images_per_s"]
+            print(f"prepare {fmt:8s} from tar    workers={w:<2d} {rate:8.1f} img/s", flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+    return rows
 
 
 def bench_prepare(
@@ -202,23 +251,38 @@ def bench_loaders(kept: dict[str, Path], args: argparse.Namespace) -> list[dict[
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.workers is None:
+        args.workers = "1,2,0" if args.tar_source else "1,2"
     src = source_folder(args)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-prepare-"))
     try:
-        prep, kept = bench_prepare(src, work, args)
-        loaders = bench_loaders(kept, args)
+        if args.tar_source:
+            rows = bench_prepare_tar(src, work, args)
+        else:
+            prep, kept = bench_prepare(src, work, args)
+            loaders = bench_loaders(kept, args)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    if args.tar_source:
+        print("\n| source | format | workers (0 = all) | images/s |\n|---|---|---|---|")
+        for r in rows:
+            print(f"| tar of per-class tars | {r['format']} | {r['workers']} | {r['images_per_s']} |")
+        return _write_result(args, argv, src, "prepare-tar", prepare_tar=rows)
     print("\n| format | mode | workers | images/s | MiB |\n|---|---|---|---|---|")
     for r in prep:
         print(f"| {r['format']} | {r['mode']} | {r['workers']} | {r['images_per_s']} | {r['mib']} |")
     print("\n| format | loader | images/s |\n|---|---|---|")
     for r in loaders:
         print(f"| {r['format']} | {r['loader']} | {r.get('images_per_s', r.get('error'))} |")
-    result = {"benchmark": "prepare", "env": env_info("cpu"),
-              "command": "python3 benchmarks/bench_prepare.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-              "source": str(src), "cpu_count": os.cpu_count(), "prepare": prep, "loaders": loaders}
+    return _write_result(args, argv, src, "prepare", prepare=prep, loaders=loaders)
+
+
+def _write_result(args: argparse.Namespace, argv: list[str] | None, src: Path, name: str, **rows: Any) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    result = {"benchmark": name, "env": env_info("cpu"),
+              "command": "python3 benchmarks/bench_prepare.py " + shlex.join(given),
+              "source": str(src), "cpu_count": os.cpu_count(), **rows}
     if args.json:
         print(f"wrote {write_json(args.json, result)}")
     return 0

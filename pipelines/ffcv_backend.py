@@ -109,6 +109,42 @@ def open_beton_index(source: str | os.PathLike[str]) -> BetonIndex:
     )
 
 
+class BetonSource:
+    """Random access to ``(JPEG bytes, label)`` of a prepared beton (the ``SampleSource`` protocol of
+    :mod:`pipelines.dali_backend`), without ffcv: the evaluation readers use it."""
+
+    def __init__(self, source: str | os.PathLike[str]) -> None:
+        from swav_fast.prepare.beton import read_beton_tables
+
+        self.index = open_beton_index(source)
+        self.root, self.classes = self.index.root, list(self.index.classes)
+        _, _, _, alloc = read_beton_tables(self.index.beton)
+        order = np.argsort(alloc["sample_id"], kind="stable")
+        self._ptr = alloc["ptr"][order].astype(np.int64)
+        self._size = alloc["size"][order].astype(np.int64)
+        if len(self._ptr) != len(self.index.labels):  # type: ignore[arg-type]
+            raise DataError(f"{self.index.beton}: the allocation table does not list every sample once")
+        self._f: Any = None
+
+    def __len__(self) -> int:
+        return len(self._ptr)
+
+    def read(self, i: int) -> tuple[bytes, int]:
+        if self._f is None:
+            self._f = open(self.index.beton, "rb")
+        self._f.seek(int(self._ptr[i]))
+        data = self._f.read(int(self._size[i]))
+        if len(data) != int(self._size[i]):
+            raise DataError(f"{self.index.beton} is truncated at sample {i}")
+        return data, self.index.label(i)
+
+    def name(self, i: int) -> str:
+        return self.index.path(i)
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers open their own file
+        return {**self.__dict__, "_f": None}
+
+
 # ----------------------------------------------------------------------------- batched torch ops
 def _blend(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """``clamp(f * a + (1 - f) * b, 0, 1)`` with per-sample ``f`` (torchvision's adjust_* on floats)."""

@@ -19,7 +19,9 @@ examples:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint file (ckpt-*.pt, or an imported one)")
-    p.add_argument("--data", required=True, help="folder with train/ and val/ ImageFolders")
+    p.add_argument("--data", required=True,
+                   help="folder with train/ and val/: ImageFolders or splits prepared by swav-fast prepare "
+                        "(tfrecord, wds, beton), e.g. the --out of prepare")
     p.add_argument("--image-size", type=int, help="centre-crop size (default: the run's eval.image_size)")
     p.add_argument("--workers", type=int, default=0, help="image decoding processes (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")

@@ -1,9 +1,11 @@
-"""``swav-fast prepare``: convert an ImageFolder into TFRecord / webdataset / FFCV beton shards."""
+"""``swav-fast prepare``: convert an ImageFolder or the ImageNet archives into TFRecord / webdataset /
+FFCV beton shards."""
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections import Counter
 
 EPILOG = """output: OUT/<split>/ holds the shards, their DALI index files (.idx) and manifest.json
 (counts per class, class-to-index map, shard list with sizes and SHA-256, bad files with reasons).
@@ -16,6 +18,18 @@ given; CMYK, grayscale, PNG (also when named .jpg), EXIF-rotated and oversized f
 Bad files (empty, truncated, not an image, unreadable) are skipped and listed. Shards are written
 to a temp name and renamed when complete: rerunning an interrupted command skips finished shards
 and gives the same bytes as an uninterrupted run. Check the result with 'swav-fast inspect OUT'.
+
+sources (--src): an ImageFolder; ILSVRC2012_img_train.tar (a tar of per-class tars, read in place:
+nothing is extracted; classes = inner tar names, sorted, as the extracted folder gives); or the flat
+ILSVRC2012_img_val.tar / a folder of its JPEGs with --labels: the devkit's
+ILSVRC2012_validation_ground_truth.txt (IDs mapped through the devkit's meta.mat next to it, needs
+scipy, or --synsets), the devkit folder or ILSVRC2012_devkit_t12.tar.gz, or LOC_val_solution.csv.
+ImageNet from the official archives:
+  swav-fast prepare --src ILSVRC2012_img_train.tar --format wds --out /data/in1k
+  swav-fast prepare --src ILSVRC2012_img_val.tar --labels ILSVRC2012_devkit_t12.tar.gz \\
+      --split val --format wds --out /data/in1k
+  add --classes imagenet100 (both commands) for ImageNet-100, --per-class 50 for a quick subset.
+
 """
 
 
@@ -66,7 +80,11 @@ def register(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--src", required=True, metavar="IMAGEFOLDER", help="source ImageFolder (one folder per class)"
+        "--src",
+        required=True,
+        metavar="SRC",
+        help="an ImageFolder, ILSVRC2012_img_train.tar, or ILSVRC2012_img_val.tar / a folder of its "
+        "images (with --labels)",
     )
     p.add_argument("--format", required=True, choices=("beton", "tfrecord", "wds"), help="output format")
     p.add_argument(
@@ -77,6 +95,29 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--val-src",
         metavar="IMAGEFOLDER",
         help="also prepare this ImageFolder as split 'val' with the same options",
+    )
+    p.add_argument(
+        "--labels",
+        metavar="FILE",
+        help="labels of a flat validation source: ILSVRC2012_validation_ground_truth.txt, the devkit "
+        "folder or .tar.gz, or LOC_val_solution.csv (with --val-src: for the --val-src source)",
+    )
+    p.add_argument(
+        "--synsets",
+        metavar="FILE",
+        help="synsets in devkit order (line k = ILSVRC2012 ID k) for ground-truth IDs, instead of meta.mat",
+    )
+    p.add_argument(
+        "--classes",
+        metavar="FILE|imagenet100",
+        help="keep only these classes (one per line; 'imagenet100': the CMC / solo-learn ImageNet-100 "
+        "list), indexed in sorted order",
+    )
+    p.add_argument(
+        "--per-class",
+        type=_positive,
+        metavar="N",
+        help="keep the first N images of each class (sorted by file name)",
     )
     p.add_argument(
         "--shard-size",
@@ -127,14 +168,15 @@ def register(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from swav_fast.prepare import prepare_dataset
 
-    jobs = [(args.src, args.split)]
+    labels = (args.labels, args.synsets)
+    jobs = [(args.src, args.split, (None, None) if args.val_src else labels)]
     if args.val_src:
         if args.split == "val":
             from swav_fast.errors import ConfigError
 
             raise ConfigError("--val-src writes split 'val'; use another --split for --src")
-        jobs.append((args.val_src, "val"))
-    for src, split in jobs:
+        jobs.append((args.val_src, "val", labels))
+    for src, split, (label_file, synsets) in jobs:
         start = time.perf_counter()
         m = prepare_dataset(
             src,
@@ -148,6 +190,10 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             overwrite=args.overwrite,
             page_size=args.page_size_mb << 20,
+            labels=label_file,
+            synsets=synsets,
+            classes=args.classes,
+            per_class=args.per_class,
         )
         seconds = time.perf_counter() - start
         bad = m["bad_files"]
@@ -161,4 +207,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"  bad: {b['path']}: {b['reason']}")
         if len(bad) > 20:
             print(f"  ... {len(bad) - 20} more in {args.out}/{split}/manifest.json (bad_files)")
+        converted = Counter(c["reason"] for c in m.get("converted_files", []))
+        for reason, n in sorted(converted.items()):
+            print(f"  converted: {n} file(s): {reason} (listed in manifest.json, converted_files)")
+        if m.get("subset"):
+            sub = m["subset"]
+            text = f"  subset: {sub['num_classes']} classes"
+            text += f" from {sub['classes']}" if "classes" in sub else ""
+            text += f", at most {sub['per_class']} images each" if sub.get("per_class") else ""
+            print(text)
     return 0

@@ -1,10 +1,12 @@
 """Weighted k-nearest-neighbour evaluation of frozen trunk features."""
 from __future__ import annotations
 
+import io
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -53,23 +55,63 @@ def eval_transform(image_size: int) -> transforms.Compose:
     ])
 
 
-class _EvalFolder(Dataset):
-    """Centre-cropped images of an ImageFolder; unreadable files give ``None`` (dropped, counted)."""
+def open_split(split: str | Path | ImageFolderIndex | Any) -> Any:
+    """A random-access sample source (``read(i) -> (bytes, label)``, ``classes``, ``root``) for a split:
+    an ImageFolder, or a folder that ``swav-fast prepare`` wrote (TFRecord, webdataset or beton).
 
-    def __init__(self, index: ImageFolderIndex, image_size: int):
-        self.index = index
+    The readers are the loaders' own (:mod:`pipelines.dali_backend`, :mod:`pipelines.ffcv_backend`).
+    """
+    from pipelines.dali_backend import ImageFolderSource, open_source
+
+    if isinstance(split, ImageFolderIndex):
+        return ImageFolderSource(split)
+    if not isinstance(split, (str, Path)):
+        return split  # already a source
+    path = Path(split)
+    fmt = _prepared_format(path)
+    if fmt == "beton":
+        from pipelines.ffcv_backend import BetonSource
+
+        return BetonSource(path)
+    if fmt is not None:
+        return open_source(path)
+    return ImageFolderSource(scan_image_folder(path))
+
+
+def _prepared_format(path: Path) -> str | None:
+    """The format of a split written by ``swav-fast prepare``; None for anything else (an ImageFolder,
+    which may hold a manifest.json of its own, e.g. a synthetic set's)."""
+    import json
+
+    from swav_fast.prepare import FORMATS, read_manifest
+
+    try:
+        with open(path / "manifest.json", encoding="utf-8") as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(m, dict) and m.get("format") in FORMATS and "shards" in m):
+        return None
+    return read_manifest(path)["format"]  # validated: a damaged manifest is an error, not a folder
+
+
+class _EvalSource(Dataset):
+    """Centre-cropped images of a sample source; unreadable samples give ``None`` (dropped, counted)."""
+
+    def __init__(self, source: Any, image_size: int):
+        self.source = source
         self.transform = eval_transform(image_size)
 
     def __len__(self) -> int:
-        return len(self.index.samples)
+        return len(self.source)
 
     def __getitem__(self, i: int):
-        rel, label = self.index.samples[i]
         try:
-            with Image.open(Path(self.index.root) / rel) as img:
+            data, label = self.source.read(i)
+            with Image.open(io.BytesIO(data)) as img:
                 return self.transform(img.convert("RGB")), label
         except Exception as exc:  # corrupt / truncated / not an image
-            log.warning("skipping unreadable image %s: %s", rel, exc)
+            log.warning("skipping unreadable image %s: %s", self.source.name(i), exc)
             return None
 
 
@@ -81,12 +123,16 @@ def _collate(items):
 
 
 @torch.no_grad()
-def extract_features(trunk: nn.Module, folder: str | Path | ImageFolderIndex, image_size: int = 224,
+def extract_features(trunk: nn.Module, folder: str | Path | ImageFolderIndex | Any, image_size: int = 224,
                      batch_size: int = 128, device: str | torch.device = "cpu",
                      workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised trunk features ``[N, D]`` and labels ``[N]`` of a folder (eval mode)."""
-    index = folder if isinstance(folder, ImageFolderIndex) else scan_image_folder(folder)
-    loader = DataLoader(_EvalFolder(index, image_size), batch_size=batch_size, num_workers=workers,
+    """L2-normalised trunk features ``[N, D]`` and labels ``[N]`` of a split (eval mode).
+
+    ``folder``: an ImageFolder or prepared split folder, an :class:`ImageFolderIndex`, or a source
+    from :func:`open_split`.
+    """
+    source = open_split(folder)
+    loader = DataLoader(_EvalSource(source, image_size), batch_size=batch_size, num_workers=workers,
                         collate_fn=_collate)
     was_training = trunk.training
     trunk.eval()
@@ -102,18 +148,19 @@ def extract_features(trunk: nn.Module, folder: str | Path | ImageFolderIndex, im
         labels.append(y)
     trunk.train(was_training)
     if not feats:
-        raise DataError(f"no readable images in {index.root}")
+        raise DataError(f"no readable images in {source.root}")
     return torch.cat(feats), torch.cat(labels)
 
 
 def split_dirs(data: str | Path) -> tuple[Path, Path]:
-    """``DATA/train`` and ``DATA/val`` (both must exist)."""
+    """``DATA/train`` and ``DATA/val`` (both must exist: ImageFolders or prepared splits)."""
     data = Path(data)
     train, val = data / "train", data / "val"
     if not data.exists():
         raise DataError(f"kNN data folder {data} does not exist")
     if not (train.is_dir() and val.is_dir()):
-        raise DataError(f"kNN data folder {data} must contain train/ and val/ ImageFolders")
+        raise DataError(f"kNN data folder {data} must contain train/ and val/ "
+                        "(ImageFolders or splits written by swav-fast prepare)")
     return train, val
 
 
@@ -134,15 +181,22 @@ def knn_eval(trunk: nn.Module, data: str | Path, image_size: int = 224, k: int =
              temperature: float = 0.07, batch_size: int = 128, device: str | torch.device = "cpu",
              workers: int = 0) -> KNNResult:
     """kNN top-1 (%) of ``trunk``: the bank is ``data/train``, queries are ``data/val``."""
-    train_dir, val_dir = split_dirs(data)
-    train_index, val_index = scan_image_folder(train_dir), scan_image_folder(val_dir)
-    if train_index.classes != val_index.classes:
-        raise DataError(f"{train_dir} and {val_dir} have different class folders")
-    ftr, ytr = extract_features(trunk, train_index, image_size, batch_size, device, workers)
-    fva, yva = extract_features(trunk, val_index, image_size, batch_size, device, workers)
-    pred = knn_predict(ftr, ytr, fva, len(train_index.classes), k, temperature)
+    train, val = open_splits(data)
+    ftr, ytr = extract_features(trunk, train, image_size, batch_size, device, workers)
+    fva, yva = extract_features(trunk, val, image_size, batch_size, device, workers)
+    pred = knn_predict(ftr, ytr, fva, len(train.classes), k, temperature)
     top1 = 100.0 * (pred == yva).float().mean().item()
-    return KNNResult(top1, k, temperature, len(ytr), len(yva), len(train_index.classes))
+    return KNNResult(top1, k, temperature, len(ytr), len(yva), len(train.classes))
+
+
+def open_splits(data: str | Path) -> tuple[Any, Any]:
+    """Sources of ``DATA/train`` and ``DATA/val`` (see :func:`open_split`); their classes must agree."""
+    train_dir, val_dir = split_dirs(data)
+    train, val = open_split(train_dir), open_split(val_dir)
+    if list(train.classes) != list(val.classes):
+        raise DataError(f"{train_dir} and {val_dir} have different classes "
+                        f"({len(train.classes)} and {len(val.classes)}, or another order)")
+    return train, val
 
 
 def knn_due(epochs_done: int, every: int) -> bool:

@@ -28,9 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipelines.folder import ImageFolderIndex, scan_image_folder
+from pipelines.folder import ImageFolderIndex
 from swav_fast.errors import DataError
-from swav_fast.eval.knn import extract_features, split_dirs
+from swav_fast.eval.knn import extract_features, open_splits
 
 log = logging.getLogger("swav_fast")
 
@@ -96,11 +96,32 @@ def folder_fingerprint(index: ImageFolderIndex) -> str:
     return h.hexdigest()
 
 
-def feature_cache_key(trunk: nn.Module, train_index: ImageFolderIndex, val_index: ImageFolderIndex,
-                      image_size: int) -> str:
-    """Key of the cached features: trunk weights + both splits' files + image size."""
-    parts = [f"v{CACHE_VERSION}", trunk_fingerprint(trunk), folder_fingerprint(train_index),
-             folder_fingerprint(val_index), str(int(image_size))]
+def split_fingerprint(source) -> str:
+    """Fingerprint of a split from :func:`~swav_fast.eval.knn.open_split`: an ImageFolder's files
+    (:func:`folder_fingerprint`), or a prepared split's manifest (shard names, sizes, SHA-256) and the
+    shard files' sizes and modification times."""
+    index = getattr(source, "_index", None)
+    if isinstance(index, ImageFolderIndex):
+        return folder_fingerprint(index)
+    root = Path(source.root)
+    split = root if (root / "manifest.json").is_file() else root.parent  # a beton source's root
+    h = hashlib.sha256(f"{split}\n{source.classes}\n{len(source)}\n".encode())
+    h.update((split / "manifest.json").read_bytes())
+    for p in sorted(split.iterdir()):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.name}\t{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def feature_cache_key(trunk: nn.Module, train_index, val_index, image_size: int) -> str:
+    """Key of the cached features: trunk weights + both splits' files + image size.
+
+    ``train_index`` / ``val_index``: :class:`ImageFolderIndex` or sources from ``open_split``.
+    """
+    parts = [f"v{CACHE_VERSION}", trunk_fingerprint(trunk),
+             *(folder_fingerprint(x) if isinstance(x, ImageFolderIndex) else split_fingerprint(x)
+               for x in (train_index, val_index)), str(int(image_size))]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
@@ -127,12 +148,10 @@ def load_features(trunk: nn.Module, data: str | Path, image_size: int = 224, bat
 
     With ``cache_dir``, the features are stored (float16, written atomically) as
     ``cache_dir/features-<key>.pt`` where the key covers the trunk's weights, both splits' files and
-    the image size; the file loads with ``torch.load(..., weights_only=True)``.
+    the image size; the file loads with ``torch.load(..., weights_only=True)``.  ``data/train`` and
+    ``data/val`` are ImageFolders or splits written by ``swav-fast prepare``.
     """
-    train_dir, val_dir = split_dirs(data)
-    train_index, val_index = scan_image_folder(train_dir), scan_image_folder(val_dir)
-    if train_index.classes != val_index.classes:
-        raise DataError(f"{train_dir} and {val_dir} have different class folders")
+    train_index, val_index = open_splits(data)
     path = key = None
     if cache_dir is not None:
         key = feature_cache_key(trunk, train_index, val_index, image_size)

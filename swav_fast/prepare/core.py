@@ -1,4 +1,5 @@
-"""``prepare_dataset``: ImageFolder -> sharded TFRecord / webdataset / FFCV beton, atomic and resumable.
+"""``prepare_dataset``: ImageFolder or ImageNet archive -> sharded TFRecord / webdataset / FFCV beton,
+atomic and resumable (the source kinds are in :mod:`swav_fast.prepare.imagenet`).
 
 Plan: the source is sorted (class, then path) and sample ``i`` goes to shard ``i // shard_size``,
 so the plan depends only on the source and the settings, never on timing or worker count.
@@ -42,7 +43,8 @@ from .manifest import (
     validate_manifest,
     write_json_atomic,
 )
-from .sources import SourceList, encode_chunk, scan_source
+from .imagenet import open_source, source_params
+from .sources import ItemSpec, SourceList, encode_chunk
 from .writers import ShardWriter, TFRecordShardWriter, WdsShardWriter, key_digits
 
 log = logging.getLogger("swav_fast.prepare")
@@ -57,6 +59,8 @@ PAUSE_MESSAGE = "prepare: test pause"
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 #: Images per task sent to a worker process.
 _CHUNK = 16
+#: The progress bar always shows the rate (images/s) and the time left, whatever the terminal width.
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} img [{elapsed}<{remaining}, {rate_fmt}]"
 
 
 def prepare_dataset(
@@ -72,8 +76,18 @@ def prepare_dataset(
     progress: bool = True,
     overwrite: bool = False,
     page_size: int = DEFAULT_PAGE_SIZE,
+    labels: str | os.PathLike[str] | None = None,
+    synsets: str | os.PathLike[str] | None = None,
+    classes: str | None = None,
+    per_class: int | None = None,
 ) -> dict[str, Any]:
-    """Convert the ImageFolder ``src`` into ``out/<split>/`` shards of format ``fmt``; return the manifest.
+    """Convert ``src`` into ``out/<split>/`` shards of format ``fmt``; return the manifest.
+
+    ``src``: an ImageFolder, a tar of per-class tars (``ILSVRC2012_img_train.tar``), or a flat tar /
+    folder of validation images with ``labels`` (the devkit ground truth, with its ``meta.mat`` or
+    ``synsets``, or ``LOC_val_solution.csv``).  ``classes`` (a file with one class per line, or
+    ``"imagenet100"``) and ``per_class`` (the first N images of each class by file name) choose a
+    subset; both are recorded in the manifest (``subset``).
 
     ``fmt``: ``"tfrecord"``, ``"wds"`` or ``"beton"``.  ``shard_size``: source images per shard (a
     shard holds fewer when some are bad).  ``max_resolution``: long side limit (aspect kept).
@@ -88,7 +102,9 @@ def prepare_dataset(
     fmt = _check_args(fmt, split, shard_size, max_resolution, quality, workers)
     if fmt == "beton":
         page_size = check_page_size(page_size)
-    source = scan_source(src)
+    source = open_source(
+        src, labels=labels, synsets=synsets, classes=classes, per_class=per_class, progress=progress
+    )
     split_dir = Path(out) / split
     _make_dir(split_dir)
     with _DirLock(split_dir):
@@ -104,6 +120,7 @@ def prepare_dataset(
             progress,
             overwrite,
             page_size,
+            source_params(classes, per_class),
         ).run()
 
 
@@ -184,6 +201,7 @@ class _Preparer:
         progress: bool,
         overwrite: bool,
         page_size: int,
+        subset_params: dict[str, Any] | None = None,
     ) -> None:
         self.source, self.split_dir, self.fmt, self.split = source, split_dir, fmt, split
         self.shard_size = shard_size
@@ -203,6 +221,7 @@ class _Preparer:
         }
         if fmt == "beton":
             self.params["page_size"] = page_size
+        self.params.update(subset_params or {})
         self.fingerprint = source.fingerprint()
 
     # -- driver --------------------------------------------------------------------------------
@@ -374,7 +393,7 @@ class _Preparer:
         from tqdm import tqdm
 
         items = [
-            (i, os.path.join(self.source.root, self.source.paths[i]))
+            (i, self.source.item(i))
             for k in todo
             for i in range(k * self.shard_size, min(self.n, (k + 1) * self.shard_size))
         ]
@@ -388,6 +407,7 @@ class _Preparer:
             disable=not self.progress,
             dynamic_ncols=True,
             smoothing=0.05,
+            bar_format=BAR_FORMAT,
         )
         labels, paths, classes = self.source.labels, self.source.paths, self.source.classes
         try:
@@ -396,6 +416,7 @@ class _Preparer:
                 writer = beton if beton is not None else self._writer(k)
                 counts = [0] * len(classes)
                 bad: list[dict[str, str]] = []
+                converted: list[dict[str, str]] = []
                 passed = 0
                 try:
                     for i in range(lo, hi):
@@ -418,6 +439,8 @@ class _Preparer:
                                 writer.add(i, labels[i], r.data)  # type: ignore[union-attr]
                             counts[labels[i]] += 1
                             passed += r.passthrough
+                            if r.note:
+                                converted.append({"path": paths[i], "reason": r.note})
                         bar.update(1)
                         if (
                             pause_after is not None
@@ -434,6 +457,7 @@ class _Preparer:
                     "shard_id": k,
                     "counts": counts,
                     "bad": bad,
+                    "converted": converted,
                     "passthrough": passed,
                     "stored": sum(counts),
                 }
@@ -465,7 +489,7 @@ class _Preparer:
         counts = (
             np.sum([r["counts"] for r in recs], axis=0, dtype=np.int64) if recs else np.zeros(len(classes))
         )
-        bad = [b for r in recs for b in r["bad"]]
+        bad = list(self.source.bad) + [b for r in recs for b in r["bad"]]
         stored = int(sum(r["stored"] for r in recs))
         if stored == 0:
             first = f" (first: {bad[0]['path']}: {bad[0]['reason']})" if bad else ""
@@ -490,13 +514,16 @@ class _Preparer:
             "bad_files": bad,
             "num_passthrough": passed,
             "num_reencoded": stored - passed,
+            "converted_files": [c for r in recs for c in r.get("converted", [])],
             "params": self.params,
             "source": self.source.root,
+            "source_kind": self.source.kind,
             "source_fingerprint": self.fingerprint,
             "layout": LAYOUT[self.fmt],
         }
         if self.fmt == "wds":
             manifest["key_digits"] = key_digits(self.n)
+        manifest.update(self.source.info)  # "labels" (validation label file), "subset"
         validate_manifest(manifest)
         return manifest
 
@@ -535,7 +562,11 @@ class _EncodedStream:
     """
 
     def __init__(
-        self, items: Sequence[tuple[int, str]], max_resolution: int | None, quality: int | None, workers: int
+        self,
+        items: Sequence[tuple[int, ItemSpec]],
+        max_resolution: int | None,
+        quality: int | None,
+        workers: int,
     ) -> None:
         self.chunks = [items[k:k + _CHUNK] for k in range(0, len(items), _CHUNK)]
         self.opts = (max_resolution, quality)
@@ -571,6 +602,6 @@ class _EncodedStream:
 
 
 def _encoded_stream(
-    items: Sequence[tuple[int, str]], max_resolution: int | None, quality: int | None, workers: int
+    items: Sequence[tuple[int, ItemSpec]], max_resolution: int | None, quality: int | None, workers: int
 ) -> _EncodedStream:
     return _EncodedStream(items, max_resolution, quality, workers)

@@ -10,7 +10,11 @@ Schema (the DALI and FFCV readers rely on it)::
     shards            [{"path", "index", "num_samples", "bytes", "sha256", ...}]  (relative to the split)
     bad_files         [{"path", "reason"}]  (paths relative to the source folder)
 
-plus provenance (``split``, ``source``, ``params``, ``source_fingerprint``, ``num_source_files``, ...).
+plus provenance (``split``, ``source``, ``params``, ``source_fingerprint``, ``num_source_files``, ...),
+``source_kind`` (imagefolder, train-tar, val-tar, val-folder), ``converted_files`` (``[{"path",
+"reason"}]``: CMYK / grayscale / PNG data converted to RGB JPEG), and when used ``labels`` (the
+validation labels file: path, format, SHA-256) and ``subset`` (``--classes`` / ``--per-class``).
+Paths are the ImageFolder paths ``<class>/<file>``, also for an archive source.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ import hashlib
 import io
 import os
 import warnings
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -32,17 +32,53 @@ class BadImage(Exception):
     """A source file that cannot become a sample; ``str(exc)`` is the reason listed in the report."""
 
 
+#: Where a worker reads one source image: an absolute file path, or ``(archive, offset, size)``.
+ItemSpec = Union[str, tuple[str, int, int]]
+
+
 @dataclass(frozen=True)
 class SourceList:
-    """The sorted source: ``paths[i]`` (relative to ``root``) has label ``labels[i]``; ``i`` is its index."""
+    """The sorted source: ``paths[i]`` (relative to ``root``) has label ``labels[i]``; ``i`` is its index.
+
+    ``paths`` are the ImageFolder paths (``<class>/<file>``) that an extracted copy of the source
+    would have; the bytes are read from ``root/paths[i]`` (an ImageFolder), ``root/files[i]`` (a flat
+    folder) or ``tar`` at ``offsets[i]`` (``sizes[i]`` bytes; an archive).  ``bad`` lists source
+    problems found while scanning (a corrupt inner tar); ``info`` is provenance for the manifest.
+    """
 
     root: str
     classes: list[str]
     paths: list[str]
     labels: list[int]
+    kind: str = "imagefolder"
+    files: list[str] | None = None
+    tar: str | None = None
+    offsets: Any = None
+    sizes: Any = None
+    bad: list[dict[str, str]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def item(self, i: int) -> ItemSpec:
+        """Where sample ``i``'s bytes are (what :func:`encode_chunk` is given)."""
+        if self.tar is not None:
+            return (self.tar, int(self.offsets[i]), int(self.sizes[i]))
+        return os.path.join(self.root, (self.files or self.paths)[i])
+
+    def subset(self, keep: Sequence[int], classes: list[str], labels: Sequence[int]) -> "SourceList":
+        """The samples ``keep`` (in that order) relabelled ``labels`` over ``classes``."""
+        pick = list(keep)
+        return replace(
+            self,
+            classes=list(classes),
+            paths=[self.paths[i] for i in pick],
+            labels=[int(v) for v in labels],
+            files=None if self.files is None else [self.files[i] for i in pick],
+            offsets=None if self.offsets is None else np.asarray(self.offsets)[pick],
+            sizes=None if self.sizes is None else np.asarray(self.sizes)[pick],
+        )
 
     def fingerprint(self) -> str:
         """SHA-256 over classes and (path, label): identifies the plan that resumable runs must share."""
@@ -78,6 +114,8 @@ class EncodedImage:
     height: int = 0
     passthrough: bool = False
     reason: str = ""
+    #: why a file that could not pass through was converted (CMYK, grayscale, PNG data...); "" otherwise
+    note: str = ""
 
 
 def target_size(width: int, height: int, max_resolution: int | None) -> tuple[int, int] | None:
@@ -115,6 +153,13 @@ def encode_image(
 
     ``quality=None``: pass valid RGB JPEGs through, re-encode the rest at :data:`DEFAULT_QUALITY`.
     """
+    return _encode(data, max_resolution, quality)[:4]  # type: ignore[return-value]
+
+
+def _encode(
+    data: bytes, max_resolution: int | None, quality: int | None
+) -> tuple[bytes, int, int, bool, str]:
+    """:func:`encode_image` plus the conversion note (see :func:`conversion_note`)."""
     if not data:
         raise BadImage("empty file (0 bytes)")
     if ImageFile.LOAD_TRUNCATED_IMAGES:
@@ -150,7 +195,8 @@ def encode_image(
         except Exception as exc:  # noqa: BLE001
             raise BadImage(f"truncated or corrupt image data ({type(exc).__name__}: {exc})") from None
         if passthrough:
-            return data, w, h, True
+            return data, w, h, True, ""
+        note = conversion_note(fmt, im.mode, _orientation(im)) if quality is None else ""
         try:
             rgb = _to_rgb(im)
             if size is not None and rgb.size != size:
@@ -159,7 +205,18 @@ def encode_image(
             rgb.save(buf, format="JPEG", quality=int(quality or DEFAULT_QUALITY))
         except Exception as exc:  # noqa: BLE001
             raise BadImage(f"cannot convert to RGB JPEG ({type(exc).__name__}: {exc})") from None
-        return buf.getvalue(), rgb.width, rgb.height, False
+        return buf.getvalue(), rgb.width, rgb.height, False, note
+
+
+def conversion_note(fmt: str | None, mode: str, orientation: int | None) -> str:
+    """Why a decodable file is not a plain RGB JPEG ("" when it is one: resizing alone is no oddity)."""
+    if fmt != "JPEG":
+        return f"{fmt or 'unknown'} data converted to JPEG"
+    if mode != "RGB":
+        return f"{mode} JPEG converted to RGB"
+    if orientation not in (None, 1):
+        return "EXIF-rotated JPEG re-encoded as stored"
+    return ""
 
 
 def _orientation(im: Image.Image) -> int | None:
@@ -169,23 +226,59 @@ def _orientation(im: Image.Image) -> int | None:
         return -1
 
 
-def load_and_encode(index: int, path: str, max_resolution: int | None, quality: int | None) -> EncodedImage:
-    """Read ``path`` and encode it; never raises for a bad file (the reason goes into the result)."""
+def read_item(spec: ItemSpec, handles: dict[str, Any] | None = None) -> bytes:
+    """The bytes of one source image: a whole file, or ``size`` bytes at ``offset`` of an archive.
+
+    ``handles`` caches open archives between calls (the caller closes them).  Raises ``OSError``.
+    """
+    if isinstance(spec, str):
+        with open(spec, "rb") as f:
+            return f.read()
+    path, offset, size = spec
+    f = None if handles is None else handles.get(path)
+    if f is None:
+        f = open(path, "rb")
+        if handles is not None:
+            handles[path] = f
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        f.seek(offset)
+        data = f.read(size)
+    finally:
+        if handles is None:
+            f.close()
+    if len(data) != size:
+        raise OSError(0, f"archive ends {size - len(data)} bytes early (truncated)")
+    return data
+
+
+def load_and_encode(
+    index: int,
+    path: ItemSpec,
+    max_resolution: int | None,
+    quality: int | None,
+    handles: dict[str, Any] | None = None,
+) -> EncodedImage:
+    """Read ``path`` (see :func:`read_item`) and encode it; never raises for a bad file (the reason is
+    in the result)."""
+    try:
+        data = read_item(path, handles)
     except OSError as exc:
         return EncodedImage(index, None, reason=f"unreadable ({exc.strerror or type(exc).__name__})")
     try:
-        jpeg, w, h, passed = encode_image(data, max_resolution, quality)
+        jpeg, w, h, passed, note = _encode(data, max_resolution, quality)
     except BadImage as exc:
         return EncodedImage(index, None, reason=str(exc))
     except MemoryError:
         return EncodedImage(index, None, reason="out of memory while decoding")
-    return EncodedImage(index, jpeg, w, h, passed)
+    return EncodedImage(index, jpeg, w, h, passed, note=note)
 
 
-def encode_chunk(task: tuple[Sequence[tuple[int, str]], int | None, int | None]) -> list[EncodedImage]:
-    """Pool entry point (module level, picklable): encode ``[(index, absolute path), ...]`` in order."""
+def encode_chunk(task: tuple[Sequence[tuple[int, ItemSpec]], int | None, int | None]) -> list[EncodedImage]:
+    """Pool entry point (module level, picklable): encode ``[(index, item spec), ...]`` in order."""
     items, max_resolution, quality = task
-    return [load_and_encode(i, p, max_resolution, quality) for i, p in items]
+    handles: dict[str, Any] = {}
+    try:
+        return [load_and_encode(i, p, max_resolution, quality, handles) for i, p in items]
+    finally:
+        for f in handles.values():
+            f.close()
