@@ -14,6 +14,7 @@ BENCHMARKS = {
     "e2e": "real loader + step: images/s and the split between loader wait and compute",
     "loader": "loader throughput per backend and stage (read, decode, augment)",
     "prepare": "dataset preparation (shard writing) throughput",
+    "threads": "CPU training-step images/s of the main job's model at 1, 2 and the auto-chosen threads",
 }
 
 EPILOG = "benchmarks:\n" + "\n".join(f"  {name:<9} {what}" for name, what in BENCHMARKS.items()) + """

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
+from tqdm import tqdm
 
 from pipelines.folder import ImageFolderIndex, scan_image_folder
 from swav_fast.errors import DataError
@@ -83,8 +84,9 @@ def _collate(items):
 @torch.no_grad()
 def extract_features(trunk: nn.Module, folder: str | Path | ImageFolderIndex, image_size: int = 224,
                      batch_size: int = 128, device: str | torch.device = "cpu",
-                     workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised trunk features ``[N, D]`` and labels ``[N]`` of a folder (eval mode)."""
+                     workers: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised trunk features ``[N, D]`` and labels ``[N]`` of a folder (eval mode); ``progress``
+    shows a bar named after the folder."""
     index = folder if isinstance(folder, ImageFolderIndex) else scan_image_folder(folder)
     loader = DataLoader(_EvalFolder(index, image_size), batch_size=batch_size, num_workers=workers,
                         collate_fn=_collate)
@@ -92,7 +94,9 @@ def extract_features(trunk: nn.Module, folder: str | Path | ImageFolderIndex, im
     trunk.eval()
     feats, labels = [], []
     device = torch.device(device)
-    for batch in loader:
+    bar = tqdm(loader, desc=f"features {Path(index.root).name}", unit="batch", disable=not progress,
+               dynamic_ncols=True, leave=False)
+    for batch in bar:
         if batch is None:
             continue
         x, y = batch
@@ -106,14 +110,14 @@ def extract_features(trunk: nn.Module, folder: str | Path | ImageFolderIndex, im
     return torch.cat(feats), torch.cat(labels)
 
 
-def split_dirs(data: str | Path) -> tuple[Path, Path]:
-    """``DATA/train`` and ``DATA/val`` (both must exist)."""
+def split_dirs(data: str | Path, what: str = "kNN") -> tuple[Path, Path]:
+    """``DATA/train`` and ``DATA/val`` (both must exist); ``what`` names the evaluation in errors."""
     data = Path(data)
     train, val = data / "train", data / "val"
     if not data.exists():
-        raise DataError(f"kNN data folder {data} does not exist")
+        raise DataError(f"{what} data folder {data} does not exist")
     if not (train.is_dir() and val.is_dir()):
-        raise DataError(f"kNN data folder {data} must contain train/ and val/ ImageFolders")
+        raise DataError(f"{what} data folder {data} must contain train/ and val/ ImageFolders")
     return train, val
 
 
@@ -132,14 +136,14 @@ class KNNResult:
 
 def knn_eval(trunk: nn.Module, data: str | Path, image_size: int = 224, k: int = 20,
              temperature: float = 0.07, batch_size: int = 128, device: str | torch.device = "cpu",
-             workers: int = 0) -> KNNResult:
+             workers: int = 0, progress: bool = False) -> KNNResult:
     """kNN top-1 (%) of ``trunk``: the bank is ``data/train``, queries are ``data/val``."""
     train_dir, val_dir = split_dirs(data)
     train_index, val_index = scan_image_folder(train_dir), scan_image_folder(val_dir)
     if train_index.classes != val_index.classes:
         raise DataError(f"{train_dir} and {val_dir} have different class folders")
-    ftr, ytr = extract_features(trunk, train_index, image_size, batch_size, device, workers)
-    fva, yva = extract_features(trunk, val_index, image_size, batch_size, device, workers)
+    ftr, ytr = extract_features(trunk, train_index, image_size, batch_size, device, workers, progress)
+    fva, yva = extract_features(trunk, val_index, image_size, batch_size, device, workers, progress)
     pred = knn_predict(ftr, ytr, fva, len(train_index.classes), k, temperature)
     top1 = 100.0 * (pred == yva).float().mean().item()
     return KNNResult(top1, k, temperature, len(ytr), len(yva), len(train_index.classes))

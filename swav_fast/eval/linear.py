@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from pipelines.folder import ImageFolderIndex, scan_image_folder
 from swav_fast.errors import DataError
@@ -122,14 +123,14 @@ def _load_cache(path: Path, key: str) -> Features | None:
 
 def load_features(trunk: nn.Module, data: str | Path, image_size: int = 224, batch_size: int = 128,
                   device: str | torch.device = "cpu", workers: int = 0,
-                  cache_dir: str | Path | None = None) -> Features:
+                  cache_dir: str | Path | None = None, progress: bool = False) -> Features:
     """Features of ``data/train`` and ``data/val``, from ``cache_dir`` when already extracted.
 
     With ``cache_dir``, the features are stored (float16, written atomically) as
     ``cache_dir/features-<key>.pt`` where the key covers the trunk's weights, both splits' files and
     the image size; the file loads with ``torch.load(..., weights_only=True)``.
     """
-    train_dir, val_dir = split_dirs(data)
+    train_dir, val_dir = split_dirs(data, "linear probe")
     train_index, val_index = scan_image_folder(train_dir), scan_image_folder(val_dir)
     if train_index.classes != val_index.classes:
         raise DataError(f"{train_dir} and {val_dir} have different class folders")
@@ -141,8 +142,8 @@ def load_features(trunk: nn.Module, data: str | Path, image_size: int = 224, bat
         if found is not None:
             log.info("loaded cached features from %s", path)
             return found
-    ftr, ytr = extract_features(trunk, train_index, image_size, batch_size, device, workers)
-    fva, yva = extract_features(trunk, val_index, image_size, batch_size, device, workers)
+    ftr, ytr = extract_features(trunk, train_index, image_size, batch_size, device, workers, progress)
+    fva, yva = extract_features(trunk, val_index, image_size, batch_size, device, workers, progress)
     feats = Features(ftr, ytr, fva, yva, list(train_index.classes))
     if path is not None:
         from swav_fast.checkpoint import atomic_save
@@ -165,7 +166,7 @@ def standardize(train: torch.Tensor, *others: torch.Tensor, eps: float = 1e-6) -
 def train_linear(features: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int = 100,
                  lr: float = 0.3, batch_size: int = 256, weight_decay: float = 1e-6,
                  momentum: float = 0.9, seed: int = 0,
-                 device: str | torch.device = "cpu") -> nn.Linear:
+                 device: str | torch.device = "cpu", progress: bool = False) -> nn.Linear:
     """An ``nn.Linear`` trained with cross-entropy, SGD (momentum) and per-iteration cosine decay.
 
     ``lr`` is the learning rate actually used (no scaling here); the classifier starts at zero.
@@ -183,7 +184,8 @@ def train_linear(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
     steps_per_epoch = max(1, math.ceil(n / batch_size))
     total = epochs * steps_per_epoch
     step = 0
-    for _ in range(epochs):
+    for _ in tqdm(range(epochs), desc="linear probe", unit="epoch", disable=not progress, dynamic_ncols=True,
+                  leave=False):
         perm = torch.randperm(n, generator=gen).to(device)
         for start in range(0, n, batch_size):
             idx = perm[start:start + batch_size]
@@ -209,7 +211,7 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
 def linear_probe_features(feats: Features, epochs: int = 100, lr: float = 0.3, batch_size: int = 256,
                           weight_decay: float = 1e-6, momentum: float = 0.9, scale_lr: bool = True,
                           standardize_features: bool = True, seed: int = 0,
-                          device: str | torch.device = "cpu") -> LinearResult:
+                          device: str | torch.device = "cpu", progress: bool = False) -> LinearResult:
     """Train and evaluate the linear classifier on already extracted features.
 
     With ``scale_lr``, ``lr`` is the rate for a batch of 256 and the rate used is
@@ -222,7 +224,7 @@ def linear_probe_features(feats: Features, epochs: int = 100, lr: float = 0.3, b
     used_lr = lr * batch_size / 256 if scale_lr else lr
     t0 = time.perf_counter()
     clf = train_linear(ftr, feats.train_labels, num_classes, epochs, used_lr, batch_size, weight_decay,
-                       momentum, seed, device)
+                       momentum, seed, device, progress)
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         dev = clf.weight.device
@@ -237,16 +239,17 @@ def linear_probe(trunk: nn.Module, data: str | Path, *, image_size: int = 224, e
                  fast: bool = False, lr: float = 0.3, batch_size: int = 256, weight_decay: float = 1e-6,
                  momentum: float = 0.9, scale_lr: bool = True, standardize_features: bool = True,
                  seed: int = 0, feature_batch_size: int = 128, device: str | torch.device = "cpu",
-                 workers: int = 0, cache_dir: str | Path | None = None) -> LinearResult:
+                 workers: int = 0, cache_dir: str | Path | None = None,
+                 progress: bool = False) -> LinearResult:
     """Linear-probe top-1/top-5 (%) of a frozen ``trunk``: trained on ``data/train``, tested on ``data/val``.
 
     ``fast=True`` trains for :data:`FAST_EPOCHS` epochs instead of ``epochs``. ``cache_dir`` caches
     the extracted features (see :func:`load_features`). The trunk is not modified.
     """
     t0 = time.perf_counter()
-    feats = load_features(trunk, data, image_size, feature_batch_size, device, workers, cache_dir)
+    feats = load_features(trunk, data, image_size, feature_batch_size, device, workers, cache_dir, progress)
     extract_seconds = time.perf_counter() - t0
     result = linear_probe_features(feats, FAST_EPOCHS if fast else epochs, lr, batch_size, weight_decay,
-                                   momentum, scale_lr, standardize_features, seed, device)
+                                   momentum, scale_lr, standardize_features, seed, device, progress)
     result.extract_seconds = extract_seconds
     return result
