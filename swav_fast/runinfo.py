@@ -95,9 +95,9 @@ def describe_run(trainer: Any) -> list[str]:
              f"this run: step {trainer.step} -> {end}")
     if t.max_steps and t.max_steps < trainer.total_steps:
         steps += f" (train.max_steps={t.max_steps}; the schedule is unchanged)"
-    ckpt = (f"{run_dir / 'checkpoints'} (every {t.checkpoint_every_epochs} epoch(s)"
-            + (f" and {t.checkpoint_every_steps} steps" if t.checkpoint_every_steps else "")
-            + f", newest {t.keep_checkpoints or 'all'} kept)")
+    when = ([f"every {t.checkpoint_every_epochs} epoch(s)"] if t.checkpoint_every_epochs else []) + (
+        [f"every {t.checkpoint_every_steps} steps"] if t.checkpoint_every_steps else []) + ["at the end"]
+    ckpt = f"{run_dir / 'checkpoints'} ({', '.join(when)}; newest {t.keep_checkpoints or 'all'} kept)"
     metrics = str(run_dir / "metrics.jsonl") + (f", TensorBoard {run_dir / 'tensorboard'}" if t.tensorboard
                                                 else "")
     threads = trainer.threads.describe() if getattr(trainer, "threads", None) is not None else "torch default"

@@ -505,8 +505,8 @@ class Trainer:
         if self.batch_in_epoch >= self.steps_per_epoch:
             self.runlog.write("epoch", step=self.step, epoch=self.epoch, loss=self.last_loss,
                               steps=self.step - epoch_start_step, bad_images=self.loader.num_bad)
-            log.info("epoch %d done: step %d, loss %.4f, bad images so far %d", self.epoch, self.step,
-                     self.last_loss, self.loader.num_bad)
+            log.info("epoch %d done: step %d, loss %.4f, unreadable images so far %d", self.epoch, self.step,
+                     self.last_loss, distinct_bad_files(self.loader))
             self.epoch += 1
             self.batch_in_epoch = 0
             if self.is_main and self.knn_data is not None and knn_due(self.epoch, cfg.eval.knn_every_epochs):

@@ -89,9 +89,6 @@ def run(args: argparse.Namespace) -> int:
     if args.list_keys:
         print(list_keys())
         return 0
-    from swav_fast.runinfo import knn_plan, knn_result_line
-    from swav_fast.train import train
-
     extra: dict = {}
     for flag, (section, key) in FLAG_KEYS.items():
         value = getattr(args, flag)
@@ -100,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
     if args.no_progress:
         extra.setdefault("train", {})["progress"] = False
     cfg = load_config(args.recipe, args.overrides, extra)
+    from swav_fast.runinfo import knn_plan, knn_result_line  # torch: only once the config is read
+    from swav_fast.train import train
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     result = train(cfg, resume=args.resume)
     if not result.is_main:  # under torchrun only rank 0 reports
