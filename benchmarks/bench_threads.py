@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from swav_fast.config import load_config
 from swav_fast.errors import ConfigError
 from swav_fast.methods import build_method
 from swav_fast.step import TrainStep
-from swav_fast.threads import affinity_cpus, cgroup_cpu_quota, choose_threads
+from swav_fast.threads import machine_threads
 from swav_fast.train import build_optimizer
 
 COLUMNS = [("threads", "threads"), ("num_threads", "n"), ("busy", "busy procs"), ("images_per_s", "images/s"),
@@ -86,7 +85,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg.validate()
     busy = cfg.data.workers if args.busy is None else max(0, args.busy)
     default = torch.get_num_threads()
-    choice = choose_threads(affinity_cpus(), cgroup_cpu_quota(), busy, 0, os.cpu_count())
+    choice = machine_threads(0, busy)
     device = torch.device("cpu")
     crops = list(zip(cfg.data.crops.num_crops, cfg.data.crops.size_crops))
     inputs = [synthetic_views(crops, cfg.optim.batch_size, device, torch.float32, False, seed)

@@ -7,7 +7,7 @@ a busy 2-core machine: 22 images/s with the default, 112 with one thread; ``swav
 
 Rule (:func:`choose_threads`): usable cores = min(CPUs in the affinity mask, floor of the cgroup CPU
 quota, at least 1); threads = usable cores - loader workers, at least 1. ``train.threads=N`` (N > 0)
-overrides it.
+overrides it, and so does an ``OMP_NUM_THREADS`` set in the environment (torch's own setting).
 """
 from __future__ import annotations
 
@@ -54,10 +54,14 @@ class ThreadChoice:
     quota: float | None
     loader_workers: int
     requested: int  # train.threads (0 = auto)
+    env: int | None = None  # OMP_NUM_THREADS, when set
 
     def describe(self) -> str:
         if self.requested:
             return f"{self.threads} (train.threads={self.requested}; {self.usable_cpus} usable core(s))"
+        if self.env:
+            return (f"{self.threads} (OMP_NUM_THREADS={self.env}; {self.usable_cpus} usable core(s); "
+                    "train.threads=N overrides it)")
         quota = "none" if self.quota is None else f"{self.quota:g}"
         return (f"{self.threads} (auto: {self.usable_cpus} usable core(s) [affinity {self.affinity}, cgroup "
                 f"quota {quota}] - {self.loader_workers} loader worker(s); override with train.threads=N)")
@@ -72,17 +76,31 @@ def usable_cpus(affinity: int | None, quota: float | None, cpu_count: int | None
 
 
 def choose_threads(affinity: int | None, quota: float | None, loader_workers: int, requested: int = 0,
-                   cpu_count: int | None = None) -> ThreadChoice:
+                   cpu_count: int | None = None, env: int | None = None) -> ThreadChoice:
     """The rule of the module docstring (a pure function: the inputs are passed in)."""
     cpus = usable_cpus(affinity, quota, cpu_count)
-    threads = requested if requested > 0 else max(1, cpus - max(0, loader_workers))
-    return ThreadChoice(threads, cpus, affinity, quota, max(0, loader_workers), requested)
+    auto = env if env and env > 0 else max(1, cpus - max(0, loader_workers))
+    threads = requested if requested > 0 else auto
+    return ThreadChoice(threads, cpus, affinity, quota, max(0, loader_workers), requested,
+                        env if env and env > 0 else None)
+
+
+def omp_num_threads() -> int | None:
+    """``OMP_NUM_THREADS`` as a positive number, or None (unset or not a number)."""
+    text = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def machine_threads(requested: int, loader_workers: int) -> ThreadChoice:
+    """:func:`choose_threads` with this machine's affinity, cgroup quota, core count and environment."""
+    return choose_threads(affinity_cpus(), cgroup_cpu_quota(), loader_workers, requested, os.cpu_count(),
+                          omp_num_threads())
 
 
 def set_cpu_threads(requested: int, loader_workers: int) -> ThreadChoice:
     """Choose the thread count for this machine and apply it with ``torch.set_num_threads``."""
     import torch
 
-    choice = choose_threads(affinity_cpus(), cgroup_cpu_quota(), loader_workers, requested, os.cpu_count())
+    choice = machine_threads(requested, loader_workers)
     torch.set_num_threads(choice.threads)
     return choice

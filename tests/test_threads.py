@@ -28,6 +28,13 @@ def test_thread_rule(affinity, quota, workers, requested, expected):
     assert ("train.threads=" in text) and (("auto" in text) != bool(requested))
 
 
+def test_omp_num_threads_is_honoured_unless_train_threads_is_set():
+    assert choose_threads(8, None, 1, 0, env=3).threads == 3
+    assert "OMP_NUM_THREADS=3" in choose_threads(8, None, 1, 0, env=3).describe()
+    assert choose_threads(8, None, 1, 5, env=3).threads == 5
+    assert choose_threads(8, None, 1, 0, env=None).threads == 7
+
+
 def test_cgroup_quota_v2_and_v1(tmp_path):
     assert cgroup_cpu_quota(tmp_path) is None  # no cgroup files: no limit
     (tmp_path / "cpu.max").write_text("max 100000\n")
@@ -62,7 +69,7 @@ def test_trainer_applies_the_choice(tmp_path):
 def test_bench_threads_row(tmp_path, capsys):
     """``swav-fast bench threads``: one row per thread count, auto = the rule's choice, JSON written."""
     from benchmarks.bench_threads import main
-    from swav_fast.threads import affinity_cpus, cgroup_cpu_quota as quota
+    from swav_fast.threads import machine_threads
 
     out = tmp_path / "threads.json"
     assert main(["--threads", "1,auto", "--busy", "0", "--batch", "4", "--steps", "1", "--warmup", "1",
@@ -73,7 +80,7 @@ def test_bench_threads_row(tmp_path, capsys):
     rows = {r["threads"]: r for r in result["results"]}
     assert sorted(rows) == ["1", "auto"]
     assert rows["1"]["num_threads"] == 1
-    assert rows["auto"]["num_threads"] == choose_threads(affinity_cpus(), quota(), 0).threads
+    assert rows["auto"]["num_threads"] == machine_threads(0, 0).threads
     assert all(r["images_per_s"] > 0 and r["busy"] == 0 for r in rows.values())
     assert rows["auto"]["ratio"] == 1.0
 
