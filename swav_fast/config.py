@@ -533,7 +533,7 @@ class KeyInfo:
 
 
 def _show(value: Any) -> str:
-    """A default as it would be written on the command line (YAML: true, null, [0.75, 1.333])."""
+    """A default as it would be written on the command line (YAML, no spaces: true, null, [0.75,1.333])."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:
@@ -541,7 +541,7 @@ def _show(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
+        return "[" + ",".join(_show(v) for v in value) + "]"
     return str(value)
 
 

@@ -103,6 +103,13 @@ def test_overrides_anywhere_and_unknown_words(capsys):
     assert "override 'bogus' must look like section.key=value" in capsys.readouterr().err
 
 
+def _probe(argv: list[str]) -> tuple[dict, subprocess.CompletedProcess]:
+    """Run ``swav-fast ARGV`` in a fresh interpreter: its exit code and the heavy modules it imported."""
+    proc = subprocess.run([sys.executable, "-c", LIGHT_PROBE, json.dumps(argv)], capture_output=True,
+                          text=True, timeout=120)
+    return json.loads(proc.stderr.strip().splitlines()[-1]), proc
+
+
 LIGHT_PROBE = """
 import json, sys
 from swav_fast.cli import main
@@ -123,9 +130,7 @@ print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
 ])
 def test_light_commands_do_not_import_torch(argv):
     """--help, --list-keys, inspect and argument errors answer without importing torch (issue 21.2)."""
-    proc = subprocess.run([sys.executable, "-c", LIGHT_PROBE, json.dumps(argv)], capture_output=True, text=True,
-                          timeout=120)
-    result = json.loads(proc.stderr.strip().splitlines()[-1])
+    result, proc = _probe(argv)
     assert result["heavy"] == [], (argv, result)
     assert result["code"] in (0, 2), (argv, proc.stderr)
 
@@ -133,9 +138,7 @@ def test_light_commands_do_not_import_torch(argv):
 def test_synth_does_not_import_torch(tmp_path):
     argv = ["synth", "--out", str(tmp_path / "s"), "--images", "4", "--classes", "2", "--size", "32x24",
             "--workers", "1", "--no-progress"]
-    proc = subprocess.run([sys.executable, "-c", LIGHT_PROBE, json.dumps(argv)], capture_output=True, text=True,
-                          timeout=120)
-    assert json.loads(proc.stderr.strip().splitlines()[-1]) == {"code": 0, "heavy": []}
+    assert _probe(argv)[0] == {"code": 0, "heavy": []}
     assert len(list((tmp_path / "s").rglob("*.jpg"))) == 4
 
 
@@ -150,8 +153,8 @@ def test_list_keys_prints_type_default_and_description(capsys):
     assert all(len(r) == 4 and r[3].strip() for r in rows.values()), [k for k, r in rows.items() if len(r) < 4]
     assert rows["optim.base_lr"][1:3] == ["float", "4.8"]
     assert rows["data.path"][1:3] == ["str|null", "null"]
-    assert rows["swav.crops_for_assign"][1] == "list[int]" and "[0," in lines[[r.split()[0] for r in
-                                                                                 lines].index("swav.crops_for_assign")]
+    assert rows["swav.crops_for_assign"][1:3] == ["list[int]", "[0,1]"]  # as typed on the command line
+    assert rows["data.crops.ratio"][2] == "[0.75,1.333]"
     assert rows["train.threads"][2] == "0" and "auto" in rows["train.threads"][3]
     assert rows["eval.at_end"][1:3] == ["bool", "true"]
 
