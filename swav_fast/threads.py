@@ -6,7 +6,9 @@ processes decode images on the same cores: every step then waits on descheduled 
 a busy 2-core machine: 22 images/s with the default, 112 with one thread; ``swav-fast bench threads``).
 
 Rule (:func:`choose_threads`): usable cores = min(CPUs in the affinity mask, floor of the cgroup CPU
-quota, at least 1); threads = usable cores - loader workers, at least 1. ``train.threads=N`` (N > 0)
+quota, at least 1), shared by the training processes of this node (torchrun's ``LOCAL_WORLD_SIZE``)
+unless the launcher already pinned each one to its own cores; threads = usable cores - loader
+workers, at least 1. ``train.threads=N`` (N > 0)
 overrides it, and so does an ``OMP_NUM_THREADS`` set in the environment (torch's own setting).
 """
 from __future__ import annotations
@@ -76,9 +78,12 @@ def usable_cpus(affinity: int | None, quota: float | None, cpu_count: int | None
 
 
 def choose_threads(affinity: int | None, quota: float | None, loader_workers: int, requested: int = 0,
-                   cpu_count: int | None = None, env: int | None = None) -> ThreadChoice:
+                   cpu_count: int | None = None, env: int | None = None,
+                   local_processes: int = 1) -> ThreadChoice:
     """The rule of the module docstring (a pure function: the inputs are passed in)."""
     cpus = usable_cpus(affinity, quota, cpu_count)
+    if local_processes > 1 and (affinity is None or affinity == cpu_count):  # not pinned per process
+        cpus = max(1, cpus // local_processes)
     auto = env if env and env > 0 else max(1, cpus - max(0, loader_workers))
     threads = requested if requested > 0 else auto
     return ThreadChoice(threads, cpus, affinity, quota, max(0, loader_workers), requested,
@@ -93,8 +98,9 @@ def omp_num_threads() -> int | None:
 
 def machine_threads(requested: int, loader_workers: int) -> ThreadChoice:
     """:func:`choose_threads` with this machine's affinity, cgroup quota, core count and environment."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
     return choose_threads(affinity_cpus(), cgroup_cpu_quota(), loader_workers, requested, os.cpu_count(),
-                          omp_num_threads())
+                          omp_num_threads(), int(local) if local.isdigit() else 1)
 
 
 def set_cpu_threads(requested: int, loader_workers: int) -> ThreadChoice:

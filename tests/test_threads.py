@@ -28,6 +28,13 @@ def test_thread_rule(affinity, quota, workers, requested, expected):
     assert ("train.threads=" in text) and (("auto" in text) != bool(requested))
 
 
+def test_processes_of_one_node_share_its_cores():
+    assert choose_threads(16, None, 2, 0, cpu_count=16, local_processes=4).threads == 2  # 16 / 4 - 2
+    assert choose_threads(16, None, 0, 0, cpu_count=16, local_processes=32).threads == 1
+    # the launcher pinned each process to 4 of the 16 cores: those 4 are its own
+    assert choose_threads(4, None, 1, 0, cpu_count=16, local_processes=4).threads == 3
+
+
 def test_omp_num_threads_is_honoured_unless_train_threads_is_set():
     assert choose_threads(8, None, 1, 0, env=3).threads == 3
     assert "OMP_NUM_THREADS=3" in choose_threads(8, None, 1, 0, env=3).describe()
