@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Pretrain with SwAV. Without --data, uses the built-in synthetic "
                                    "dataset (generated once into a cache folder).")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides such as optim.base_lr=0.6 (see --list-keys)")
+                   help="config overrides such as optim.base_lr=0.6, anywhere on the line (see --list-keys)")
     p.add_argument("--recipe", default="quick",
                    help=f"recipe name or YAML path (default: quick); names: {', '.join(available_recipes())}")
     p.add_argument("--data", help="training ImageFolder (default: built-in synthetic dataset)")
