@@ -340,7 +340,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row.update(stages)
                 row.setdefault("note", f"{row['workers']} {'threads' if backend == 'dali' else 'workers'}")
         except (SwavFastError, ImportError, RuntimeError, KeyError) as e:
-            row["note"] = f"unavailable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:120]
+            row["note"] = f"unavailable: {type(e).__name__}: {' '.join(str(e).split())}"  # whole message
         rows.append(row)
     result: dict[str, Any] = {
         "benchmark": "loader", "env": env_info(device),

@@ -74,10 +74,14 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
 
     body = [[cell(r.get(k)) for k, _ in columns] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, (_, h) in enumerate(columns)]
-    line = "  ".join(h.rjust(w) if i else h.ljust(w) for i, ((_, h), w) in enumerate(zip(columns, widths)))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(b, widths)))
-            for b in body]
+    last = len(columns) - 1  # the last column (often a free-text note) is left-aligned, not padded
+
+    def join(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if 0 < i < last else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    out = [join([h for _, h in columns]), "  ".join("-" * w for w in widths)]
+    out += [join(b) for b in body]
     return "\n".join(out)
 
 

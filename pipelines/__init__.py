@@ -1,14 +1,29 @@
-"""Multi-crop data pipelines: one :class:`MultiCropSpec`, several loader backends behind :func:`build_loader`."""
+"""Multi-crop data pipelines: one :class:`MultiCropSpec`, several loader backends behind :func:`build_loader`.
+
+Importing the package is light (no torch): the loader API and the backends are imported on first use
+of one of their names, so that ``swav-fast --help`` and config parsing need not load torch.
+"""
+
+import importlib
 
 from .folder import IMAGE_EXTENSIONS, ImageFolderIndex, scan_image_folder
-from .loader import MultiCropBatch, MultiCropLoader, available_backends, build_loader, register_backend
-from .params import ViewParams, sample_batch_params, sample_params_for_indices, sample_rng, sample_view_params
 from .spec import MultiCropSpec
 
-# Backends register themselves; optional dependencies (DALI, FFCV) are imported when a loader is built.
-from . import torch_backend  # noqa: E402,F401  ("torch": batched decode_jpeg + batched crop/colour)
-from . import dali_backend  # noqa: E402,F401  ("dali": ImageFolder, TFRecord, webdataset)
-from . import ffcv_backend  # noqa: E402,F401  ("ffcv": a prepared .beton)
+#: names of the loader API -> the submodule that defines them (imported on first access)
+_LAZY = {"MultiCropBatch": "loader", "MultiCropLoader": "loader", "available_backends": "loader",
+         "build_loader": "loader", "register_backend": "loader", "ViewParams": "params",
+         "sample_batch_params": "params", "sample_params_for_indices": "params", "sample_rng": "params",
+         "sample_view_params": "params"}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -229,7 +229,13 @@ def register_backend(name: str, factory: LoaderFactory) -> None:
     _BACKENDS[name] = factory
 
 
+def _import_builtin_backends() -> None:
+    """The backend modules register themselves when imported (on first use, not at package import)."""
+    from . import dali_backend, ffcv_backend, torch_backend  # noqa: F401
+
+
 def available_backends() -> list[str]:
+    _import_builtin_backends()
     return sorted(_BACKENDS)
 
 
@@ -245,6 +251,7 @@ def build_loader(source: str | os.PathLike[str] | ImageFolderIndex, spec: MultiC
     prepared datasets (``swav-fast prepare`` TFRecord / webdataset / beton folders).
     ``backend_options`` go to the backend (e.g. ``hw_decoder_load`` for ``dali``).
     """
+    _import_builtin_backends()
     if backend not in _BACKENDS:
         raise ConfigError(f"unknown loader backend {backend!r}; valid: {', '.join(available_backends())}")
     factory = _BACKENDS[backend]

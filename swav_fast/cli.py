@@ -2,6 +2,9 @@
 
 Each subcommand lives in ``swav_fast/commands/<name>.py`` and exposes ``register(subparsers)``,
 which adds its parser and sets ``func`` (called with the parsed namespace, returns an exit code).
+A subcommand with an ``overrides`` argument takes ``section.key=value`` words anywhere on its command
+line. Nothing heavy (torch) is imported before a subcommand runs: ``--help``, ``--list-keys`` and
+argument errors answer at once.
 """
 from __future__ import annotations
 
@@ -33,9 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args``, except that ``section.key=value`` words after options (which argparse
+    leaves over once the ``overrides`` positional is filled) are added to ``args.overrides`` in order."""
+    from swav_fast.config import is_override
+
+    args, extras = parser.parse_known_args(argv)
+    if extras and isinstance(getattr(args, "overrides", None), list):
+        args.overrides += [e for e in extras if is_override(e)]
+        extras = [e for e in extras if not is_override(e)]
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     try:
         return int(args.func(args) or 0)
     except SwavFastError as exc:

@@ -125,7 +125,7 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many steps (0 = run all epochs); the schedule is unchanged
     tensorboard: bool = False
     progress: bool = True
-    threads: int = 0  # torch CPU threads (0 = torch default)
+    threads: int = 0  # torch CPU threads (0 = auto: usable cores minus loader workers)
     method: str = "swav"  # self-supervised method (swav_fast.methods registry)
     step_mode: str = "eager"  # eager | compile (torch.compile + fused loss) | graph (CUDA graph)
     # -- fault handling (see swav_fast/guards.py) ---------------------------------------------
@@ -397,3 +397,201 @@ def load_config(recipe: str | None = None, overrides: list[str] | None = None,
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# command-line overrides and key descriptions (``swav-fast train --list-keys``)
+
+#: ``section.key=value`` (at least one dot before the ``=``): a config override on the command line
+_OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
+
+
+def is_override(text: str) -> bool:
+    """Whether a command-line word is a ``section.key=value`` override (wherever it appears)."""
+    return bool(_OVERRIDE.match(text))
+
+
+#: one-line descriptions of the keys whose field has no ``metadata["help"]`` and no inline comment
+KEY_HELP: dict[str, str] = {
+    "model.arch": "trunk: resnet18/34/50/101/152, resnet50w2/w4/w5, wide_resnet50_2, resnet10_half, ...",
+    "model.hidden_dim": "width of the projection head's hidden layer",
+    "model.feat_dim": "output size of the projection head (the embedding compared by the loss)",
+    "model.num_prototypes": "SwAV: number of prototypes K",
+    "model.sync_bn": "batch norm over the global batch under several processes (SyncBatchNorm)",
+    "swav.temperature": "SwAV: softmax temperature of the swapped prediction",
+    "swav.epsilon": "SwAV: entropy regularisation of the Sinkhorn-Knopp assignment",
+    "swav.sinkhorn_iterations": "SwAV: Sinkhorn-Knopp iterations per batch",
+    "swav.crops_for_assign": "SwAV: the views whose codes are computed (and predicted from the others)",
+    "swav.epoch_queue_starts": "SwAV: the epoch from which the feature queue is used",
+    "swav.freeze_prototypes_niters": "SwAV: steps during which the prototypes get no gradient",
+    "optim.epochs": "training epochs (the schedule's length)",
+    "optim.base_lr": "peak learning rate, reached at the end of the warmup",
+    "optim.final_lr": "learning rate at the end of the cosine schedule",
+    "optim.warmup_epochs": "epochs of linear warmup from optim.start_warmup to optim.base_lr",
+    "optim.start_warmup": "learning rate at step 0 (start of the warmup)",
+    "optim.momentum": "SGD/LARS momentum",
+    "optim.weight_decay": "L2 weight decay",
+    "optim.lars": "LARS (layer-wise trust ratio) around SGD; false = plain SGD",
+    "optim.trust_coefficient": "LARS trust coefficient eta",
+    "optim.exclude_bias_and_norm": "no weight decay and no LARS adaptation for biases and norm weights",
+    "data.loader": "loader backend: pil | torch | dali | ffcv (swav-fast train --help lists installed ones)",
+    "data.workers": "loader worker processes (pil, torch) or threads (dali)",
+    "data.crops.num_crops": "views per crop group, global crops first (SwAV: [2, 6])",
+    "data.crops.size_crops": "pixel size of each crop group's views",
+    "data.crops.min_scale_crops": "RandomResizedCrop lower area scale, per crop group",
+    "data.crops.max_scale_crops": "RandomResizedCrop upper area scale, per crop group",
+    "data.crops.ratio": "RandomResizedCrop aspect-ratio range [low, high]",
+    "data.crops.flip_p": "probability of a horizontal flip",
+    "data.crops.jitter_strength": "colour jitter strength s: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)",
+    "data.crops.jitter_p": "probability of colour jitter",
+    "data.crops.grayscale_p": "probability of grayscale",
+    "data.crops.blur_p": "probability of Gaussian blur",
+    "data.crops.blur_sigma": "Gaussian blur sigma range [low, high]",
+    "data.crops.solarize_p": "probability of solarisation (threshold 0.5)",
+    "data.crops.mean": "normalisation mean per RGB channel",
+    "data.crops.std": "normalisation standard deviation per RGB channel",
+    "data.crops.dtype": "dtype of the views the loader delivers (float32, bfloat16, float16)",
+    "data.crops.channels_last": "deliver the views in channels-last memory format",
+    "data.synthetic.train_images": "built-in dataset: training images",
+    "data.synthetic.val_images": "built-in dataset: validation images (the kNN queries)",
+    "data.synthetic.classes": "built-in dataset: classes",
+    "data.synthetic.size": "built-in dataset: image [width, height] in pixels",
+    "data.synthetic.seed": "built-in dataset: random seed",
+    "data.synthetic.cache_dir": "built-in dataset: folder it is generated into (once)",
+    "eval.knn_k": "kNN: neighbours k",
+    "eval.knn_temperature": "kNN: temperature of the similarity-weighted vote",
+    "eval.image_size": "kNN: centre-crop size of the evaluation images",
+    "eval.batch_size": "kNN: batch size of feature extraction",
+    "train.output_dir": "run folder: config.yaml, metrics.jsonl, checkpoints/",
+    "train.seed": "random seed (data order, augmentations, initialisation)",
+    "train.log_every": "steps between log records (loss, lr, images/s) in metrics.jsonl",
+    "train.checkpoint_every_epochs": "write a checkpoint every N epochs (0 = never at epoch ends)",
+    "train.keep_checkpoints": "checkpoints kept in the run folder (older ones are removed; 0 = keep all)",
+    "train.tensorboard": "also write TensorBoard scalars to RUN/tensorboard",
+    "train.progress": "show a progress bar",
+    "methods.instdisc.temperature": "InstDisc: NCE temperature",
+    "methods.instdisc.num_negatives": "InstDisc: noise samples drawn from the memory bank per sample",
+    "methods.instdisc.memory_momentum": "InstDisc: momentum of the memory bank's updates",
+    "methods.instdisc.z_momentum": "InstDisc: NCE normaliser Z; 1.0 = fixed after the first batch, below 1 "
+                                   "a moving average",
+    "methods.moco_v2.temperature": "MoCo v2: InfoNCE temperature",
+    "methods.moco_v2.queue_length": "MoCo v2: negatives in the key queue",
+    "methods.moco_v2.momentum": "MoCo v2: EMA momentum of the key encoder",
+    "methods.moco_v2.projector_layers": "MoCo v2: layers of the projection MLP",
+    "methods.moco_v3.temperature": "MoCo v3: InfoNCE temperature",
+    "methods.moco_v3.base_momentum": "MoCo v3: EMA momentum of the key encoder at the start",
+    "methods.moco_v3.final_momentum": "MoCo v3: EMA momentum at the end (cosine)",
+    "methods.moco_v3.projector_layers": "MoCo v3: layers of the projection MLP",
+    "methods.moco_v3.predictor_hidden_dim": "MoCo v3: hidden width of the predictor",
+    "methods.simclr.temperature": "SimCLR: NT-Xent temperature",
+    "methods.simclr.projector_layers": "SimCLR: layers of the projection MLP",
+    "methods.byol.base_momentum": "BYOL: target EMA momentum at the start",
+    "methods.byol.final_momentum": "BYOL: target EMA momentum at the end (cosine)",
+    "methods.byol.projector_layers": "BYOL: layers of the projection MLP",
+    "methods.byol.predictor_hidden_dim": "BYOL: hidden width of the predictor",
+    "methods.simsiam.projector_layers": "SimSiam: layers of the projection MLP",
+    "methods.simsiam.predictor_hidden_dim": "SimSiam: hidden width of the predictor (bottleneck)",
+    "methods.barlow_twins.lambd": "Barlow Twins: weight of the off-diagonal (redundancy) term",
+    "methods.barlow_twins.projector_layers": "Barlow Twins: layers of the projection MLP",
+    "methods.dino.out_dim": "DINO: output size K of the head's last (weight-normalised) layer",
+    "methods.dino.student_temp": "DINO: student softmax temperature",
+    "methods.dino.teacher_temp": "DINO: teacher softmax temperature (after the warmup)",
+    "methods.dino.warmup_teacher_temp": "DINO: teacher temperature at the start of its warmup",
+    "methods.dino.center_momentum": "DINO: EMA momentum of the teacher's centre",
+    "methods.dino.base_momentum": "DINO: teacher EMA momentum at the start",
+    "methods.dino.final_momentum": "DINO: teacher EMA momentum at the end (cosine)",
+    "methods.dino.projector_layers": "DINO: layers of the head MLP",
+    "methods.dino.batch_norm": "DINO: batch norm in the head MLP",
+    "methods.dino.norm_last_layer": "DINO: fix the norm of the last layer's weights",
+    "methods.dino.freeze_last_layer_epochs": "DINO: epochs during which the last layer gets no gradient",
+    # keys whose inline comment is a note rather than a description
+    "optim.batch_size": "images per step per process (global batch = batch_size x processes)",
+    "data.path": "training ImageFolder (or prepared dataset); null = the built-in synthetic dataset",
+    "train.channels_last": "channels-last memory format for the model and views (GPU only)",
+    "train.checkpoint_every_steps": "also write a checkpoint every N steps (0 = only at epoch ends)",
+    "train.threads": "torch CPU threads; 0 = auto: the usable cores (affinity, cgroup quota) minus loader "
+                     "workers",
+    "methods.instdisc.projector_layers": "InstDisc: layers of the projection (1 = the paper's linear layer)",
+    "methods.moco_v2.symmetric": "MoCo v2: symmetric loss (false = the paper: queries from view 0, keys "
+                                 "from view 1)",
+    "methods.moco_v2.shuffle_bn_batch": "MoCo v2: key encoder's BN sub-batch on a shuffled batch (paper: 32 "
+                                        "per GPU)",
+    "methods.dino.clip_grad": "DINO: per-parameter gradient norm clip (0 = off)",
+}
+
+
+@dataclass
+class KeyInfo:
+    """One config key for ``--list-keys``: dotted name, type, default and a one-line description."""
+    key: str
+    type: str
+    default: Any
+    help: str
+
+    def line(self, width: int = 40) -> str:
+        return f"{self.key:<{width}} {self.type:<12} {_show(self.default):<14} {self.help}"
+
+
+def _show(value: Any) -> str:
+    """A default as it would be written on the command line (YAML, no spaces: true, null, [0.75,1.333])."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(inner[0])}|null"
+    if origin is list:
+        (elem,) = typing.get_args(tp) or (Any,)
+        return f"list[{_type_name(elem)}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _comments(cls: type) -> dict[str, str]:
+    """The inline ``# comment`` of each field line in ``cls``'s source, or the ``#`` lines just above it."""
+    import inspect
+
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):  # no source (e.g. a zipped install)
+        return {}
+    out: dict[str, str] = {}
+    above: list[str] = []
+    for line in lines:
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("#:").strip())
+            continue
+        m = re.match(r"(\w+)\s*:[^#]*?(?:\s#:?\s*(.*))?$", text)
+        if m and m.group(2):
+            out[m.group(1)] = m.group(2).strip()
+        elif m and above:
+            out[m.group(1)] = " ".join(above)
+        above = []
+    return out
+
+
+def describe_keys(cls: type = Config, prefix: str = "") -> list[KeyInfo]:
+    """Every dotted key of ``cls`` with its type, default and description (field ``metadata["help"]``,
+    else :data:`KEY_HELP`, else the field's comment in the source)."""
+    out: list[KeyInfo] = []
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    comments = _comments(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            out += describe_keys(tp, f"{key}.")
+            continue
+        help_text = f.metadata.get("help") or KEY_HELP.get(key) or comments.get(f.name, "")
+        out.append(KeyInfo(key, _type_name(tp), getattr(defaults, f.name), help_text))
+    return out

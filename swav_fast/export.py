@@ -82,8 +82,10 @@ def reference_shapes(arch: str, num_classes: int = 1000) -> "OrderedDict[str, to
     import torchvision.models as tvm
 
     if arch not in EXPORTABLE_ARCHS:
-        raise ExportError(f"arch {arch!r} has no torchvision/timm counterpart; exportable: "
-                          f"{', '.join(EXPORTABLE_ARCHS)}")
+        raise ExportError(f"arch {arch!r} has no torchvision/timm counterpart, so it cannot be exported "
+                          f"(the main job's resnet10_half and SwAV's wide resnet50w2/w4/w5 stay swav-fast "
+                          f"checkpoints: evaluate them with 'swav-fast eval'); exportable archs: "
+                          f"{', '.join(EXPORTABLE_ARCHS)} (train with e.g. --arch resnet18)")
     with torch.device("meta"):
         model = getattr(tvm, arch)(weights=None, num_classes=num_classes)
     return OrderedDict((k, v.shape) for k, v in model.state_dict().items())

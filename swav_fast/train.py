@@ -37,8 +37,10 @@ from swav_fast.guards import COLLAPSE_REMEDIES, CollapseMonitor, NonFiniteCounts
 from swav_fast.methods import Method, build_method
 from swav_fast.optim import LARS, lars_param_groups, warmup_cosine_lr
 from swav_fast.preemption import StopSignals
+from swav_fast.runinfo import describe_run, distinct_bad_files, eta_text, progress_desc
 from swav_fast.runlog import RunLog
 from swav_fast.step import TrainStep
+from swav_fast.threads import set_cpu_threads
 
 log = logging.getLogger("swav_fast")
 T = TypeVar("T")
@@ -158,8 +160,7 @@ class Trainer:
         self.world, self.rank = world_size(), rank()
         self.is_main = self.rank == 0
         quiet_other_ranks()
-        if t.threads:
-            torch.set_num_threads(t.threads)
+        self.threads = set_cpu_threads(t.threads, cfg.data.workers)  # train.threads, or auto
         self.run_dir = Path(t.output_dir)
         if self.is_main:
             check_writable(self.run_dir)
@@ -442,6 +443,9 @@ class Trainer:
         except OSError as exc:
             raise DataError(f"cannot write {self.run_dir / 'config.yaml'}: {exc.strerror or exc}") from exc
         start_time, start_step, self.images = time.perf_counter(), self.step, 0
+        self._fit_start = (start_time, start_step)  # for the progress bar's ETA
+        if self.is_main:
+            log.info("run:\n  %s", "\n  ".join(describe_run(self)))
         try:
             with StopSignals() as signals:
                 stop = StopAgreement(signals)  # all ranks stop at the same step
@@ -452,7 +456,8 @@ class Trainer:
             seconds = time.perf_counter() - start_time
             result = TrainResult(str(self.run_dir), self.step, self.epoch, seconds,
                                  self.images / max(seconds, 1e-9) if self.step > start_step else 0.0,
-                                 self.last_loss, self.loader.num_bad, self.step_fn.guard.counts().total,
+                                 self.last_loss, distinct_bad_files(self.loader),
+                                 self.step_fn.guard.counts().total,
                                  stop.signum, is_main=self.is_main)
             if stop.requested:
                 log.warning("stopped by %s at step %d; continue with --resume auto", stop.name, self.step)
@@ -475,8 +480,8 @@ class Trainer:
         self.method.on_epoch_start(self.epoch)
         self.loader.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
         bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch,
-                   disable=not (t.progress and self.is_main), desc=f"epoch {self.epoch}", dynamic_ncols=True,
-                   leave=False)
+                   disable=not (t.progress and self.is_main), dynamic_ncols=True, leave=False,
+                   desc=progress_desc(self.epoch, cfg.optim.epochs))
         tick, tick_images = time.perf_counter(), 0
         wait, fetch_start = 0.0, tick  # time spent waiting for the loader since the last log step
         for data in until_stopped(self.loader, stop):
@@ -504,8 +509,8 @@ class Trainer:
         if self.batch_in_epoch >= self.steps_per_epoch:
             self.runlog.write("epoch", step=self.step, epoch=self.epoch, loss=self.last_loss,
                               steps=self.step - epoch_start_step, bad_images=self.loader.num_bad)
-            log.info("epoch %d done: step %d, loss %.4f, bad images so far %d", self.epoch, self.step,
-                     self.last_loss, self.loader.num_bad)
+            log.info("epoch %d done: step %d, loss %.4f, unreadable images so far %d", self.epoch, self.step,
+                     self.last_loss, distinct_bad_files(self.loader))
             self.epoch += 1
             self.batch_in_epoch = 0
             if self.is_main and self.knn_data is not None and knn_due(self.epoch, cfg.eval.knn_every_epochs):
@@ -521,7 +526,10 @@ class Trainer:
         finite = math.isfinite(loss)
         if finite:
             self.last_loss = loss
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.4g}", img_s=f"{images_per_s:.1f}")
+        start_time, start_step = getattr(self, "_fit_start", (time.perf_counter(), self.step))
+        end = min(self.total_steps, self.cfg.train.max_steps or self.total_steps)
+        eta = eta_text(self.step - start_step, time.perf_counter() - start_time, end - self.step)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.4g}", img_s=f"{images_per_s:.1f}", eta=eta)
         self.runlog.write("step", step=self.step, epoch=self.epoch, loss=loss if finite else None, lr=lr,
                           images_per_s=round(images_per_s, 2), loader_wait_fraction=round(loader_wait, 4),
                           bad_images=self.loader.num_bad,

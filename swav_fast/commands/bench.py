@@ -16,6 +16,7 @@ BENCHMARKS = {
     "e2e": "real loader + step: images/s and the split between loader wait and compute",
     "loader": "loader throughput per backend and stage (read, decode, augment)",
     "prepare": "dataset preparation (shard writing) throughput",
+    "threads": "CPU training-step images/s of the main job's model at 1, 2 and the auto-chosen threads",
     "all": "every GPU test and benchmark in priority order inside a time budget (--dry-run: tiny, CPU)",
     "record": "turn a 'bench all' output folder into a benchmarks/RESULTS.md entry",
 }

@@ -26,6 +26,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=0, help="image decoding processes (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -94,7 +95,7 @@ def run_knn(args: argparse.Namespace) -> int:
     trunk, state, cfg, device = load_trunk(args.checkpoint, args.device)
     result = knn_eval(trunk, args.data, image_size=args.image_size or cfg.eval.image_size,
                       k=args.k, temperature=args.temperature, batch_size=args.batch_size, device=device,
-                      workers=args.workers)
+                      workers=args.workers, progress=not args.no_progress)
     return _emit(args, state, result,
                  f"kNN top-1: {result.top1:.2f}% (k={result.k}, T={result.temperature}, "
                  f"{result.num_train} train / {result.num_val} val images, {result.num_classes} classes)")
@@ -112,7 +113,7 @@ def run_linear(args: argparse.Namespace) -> int:
                           weight_decay=args.weight_decay, momentum=args.momentum,
                           standardize_features=not args.no_standardize, seed=args.seed,
                           feature_batch_size=args.feature_batch_size, device=device, workers=args.workers,
-                          cache_dir=args.cache_dir)
+                          cache_dir=args.cache_dir, progress=not args.no_progress)
     return _emit(args, state, result,
                  f"linear probe: top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}% "
                  f"({result.epochs} epochs, lr {result.lr:g}, batch {result.batch_size}; "

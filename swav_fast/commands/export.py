@@ -16,7 +16,8 @@ notes:
   The exported state dict has no 'trunk.' prefix. Unless --no-fc is given it includes an UNTRAINED,
   all-zero classifier fc.weight [NUM_CLASSES, D] / fc.bias so that a strict load_state_dict works.
   timm's ResNets use torchvision's parameter names, so --to timm writes the same layout (timm is not
-  needed to export). Exportable archs: resnet18/34/50/101/152, wide_resnet50_2.
+  needed to export). Exportable archs: resnet18/34/50/101/152, wide_resnet50_2; the main job's
+  resnet10_half and SwAV's resnet50w2/w4/w5 have no torchvision/timm counterpart (use swav-fast eval).
   --from-official reads an official SwAV file (module.* keys, projection_head, prototypes; plain or
   under 'state_dict') with torch.load(weights_only=True) and writes a swav-fast checkpoint (model +
   config, no optimiser state) for eval and export.

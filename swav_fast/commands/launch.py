@@ -9,7 +9,7 @@ import sys
 EPILOG = """examples:
   swav-fast launch --nproc-per-node 8 -- --recipe swav_400ep_bs256 --data /imagenet/train --output runs/r50
       one node, 8 GPUs (torchrun --standalone); everything after -- goes to 'swav-fast train'
-  swav-fast launch --nnodes 8 --nproc-per-node 8 --rdzv-endpoint node001:29500 -- \
+  swav-fast launch --nnodes 8 --nproc-per-node 8 --rdzv-endpoint node001:29500 -- \\
       --recipe swav_800ep_bs4096 ...
       run the same command on each of the 8 nodes
   swav-fast launch --slurm --nnodes 8 --nproc-per-node 8 --partition gpu -- --recipe swav_800ep_bs4096 \\

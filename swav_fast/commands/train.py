@@ -2,16 +2,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import math
 
-from swav_fast.config import available_recipes, load_config, valid_keys
-from swav_fast.methods import available_methods
+from swav_fast.config import available_recipes, describe_keys, load_config
+from swav_fast.methods.configs import METHOD_SECTIONS
+
+#: the registered method names (``swav_fast.methods.available_methods()``), known without importing torch
+METHOD_NAMES = sorted(("swav", *METHOD_SECTIONS))
 
 EPILOG = """examples:
   swav-fast train                                  # short CPU run on the built-in synthetic data
   swav-fast train --recipe swav_400ep_bs256 --data /data/imagenet/train --output runs/r50
   swav-fast train --recipe quick optim.base_lr=0.3 swav.queue_length=0
+  swav-fast train --data D eval.at_end=false --no-progress train.log_every=1   # KEY=VALUE anywhere
   swav-fast train --output runs/r50 --resume auto  # continue after a crash or preemption
 """
 
@@ -22,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Pretrain with SwAV. Without --data, uses the built-in synthetic "
                                    "dataset (generated once into a cache folder).")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides such as optim.base_lr=0.6 (see --list-keys)")
+                   help="config overrides such as optim.base_lr=0.6, anywhere on the line (see --list-keys)")
     p.add_argument("--recipe", default="quick",
                    help=f"recipe name or YAML path (default: quick); names: {', '.join(available_recipes())}")
     p.add_argument("--data", help="training ImageFolder (default: built-in synthetic dataset)")
@@ -30,10 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, help="optim.epochs")
     p.add_argument("--batch-size", type=int, help="optim.batch_size (per process)")
     p.add_argument("--arch", help="model.arch, e.g. resnet18, resnet50, resnet50w2")
-    p.add_argument("--loader", help="data.loader backend (pil, ...)")
+    p.add_argument("--loader", metavar="BACKEND", help=f"data.loader backend; installed here: "
+                   f"{', '.join(installed_loaders())} (pil is the reference)")
     p.add_argument("--workers", type=int, help="data.workers")
     p.add_argument("--device", help="train.device: auto, cpu, cuda, cuda:N")
-    p.add_argument("--method", choices=available_methods(),
+    p.add_argument("--method", choices=METHOD_NAMES,
                    help="train.method (default swav); each method's settings are under methods.<name>.*")
     p.add_argument("--step-mode", choices=["eager", "compile", "graph"],
                    help="train.step_mode: eager | compile (torch.compile + fused Sinkhorn/loss) | graph "
@@ -42,8 +48,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", nargs="?", const="auto",
                    help="'auto' (newest valid checkpoint in the run folder) or a checkpoint path")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--list-keys", action="store_true", help="print all config keys and exit")
+    p.add_argument("--list-keys", action="store_true",
+                   help="print every config key with its type, default and description, and exit")
     p.set_defaults(func=run)
+
+
+#: loader backend -> the module it needs (found with importlib.util.find_spec, not imported)
+LOADER_MODULES = {"pil": "PIL", "torch": "torchvision", "dali": "nvidia.dali", "ffcv": "ffcv"}
+
+
+def installed_loaders() -> list[str]:
+    """The ``--loader`` backends whose library is installed (checked without importing it)."""
+    out = []
+    for name, module in LOADER_MODULES.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a missing parent package
+            found = False
+        if found:
+            out.append(name)
+    return out
+
+
+def list_keys() -> str:
+    """``--list-keys``: one line per key: name, type, default, description."""
+    keys = describe_keys()
+    width = max(len(k.key) for k in keys)
+    head = f"{'key':<{width}} {'type':<12} {'default':<14} description"
+    return "\n".join([head] + [k.line(width) for k in keys])
 
 
 FLAG_KEYS = {"data": ("data", "path"), "output": ("train", "output_dir"), "epochs": ("optim", "epochs"),
@@ -54,10 +86,8 @@ FLAG_KEYS = {"data": ("data", "path"), "output": ("train", "output_dir"), "epoch
 
 
 def run(args: argparse.Namespace) -> int:
-    from swav_fast.train import train
-
     if args.list_keys:
-        print("\n".join(valid_keys()))
+        print(list_keys())
         return 0
     extra: dict = {}
     for flag, (section, key) in FLAG_KEYS.items():
@@ -67,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
     if args.no_progress:
         extra.setdefault("train", {})["progress"] = False
     cfg = load_config(args.recipe, args.overrides, extra)
+    from swav_fast.runinfo import knn_plan, knn_result_line  # torch: only once the config is read
+    from swav_fast.train import train
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     result = train(cfg, resume=args.resume)
     if not result.is_main:  # under torchrun only rank 0 reports
@@ -84,8 +117,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"stopped by signal {result.signal} after writing a checkpoint; continue with --resume auto")
         return 128 + result.signal  # the shell's code for death by this signal (143 TERM, 130 INT)
     if result.knn:
-        k = result.knn
-        print(f"kNN top-1 (k={k['k']}, T={k['temperature']}, {k['num_train']} train / {k['num_val']} val, "
-              f"{k['num_classes']} classes): trained {k['trained_top1']:.2f}% vs random init "
-              f"{k['random_init_top1']:.2f}%")
+        print(knn_result_line(result.knn))
+    elif cfg.eval.at_end and cfg.data.path and not cfg.eval.knn_data:
+        print("end-of-run kNN " + knn_plan(True, None, True))
     return 0

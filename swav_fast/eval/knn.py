@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
+from tqdm import tqdm
 
 from pipelines.folder import ImageFolderIndex, scan_image_folder
 from swav_fast.errors import DataError
@@ -125,11 +126,11 @@ def _collate(items):
 @torch.no_grad()
 def extract_features(trunk: nn.Module, folder: str | Path | ImageFolderIndex | Any, image_size: int = 224,
                      batch_size: int = 128, device: str | torch.device = "cpu",
-                     workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                     workers: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised trunk features ``[N, D]`` and labels ``[N]`` of a split (eval mode).
 
     ``folder``: an ImageFolder or prepared split folder, an :class:`ImageFolderIndex`, or a source
-    from :func:`open_split`.
+    from :func:`open_split`; ``progress`` shows a bar named after the split.
     """
     source = open_split(folder)
     loader = DataLoader(_EvalSource(source, image_size), batch_size=batch_size, num_workers=workers,
@@ -138,7 +139,9 @@ def extract_features(trunk: nn.Module, folder: str | Path | ImageFolderIndex | A
     trunk.eval()
     feats, labels = [], []
     device = torch.device(device)
-    for batch in loader:
+    bar = tqdm(loader, desc=f"features {Path(source.root).name}", unit="batch", disable=not progress,
+               dynamic_ncols=True, leave=False)
+    for batch in bar:
         if batch is None:
             continue
         x, y = batch
@@ -152,14 +155,15 @@ def extract_features(trunk: nn.Module, folder: str | Path | ImageFolderIndex | A
     return torch.cat(feats), torch.cat(labels)
 
 
-def split_dirs(data: str | Path) -> tuple[Path, Path]:
-    """``DATA/train`` and ``DATA/val`` (both must exist: ImageFolders or prepared splits)."""
+def split_dirs(data: str | Path, what: str = "kNN") -> tuple[Path, Path]:
+    """``DATA/train`` and ``DATA/val`` (both must exist: ImageFolders or prepared splits); ``what``
+    names the evaluation in errors."""
     data = Path(data)
     train, val = data / "train", data / "val"
     if not data.exists():
-        raise DataError(f"kNN data folder {data} does not exist")
+        raise DataError(f"{what} data folder {data} does not exist")
     if not (train.is_dir() and val.is_dir()):
-        raise DataError(f"kNN data folder {data} must contain train/ and val/ "
+        raise DataError(f"{what} data folder {data} must contain train/ and val/ "
                         "(ImageFolders or splits written by swav-fast prepare)")
     return train, val
 
@@ -179,19 +183,19 @@ class KNNResult:
 
 def knn_eval(trunk: nn.Module, data: str | Path, image_size: int = 224, k: int = 20,
              temperature: float = 0.07, batch_size: int = 128, device: str | torch.device = "cpu",
-             workers: int = 0) -> KNNResult:
+             workers: int = 0, progress: bool = False) -> KNNResult:
     """kNN top-1 (%) of ``trunk``: the bank is ``data/train``, queries are ``data/val``."""
     train, val = open_splits(data)
-    ftr, ytr = extract_features(trunk, train, image_size, batch_size, device, workers)
-    fva, yva = extract_features(trunk, val, image_size, batch_size, device, workers)
+    ftr, ytr = extract_features(trunk, train, image_size, batch_size, device, workers, progress)
+    fva, yva = extract_features(trunk, val, image_size, batch_size, device, workers, progress)
     pred = knn_predict(ftr, ytr, fva, len(train.classes), k, temperature)
     top1 = 100.0 * (pred == yva).float().mean().item()
     return KNNResult(top1, k, temperature, len(ytr), len(yva), len(train.classes))
 
 
-def open_splits(data: str | Path) -> tuple[Any, Any]:
+def open_splits(data: str | Path, what: str = "kNN") -> tuple[Any, Any]:
     """Sources of ``DATA/train`` and ``DATA/val`` (see :func:`open_split`); their classes must agree."""
-    train_dir, val_dir = split_dirs(data)
+    train_dir, val_dir = split_dirs(data, what)
     train, val = open_split(train_dir), open_split(val_dir)
     if list(train.classes) != list(val.classes):
         raise DataError(f"{train_dir} and {val_dir} have different classes "

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from pipelines.folder import ImageFolderIndex
 from swav_fast.errors import DataError
@@ -143,7 +144,7 @@ def _load_cache(path: Path, key: str) -> Features | None:
 
 def load_features(trunk: nn.Module, data: str | Path, image_size: int = 224, batch_size: int = 128,
                   device: str | torch.device = "cpu", workers: int = 0,
-                  cache_dir: str | Path | None = None) -> Features:
+                  cache_dir: str | Path | None = None, progress: bool = False) -> Features:
     """Features of ``data/train`` and ``data/val``, from ``cache_dir`` when already extracted.
 
     With ``cache_dir``, the features are stored (float16, written atomically) as
@@ -151,7 +152,7 @@ def load_features(trunk: nn.Module, data: str | Path, image_size: int = 224, bat
     the image size; the file loads with ``torch.load(..., weights_only=True)``.  ``data/train`` and
     ``data/val`` are ImageFolders or splits written by ``swav-fast prepare``.
     """
-    train_index, val_index = open_splits(data)
+    train_index, val_index = open_splits(data, "linear probe")
     path = key = None
     if cache_dir is not None:
         key = feature_cache_key(trunk, train_index, val_index, image_size)
@@ -160,8 +161,8 @@ def load_features(trunk: nn.Module, data: str | Path, image_size: int = 224, bat
         if found is not None:
             log.info("loaded cached features from %s", path)
             return found
-    ftr, ytr = extract_features(trunk, train_index, image_size, batch_size, device, workers)
-    fva, yva = extract_features(trunk, val_index, image_size, batch_size, device, workers)
+    ftr, ytr = extract_features(trunk, train_index, image_size, batch_size, device, workers, progress)
+    fva, yva = extract_features(trunk, val_index, image_size, batch_size, device, workers, progress)
     feats = Features(ftr, ytr, fva, yva, list(train_index.classes))
     if path is not None:
         from swav_fast.checkpoint import atomic_save
@@ -184,7 +185,7 @@ def standardize(train: torch.Tensor, *others: torch.Tensor, eps: float = 1e-6) -
 def train_linear(features: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int = 100,
                  lr: float = 0.3, batch_size: int = 256, weight_decay: float = 1e-6,
                  momentum: float = 0.9, seed: int = 0,
-                 device: str | torch.device = "cpu") -> nn.Linear:
+                 device: str | torch.device = "cpu", progress: bool = False) -> nn.Linear:
     """An ``nn.Linear`` trained with cross-entropy, SGD (momentum) and per-iteration cosine decay.
 
     ``lr`` is the learning rate actually used (no scaling here); the classifier starts at zero.
@@ -202,7 +203,8 @@ def train_linear(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
     steps_per_epoch = max(1, math.ceil(n / batch_size))
     total = epochs * steps_per_epoch
     step = 0
-    for _ in range(epochs):
+    for _ in tqdm(range(epochs), desc="linear probe", unit="epoch", disable=not progress, dynamic_ncols=True,
+                  leave=False):
         perm = torch.randperm(n, generator=gen).to(device)
         for start in range(0, n, batch_size):
             idx = perm[start:start + batch_size]
@@ -228,7 +230,7 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
 def linear_probe_features(feats: Features, epochs: int = 100, lr: float = 0.3, batch_size: int = 256,
                           weight_decay: float = 1e-6, momentum: float = 0.9, scale_lr: bool = True,
                           standardize_features: bool = True, seed: int = 0,
-                          device: str | torch.device = "cpu") -> LinearResult:
+                          device: str | torch.device = "cpu", progress: bool = False) -> LinearResult:
     """Train and evaluate the linear classifier on already extracted features.
 
     With ``scale_lr``, ``lr`` is the rate for a batch of 256 and the rate used is
@@ -241,7 +243,7 @@ def linear_probe_features(feats: Features, epochs: int = 100, lr: float = 0.3, b
     used_lr = lr * batch_size / 256 if scale_lr else lr
     t0 = time.perf_counter()
     clf = train_linear(ftr, feats.train_labels, num_classes, epochs, used_lr, batch_size, weight_decay,
-                       momentum, seed, device)
+                       momentum, seed, device, progress)
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         dev = clf.weight.device
@@ -256,16 +258,17 @@ def linear_probe(trunk: nn.Module, data: str | Path, *, image_size: int = 224, e
                  fast: bool = False, lr: float = 0.3, batch_size: int = 256, weight_decay: float = 1e-6,
                  momentum: float = 0.9, scale_lr: bool = True, standardize_features: bool = True,
                  seed: int = 0, feature_batch_size: int = 128, device: str | torch.device = "cpu",
-                 workers: int = 0, cache_dir: str | Path | None = None) -> LinearResult:
+                 workers: int = 0, cache_dir: str | Path | None = None,
+                 progress: bool = False) -> LinearResult:
     """Linear-probe top-1/top-5 (%) of a frozen ``trunk``: trained on ``data/train``, tested on ``data/val``.
 
     ``fast=True`` trains for :data:`FAST_EPOCHS` epochs instead of ``epochs``. ``cache_dir`` caches
     the extracted features (see :func:`load_features`). The trunk is not modified.
     """
     t0 = time.perf_counter()
-    feats = load_features(trunk, data, image_size, feature_batch_size, device, workers, cache_dir)
+    feats = load_features(trunk, data, image_size, feature_batch_size, device, workers, cache_dir, progress)
     extract_seconds = time.perf_counter() - t0
     result = linear_probe_features(feats, FAST_EPOCHS if fast else epochs, lr, batch_size, weight_decay,
-                                   momentum, scale_lr, standardize_features, seed, device)
+                                   momentum, scale_lr, standardize_features, seed, device, progress)
     result.extract_seconds = extract_seconds
     return result

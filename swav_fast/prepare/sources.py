@@ -21,7 +21,6 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from pipelines.folder import scan_image_folder
-from pipelines.pil import MAX_PIXELS
 
 #: Quality used to re-encode a file that cannot be passed through when no quality is given.
 DEFAULT_QUALITY = 90
@@ -177,6 +176,8 @@ def _encode(
         w, h = im.size
         if w < 1 or h < 1:
             raise BadImage(f"invalid image size {w}x{h}")
+        from pipelines.pil import MAX_PIXELS  # here, not at import: 'swav-fast inspect' needs no torch
+
         if w * h > MAX_PIXELS:
             raise BadImage(f"too large: {w}x{h} pixels exceeds the {MAX_PIXELS} pixel limit")
         fmt = im.format
