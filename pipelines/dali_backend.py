@@ -56,7 +56,7 @@ import torch
 from swav_fast.errors import ConfigError, DataError, SwavFastError
 
 from . import gpu_aug
-from .folder import ImageFolderIndex, scan_image_folder
+from .folder import MANIFEST_NAME, ImageFolderIndex, is_prepared_manifest, scan_image_folder
 from .loader import MultiCropBatch, MultiCropLoader, register_backend
 from .params import NUM_UNIFORMS, BatchViewParams, params_from_uniforms
 from .pil import MAX_PIXELS, MAX_REPLACEMENTS
@@ -471,8 +471,9 @@ def open_source(source: str | os.PathLike[str] | ImageFolderIndex | SampleSource
     if not isinstance(source, (str, os.PathLike)):
         return source
     root = os.path.abspath(os.fspath(source))
-    prepared = [os.path.join(root, *sub, "manifest.json") for sub in ((), ("train",), ("val",))]
-    if not any(os.path.exists(p) for p in prepared):
+    # a prepare manifest is recognised by its content: an ImageFolder may hold a foreign manifest.json
+    prepared = [os.path.join(root, *sub, MANIFEST_NAME) for sub in ((), ("train",), ("val",))]
+    if not any(is_prepared_manifest(p) for p in prepared):
         return ImageFolderSource(scan_image_folder(root))
     manifest = read_prepared_manifest(root)
     fmt = manifest.get("format")
