@@ -93,6 +93,47 @@ def check_writable(folder: Path) -> None:
         raise DataError(f"output folder {folder} is not writable: {exc.strerror or exc}") from exc
 
 
+#: What makes a folder a run folder: a second run must not silently mix its files with these.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "tensorboard")
+#: ``--overwrite`` moves a previous run's files into ``<run>/replaced-<UTC time>/``.
+REPLACED_PREFIX = "replaced-"
+
+
+def existing_run(run_dir: Path) -> list[str]:
+    """The run files already in ``run_dir`` (an empty ``checkpoints/`` folder does not count)."""
+    found = []
+    for name in RUN_FILES:
+        p = run_dir / name
+        if p.is_dir() and not any(p.iterdir()):
+            continue
+        if p.exists():
+            found.append(name)
+    return found
+
+
+def run_folder_taken(run_dir: Path, found: list[str]) -> str:
+    return (f"{run_dir} already holds a run ({', '.join(found)}): continue it with --resume auto, start "
+            "over with --overwrite (moves its files aside), or choose another --output")
+
+
+def set_aside_run(run_dir: Path) -> Path:
+    """Move the previous run's files (:data:`RUN_FILES`) to ``run_dir/replaced-<UTC time>/``; nothing is
+    deleted. Returns that folder."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    aside = run_dir / f"{REPLACED_PREFIX}{stamp}"
+    k = 1
+    while aside.exists():
+        k += 1
+        aside = run_dir / f"{REPLACED_PREFIX}{stamp}-{k}"
+    try:
+        aside.mkdir()
+        for name in existing_run(run_dir):
+            os.replace(run_dir / name, aside / name)
+    except OSError as exc:
+        raise DataError(f"cannot move the previous run in {run_dir} aside: {exc.strerror or exc}") from exc
+    return aside
+
+
 def build_model(cfg: Config) -> torch.nn.Module:
     """The online network (with ``.trunk``) of ``cfg``'s method, as saved under ``"model"``."""
     return build_method(cfg.train.method, cfg).model
@@ -147,8 +188,10 @@ def until_stopped(batches: Iterable[T], stop: StopAgreement) -> Iterator[T]:
 class Trainer:
     """Holds a run's state; :meth:`fit` runs it. Build from a validated :class:`Config`."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, overwrite: bool = False):
         t = cfg.train
+        # a folder that already holds a run is refused by fit() unless resumed or ``overwrite``
+        self.overwrite, self._continuing, self._claimed = overwrite, False, False
         # the launcher's world size (torchrun / srun variables, or 1) is known before any group exists
         self.cfg = cfg.validate(world_size() if is_dist() else detect_launch().world_size)
         # one process, or a rank of that launch (device of the local rank, NCCL or gloo)
@@ -386,6 +429,7 @@ class Trainer:
     def resume(self, how: str) -> bool:
         """``auto``: newest loadable checkpoint of the run folder (none: start fresh); else a path.
         Under ``torch.distributed`` rank 0 chooses and every rank loads that file."""
+        self._continuing = True  # the run folder's files are this run's own
         if how == "auto":
             found = ckpt.latest_valid_checkpoint(self.run_dir, log=log.warning) if self.is_main else None
             chosen = broadcast_object(str(found[0]) if found else None)
@@ -425,6 +469,25 @@ class Trainer:
                     f.replace(aside / f.name)
         log.warning("moved %d checkpoint(s) numbered above step %d to %s", len(newer), self.step, aside)
 
+    def _claim_run_dir(self) -> None:
+        """Refuse a folder that already holds another run, unless resumed or ``overwrite`` (which moves
+        the previous run aside first); rank 0 decides for all."""
+        if self._claimed:
+            return
+        error = None
+        if self.is_main and not self._continuing:
+            found = existing_run(self.run_dir)
+            if found and self.overwrite:
+                aside = set_aside_run(self.run_dir)
+                log.warning("--overwrite: moved the previous run's %s to %s", ", ".join(found), aside)
+                self.runlog.write("overwrite", moved_to=str(aside))
+            elif found:
+                error = run_folder_taken(self.run_dir, found)
+        error = broadcast_object(error)
+        if error is not None:
+            raise ConfigError(error)
+        self._claimed = True
+
     def _done(self) -> bool:
         max_steps = self.cfg.train.max_steps
         return self.step >= self.total_steps or bool(max_steps and self.step >= max_steps)
@@ -432,6 +495,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train to the end (or ``train.max_steps``, or a SIGTERM/SIGINT: checkpoint and return)."""
         cfg = self.cfg
+        self._claim_run_dir()
         try:
             if self.is_main:
                 save_config(cfg, self.run_dir / "config.yaml")
@@ -552,9 +616,16 @@ class Trainer:
         return out
 
 
-def train(cfg: Config, resume: str | None = None) -> TrainResult:
-    """Run (or continue, with ``resume="auto"`` or a checkpoint path) a pretraining."""
-    trainer = Trainer(cfg)
+def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> TrainResult:
+    """Run (or continue, with ``resume="auto"`` or a checkpoint path) a pretraining. A run folder that
+    already holds a run is refused unless ``resume`` is given or ``overwrite`` (the previous run's files
+    are then moved to ``<run>/replaced-<time>/``)."""
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in the folder and --overwrite replaces it: give one")
+    found = existing_run(Path(cfg.train.output_dir))
+    if found and not (resume or overwrite) and not detect_launch().distributed:  # before any work
+        raise ConfigError(run_folder_taken(Path(cfg.train.output_dir), found))
+    trainer = Trainer(cfg, overwrite=overwrite)
     try:
         if resume:
             trainer.resume(resume)

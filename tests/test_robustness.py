@@ -2,14 +2,23 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
-
 import pytest
+import torch
 
+from swav_fast import checkpoint as ckpt
 from swav_fast.data.synthetic import generate_synthetic
+from swav_fast.errors import ConfigError
+from swav_fast.runlog import read_log
 from swav_fast.train import train
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, write_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
 
 #: Every loader backend (all are installed in CI; ffcv reads a prepared .beton of the folder).
 BACKENDS = ("pil", "torch", "dali", "ffcv")
@@ -78,3 +87,59 @@ def test_join_rows_zeroes_the_padding():
         _dirty_heap(SAMPLE_META.itemsize * 8)
         joined = join_rows([chunk, chunk], SAMPLE_META)
         assert joined.tobytes() == chunk.tobytes() * 2
+
+
+# -- 7. a run folder is never silently reused --------------------------------------------------------
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "swav_fast", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+TINY_CLI = ("--no-progress", "model.arch=resnet10_half", "model.hidden_dim=32", "model.feat_dim=16",
+            "model.num_prototypes=20", "data.crops.num_crops=[2, 2]", "data.crops.size_crops=[32, 16]",
+            "data.crops.min_scale_crops=[0.14, 0.05]", "data.crops.max_scale_crops=[1.0, 0.14]",
+            "data.workers=0", "optim.batch_size=8", "optim.epochs=1", "eval.at_end=false", "train.max_steps=2")
+
+
+def test_a_second_run_into_the_same_folder_is_refused_unless_overwrite(tmp_path):
+    data = write_image_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    assert _cli("train", "--data", str(data), "--output", str(run), *TINY_CLI).returncode == 0
+    first = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    config = (run / "config.yaml").read_text()
+    proc = _cli("train", "--data", str(data), "--output", str(run), *TINY_CLI, "model.arch=resnet18")
+    _one_line_error(proc, str(run), "already holds a run", "--resume", "--overwrite")
+    # nothing of the first run was touched
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == first
+    assert (run / "config.yaml").read_text() == config
+    _one_line_error(_cli("train", "--data", str(data), "--output", str(run), "--resume", "auto",
+                         "--overwrite", *TINY_CLI), "give one")
+
+    proc = _cli("train", "--data", str(data), "--output", str(run), "--overwrite", *TINY_CLI, "model.arch=resnet18")
+    assert proc.returncode == 0, proc.stderr
+    (aside,) = [p for p in run.iterdir() if p.name.startswith("replaced-")]
+    assert {p.name: p.read_bytes() for p in (aside / "checkpoints").iterdir()} == first  # moved, not lost
+    assert (aside / "config.yaml").read_text() == config
+    state = torch.load(ckpt.latest_valid_checkpoint(run)[0], weights_only=True)
+    assert state["config"]["model"]["arch"] == "resnet18"  # the new run's weights were written
+    assert "resnet18" in (run / "config.yaml").read_text()
+    assert [r["kind"] for r in read_log(run)].count("done") == 1  # a fresh metrics.jsonl
+    assert "--overwrite" in _cli("train", "--help").stdout
+
+
+def test_resume_into_the_same_folder_is_allowed(tmp_path):
+    data = write_image_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    train(tiny_config(data, run, "train.max_steps=2"))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(tiny_config(data, run, "train.max_steps=3"))
+    assert train(tiny_config(data, run, "train.max_steps=3"), resume="auto").steps == 3

@@ -41,6 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, help="stop after N steps (schedule unchanged)")
     p.add_argument("--resume", nargs="?", const="auto",
                    help="'auto' (newest valid checkpoint in the run folder) or a checkpoint path")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a folder that already holds one: the previous run's config.yaml, "
+                        "metrics.jsonl, checkpoints/ and tensorboard/ are moved to OUTPUT/replaced-<UTC time>/ "
+                        "(nothing is deleted); without it (or --resume) such a folder is refused")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list-keys", action="store_true", help="print all config keys and exit")
     p.set_defaults(func=run)
@@ -68,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         extra.setdefault("train", {})["progress"] = False
     cfg = load_config(args.recipe, args.overrides, extra)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if not result.is_main:  # under torchrun only rank 0 reports
         return 128 + result.signal if result.signal else 0
     print(f"run folder: {result.run_dir}")
