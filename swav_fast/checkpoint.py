@@ -180,6 +180,14 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"ckpt-{step:09d}.pt"
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The step in a checkpoint's name (``ckpt-000000042.pt`` -> 42)."""
+    m = CKPT_RE.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"not a checkpoint name: {path}")
+    return int(m[1])
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Checkpoints of a run, oldest first."""
     folder = Path(run_dir) / "checkpoints"

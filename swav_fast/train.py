@@ -32,7 +32,9 @@ from swav_fast.distributed import (StopAgreement, all_reduce_mean, broadcast_obj
 from swav_fast.config import Config, save_config
 from swav_fast.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from swav_fast.eval.knn import knn_due, knn_eval, periodic_knn
-from swav_fast.guards import COLLAPSE_REMEDIES, CollapseMonitor, NonFiniteCounts
+from swav_fast import faults
+from swav_fast.guards import (COLLAPSE_REMEDIES, CollapseMonitor, DivergenceDetected, DivergenceMonitor,
+                              NonFiniteCounts, weight_norm)
 from swav_fast.methods import Method, build_method
 from swav_fast.optim import LARS, lars_param_groups, warmup_cosine_lr
 from swav_fast.preemption import StopSignals
@@ -258,6 +260,10 @@ class Trainer:
         self.images = 0  # trained this fit()
         self._nonfinite_reported = 0
         self._save_attempted_at: int | None = None  # one checkpoint attempt per step
+        # divergence: checked at log steps and before checkpoints; rollbacks lower the LR by lr_scale
+        self.divergence = DivergenceMonitor(t.divergence_loss_factor, t.divergence_norm_factor)
+        self.rollbacks, self.lr_scale = 0, 1.0
+        self._blowup_steps = frozenset(t.debug_blowup_steps)  # testing only
         self.runlog = RunLog(self.run_dir, t.tensorboard, enabled=self.is_main)
 
     def _check_lr_scaling(self) -> None:
@@ -271,10 +277,11 @@ class Trainer:
                         "optim.global_batch_size=%d, or optim.lr_scaling=linear or sqrt", o.reference_batch,
                         self.global_batch, o.batch_size, self.world, o.reference_batch)
 
-    def close(self) -> None:
-        """End the process group if this trainer created it (from the launcher's environment)."""
+    def close(self, barrier: bool = False) -> None:
+        """End the process group if this trainer created it (from the launcher's environment); with
+        ``barrier`` (a clean end) after every rank got here."""
         if self.owns_process_group:
-            destroy()
+            destroy(barrier)
             self.owns_process_group = False
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -293,6 +300,7 @@ class Trainer:
             "epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
             "rng": ckpt.rng_state(),
             "nonfinite": self.step_fn.guard.state_dict(),
+            "rollbacks": self.rollbacks, "lr_scale": self.lr_scale,
             "config": self.cfg.to_dict(),
         }
 
@@ -313,6 +321,7 @@ class Trainer:
                                   f"{str(exc).splitlines()[0]}") from exc
         self.epoch, self.step = state["epoch"], state["step"]
         self.batch_in_epoch = state["batch_in_epoch"]
+        self.rollbacks, self.lr_scale = int(state.get("rollbacks", 0)), float(state.get("lr_scale", 1.0))
         ckpt.set_rng_state(state["rng"])
         self._nonfinite_reported = self.step_fn.guard.counts().total
         saved_global = int(state.get("global_batch") or state["config"]["optim"]["batch_size"] * saved_world)
@@ -348,13 +357,21 @@ class Trainer:
                     "this run's steps", saved_global, self.global_batch, old[0], old[1], self.epoch,
                     self.step, self.batch_in_epoch)
 
+    def _healthy_checkpoint(self) -> Path | None:
+        """The newest checkpoint written no later than the last passed divergence check."""
+        ok = [p for p in ckpt.list_checkpoints(self.run_dir) if ckpt.checkpoint_step(p) <= self.divergence.healthy_step]
+        return ok[-1] if ok else None
+
     def _last_checkpoint_note(self) -> str:
-        existing = ckpt.list_checkpoints(self.run_dir)
-        return f"the last checkpoint {existing[-1]} is intact" if existing else "no checkpoint was written"
+        healthy = self._healthy_checkpoint()
+        if healthy is not None:
+            return f"the newest checkpoint that passed the health checks is {healthy}"
+        return "no checkpoint that passed the health checks was written"
 
     def save_checkpoint(self) -> Path | None:
         """Checkpoint the current state (refused once the run has diverged); on a write failure the
         previous checkpoint stays and ``train.on_checkpoint_error`` says whether to stop."""
+        self.check_divergence(None)
         self.check_nonfinite()
         path = ckpt.checkpoint_path(self.run_dir, self.step)
         if self._save_attempted_at == self.step:  # e.g. a step that is also an epoch end
@@ -386,6 +403,67 @@ class Trainer:
         log.error("%s; %s; training continues (train.on_checkpoint_error=continue)", exc, kept)
 
     # -- health --------------------------------------------------------------------------------
+    def check_divergence(self, loss: float | None) -> None:
+        """Raise :class:`DivergenceDetected` when the loss (if given) or the weight norm has run away
+        (a host synchronisation: called at log steps and before checkpoints)."""
+        reason = self.divergence.check(self.step, loss, weight_norm(self.model.parameters()))
+        if reason is not None:
+            raise DivergenceDetected(self.step, reason)
+
+    def _divergence_stop(self, exc: DivergenceDetected, why: str) -> TrainingDiverged:
+        msg = (f"training diverged at step {exc.step}: {exc.reason}; {why}; {self._last_checkpoint_note()}. "
+               "Try a lower optim.base_lr or a longer warmup, or train.on_divergence=rollback")
+        self.runlog.write("diverged", step=exc.step, reason="divergence", message=msg,
+                          healthy_checkpoint=str(self._healthy_checkpoint() or "") or None)
+        return TrainingDiverged(msg)
+
+    def _set_aside_diverged(self, exc: DivergenceDetected) -> None:
+        """Move checkpoints written after the last passed check to ``checkpoints/diverged-step<N>/``
+        (``--resume auto`` must not pick them; they are kept for a post-mortem)."""
+        if not self.is_main:
+            return
+        bad = [p for p in ckpt.list_checkpoints(self.run_dir)
+               if ckpt.checkpoint_step(p) > self.divergence.healthy_step]
+        if not bad:
+            return
+        aside = self.run_dir / "checkpoints" / f"diverged-step{exc.step}"
+        aside.mkdir(exist_ok=True)
+        for p in bad:
+            for f in (p, ckpt.digest_path(p)):
+                if f.exists():
+                    f.replace(aside / f.name)
+        log.warning("moved %d checkpoint(s) written after step %d (the divergence) to %s", len(bad),
+                    self.divergence.healthy_step, aside)
+
+    def handle_divergence(self, exc: DivergenceDetected) -> None:
+        """``train.on_divergence``: stop (TrainingDiverged naming the healthy checkpoint), or roll back to
+        the newest checkpoint from before the divergence, skip the batches up to ``exc.step`` and
+        multiply the learning rate by ``train.rollback_lr_factor``."""
+        t = self.cfg.train
+        self._set_aside_diverged(exc)
+        healthy = broadcast_object(str(self._healthy_checkpoint() or "") if self.is_main else None)
+        if t.on_divergence != "rollback":
+            raise self._divergence_stop(exc, "train.on_divergence=stop")
+        if self.rollbacks >= t.max_rollbacks:
+            raise self._divergence_stop(exc, f"{self.rollbacks} rollback(s) already (train.max_rollbacks)")
+        if not healthy:
+            raise self._divergence_stop(exc, "nothing to roll back to")
+        rollbacks, lr_scale = self.rollbacks + 1, self.lr_scale * t.rollback_lr_factor
+        self.load_state_dict(ckpt.load_checkpoint(healthy))
+        restored = self.step
+        self.rollbacks, self.lr_scale = rollbacks, lr_scale
+        # skip the batches that led to the divergence: the data position jumps to where it was detected
+        self.step = min(exc.step, self.total_steps)
+        self.epoch, self.batch_in_epoch = divmod(self.step, self.steps_per_epoch)
+        self._save_attempted_at = None
+        self.divergence.reset(self.step, weight_norm(self.model.parameters()))
+        log.warning("step %d: %s; rolled back to %s (step %d), skipping the batches of steps %d-%d, "
+                    "learning rate x %.4g (rollback %d of at most %d)", exc.step, exc.reason, healthy, restored,
+                    restored + 1, exc.step, self.lr_scale, self.rollbacks, t.max_rollbacks)
+        self.runlog.write("rollback", step=self.step, detected_at=exc.step, reason=exc.reason, checkpoint=healthy,
+                          restored_step=restored, skipped_steps=[restored + 1, exc.step], lr_scale=self.lr_scale,
+                          rollbacks=self.rollbacks)
+
     def check_nonfinite(self) -> NonFiniteCounts:
         """Report newly skipped NaN/inf steps; raise TrainingDiverged after too many in a row."""
         counts = self.step_fn.guard.counts()
@@ -451,6 +529,7 @@ class Trainer:
     def lr_at(self, step: int) -> float:
         o = self.cfg.optim
         f = self.lr_factor
+        f *= self.lr_scale  # lowered by rollbacks (train.rollback_lr_factor)
         return warmup_cosine_lr(step, self.total_steps, self.warmup_steps, f * o.base_lr, f * o.final_lr,
                                 f * o.start_warmup)
 
@@ -503,12 +582,18 @@ class Trainer:
             raise DataError(f"cannot write {self.run_dir / 'config.yaml'}: {exc.strerror or exc}") from exc
         start_time, start_step, self.images = time.perf_counter(), self.step, 0
         try:
+            self.divergence.reset(self.step, weight_norm(self.model.parameters()))  # trusted start
             with StopSignals() as signals:
                 stop = StopAgreement(signals)  # all ranks stop at the same step
-                while not self._done() and not stop.agree():  # also agreed between epochs
-                    self._run_epoch(stop)
-                if not broadcast_object(ckpt.checkpoint_path(self.run_dir, self.step).exists()):
-                    self.save_checkpoint()
+                while True:
+                    try:
+                        while not self._done() and not stop.agree():  # also agreed between epochs
+                            self._run_epoch(stop)
+                        if not broadcast_object(ckpt.checkpoint_path(self.run_dir, self.step).exists()):
+                            self.save_checkpoint()
+                        break
+                    except DivergenceDetected as exc:  # every rank sees it at the same step
+                        self.handle_divergence(exc)  # stops (TrainingDiverged) or rolls back
             seconds = time.perf_counter() - start_time
             result = TrainResult(str(self.run_dir), self.step, self.epoch, seconds,
                                  self.images / max(seconds, 1e-9) if self.step > start_step else 0.0,
@@ -542,6 +627,8 @@ class Trainer:
         for data in until_stopped(self.loader, stop):
             wait += time.perf_counter() - fetch_start
             lr = self.lr_at(self.step)
+            if self._blowup_steps:
+                faults.blow_up_weights(list(self.model.parameters()), self.step, self._blowup_steps)
             loss = self.step_fn(data.views, lr, self.step, data.indices)
             self.step += 1
             self.batch_in_epoch += 1
@@ -576,7 +663,9 @@ class Trainer:
                 self.save_checkpoint()
 
     def _log_step(self, loss: float, lr: float, images_per_s: float, loader_wait: float, bar: tqdm) -> None:
-        """A log step (the loss is already on the host): record, check NaN streaks and collapse."""
+        """A log step (the loss is already on the host): record, check divergence, NaN streaks and
+        collapse."""
+        self.check_divergence(loss)
         counts = self.check_nonfinite()
         finite = math.isfinite(loss)
         if finite:
@@ -626,9 +715,12 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Tr
     if found and not (resume or overwrite) and not detect_launch().distributed:  # before any work
         raise ConfigError(run_folder_taken(Path(cfg.train.output_dir), found))
     trainer = Trainer(cfg, overwrite=overwrite)
+    clean = False
     try:
         if resume:
             trainer.resume(resume)
-        return trainer.fit()
+        result = trainer.fit()
+        clean = True
+        return result
     finally:
-        trainer.close()
+        trainer.close(barrier=clean)

@@ -143,3 +143,66 @@ def test_resume_into_the_same_folder_is_allowed(tmp_path):
     with pytest.raises(ConfigError, match="already holds a run"):
         train(tiny_config(data, run, "train.max_steps=3"))
     assert train(tiny_config(data, run, "train.max_steps=3"), resume="auto").steps == 3
+
+
+# -- 3. divergence: detected, rolled back to the checkpoint before it, or stopped with one line ------
+def test_divergence_rolls_back_to_the_checkpoint_before_it(tmp_path, monkeypatch):
+    from swav_fast.train import Trainer
+    data = write_image_folder(tmp_path / "data")  # 24 images, batch 8: 3 steps per epoch
+    run = tmp_path / "run"
+    cfg = tiny_config(data, run, "optim.epochs=3", "train.checkpoint_every_steps=2", "train.keep_checkpoints=0",
+                      "train.on_divergence=rollback", "train.rollback_lr_factor=0.5",
+                      "train.debug_blowup_steps=[4]")  # weights x 1e6 before the 5th step: finite, wrecked
+    after_rollback = {}
+    original = Trainer.handle_divergence
+
+    def spy(self, exc):
+        original(self, exc)
+        after_rollback.update({k: v.clone() for k, v in self.model.state_dict().items()}, step=self.step)
+
+    monkeypatch.setattr(Trainer, "handle_divergence", spy)
+    result = train(cfg)
+    assert result.steps == 9  # the run completes
+    (rb,) = [r for r in read_log(run) if r["kind"] == "rollback"]
+    assert rb["detected_at"] == 5 and rb["restored_step"] == 4 and rb["checkpoint"].endswith("ckpt-000000004.pt")
+    assert rb["skipped_steps"] == [5, 5] and rb["lr_scale"] == 0.5 and after_rollback["step"] == 5
+    healthy = torch.load(ckpt.checkpoint_path(run, 4), weights_only=True)
+    for k, v in healthy["model"].items():  # the resumed weights are the pre-divergence checkpoint's
+        assert torch.equal(after_rollback[k], v), k
+    final = torch.load(ckpt.checkpoint_path(run, 9), weights_only=True)
+    assert final["lr_scale"] == 0.5 and final["rollbacks"] == 1
+    from swav_fast.guards import weight_norm
+    assert weight_norm(final["model"].values()) < 10 * weight_norm(healthy["model"].values())
+
+
+def test_divergence_stop_names_the_healthy_checkpoint(tmp_path):
+    data = write_image_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    cfg = tiny_config(data, run, "optim.epochs=3", "train.checkpoint_every_steps=1", "train.log_every=3",
+                      "train.debug_blowup_steps=[4]")  # default train.on_divergence=stop
+    from swav_fast.errors import TrainingDiverged
+    with pytest.raises(TrainingDiverged, match="checks is .*ckpt-000000004.pt") as e:
+        train(cfg)
+    assert "diverged at step 5" in str(e.value) and "weight norm" in str(e.value)
+    assert ckpt.latest_valid_checkpoint(run)[0].name == "ckpt-000000004.pt"  # the wrecked state was not saved
+    (rec,) = [r for r in read_log(run) if r["kind"] == "diverged"]
+    assert rec["healthy_checkpoint"].endswith("ckpt-000000004.pt")
+
+
+def test_rollback_limit_and_a_huge_learning_rate_stop_with_one_line(tmp_path):
+    data = write_image_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    # base_lr=1e30: the first step is finite but wrecks the weights (the reproduction)
+    proc = _cli("train", "--data", str(data), "--output", str(run), *TINY_CLI, "optim.base_lr=1e30",
+                "train.log_every=5", "train.checkpoint_every_steps=1", "train.on_divergence=rollback")
+    _one_line_error(proc, "diverged at step 1", "nothing to roll back to",
+                    "no checkpoint that passed the health checks")
+    assert ckpt.list_checkpoints(run) == []
+    # a blow-up before every step from the 3rd on: rollbacks up to the limit, then a stop
+    run2 = tmp_path / "run2"
+    cfg = tiny_config(data, run2, "optim.epochs=3", "train.checkpoint_every_steps=2", "train.on_divergence=rollback",
+                      "train.max_rollbacks=2", "train.debug_blowup_steps=[2, 3, 4, 5, 6, 7, 8]")
+    from swav_fast.errors import TrainingDiverged
+    with pytest.raises(TrainingDiverged, match=r"2 rollback\(s\) already"):
+        train(cfg)
+    assert [r["kind"] for r in read_log(run2)].count("rollback") == 2
