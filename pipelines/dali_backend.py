@@ -56,6 +56,7 @@ import torch
 from swav_fast.errors import ConfigError, DataError, SwavFastError
 
 from . import gpu_aug
+from .exif import jpeg_orientation, oriented_size
 from .folder import MANIFEST_NAME, ImageFolderIndex, is_prepared_manifest, scan_image_folder
 from .loader import MultiCropBatch, MultiCropLoader, register_backend
 from .params import NUM_UNIFORMS, BatchViewParams, params_from_uniforms
@@ -716,8 +717,9 @@ def build_pipeline(opts: DecodeOptions, batch_size: int, source: Callable[[], An
         encoded, rois, serial = fn.external_source(
             source=source, num_outputs=3, batch=True, dtype=[types.UINT8, types.FLOAT, types.INT64],
             ndim=[1, 2, 1])
+        # EXIF orientation applied, as by every loader (the ROIs are drawn on the turned size)
         decode_args: dict[str, Any] = {"device": opts.decoder_device, "output_type": types.RGB,
-                                       "adjust_orientation": False}
+                                       "adjust_orientation": True}
         if opts.device_id is not None:
             decode_args["hw_decoder_load"] = opts.hw_decoder_load
         image = fn.decoders.image(encoded, **decode_args)
@@ -744,7 +746,7 @@ class _DecodeChecker:
         with pipe:
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
             pipe.set_outputs(fn.decoders.image(encoded, device=self.opts.decoder_device,
-                                               output_type=types.RGB, adjust_orientation=False))
+                                               output_type=types.RGB, adjust_orientation=True))
         pipe.build()
         return pipe
 
@@ -839,7 +841,7 @@ class DALILoader(MultiCropLoader):
                 if j not in self._known_bad:
                     try:
                         buf, label = self.source.read(j)
-                        sizes[b] = image_size(buf)
+                        sizes[b] = oriented_size(*image_size(buf), jpeg_orientation(buf))  # as decoded
                         break
                     except BadImage as e:
                         self._mark_bad(j, str(e))

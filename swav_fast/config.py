@@ -375,11 +375,20 @@ def read_recipe(name_or_path: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"recipe {path} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of sections")
     base = data.pop("base", None)
     return _merge(read_recipe(base), data) if base else data
+
+
+def yaml_problem(exc: Exception) -> str:
+    """One line for a YAML error: the problem and where (``line L, column C``), not PyYAML's multi-line
+    excerpt of the file."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{' '.join(str(problem).split())}"
 
 
 def parse_override(text: str) -> dict[str, Any]:

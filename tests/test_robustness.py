@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import signal
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -96,10 +99,15 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
+LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO|WARNING) ")
+
+
 def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    """Exit 2, no traceback, and one error line (besides the run's own log records)."""
     assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not LOG_RECORD.match(ln)]
+    assert len(lines) == 1 and lines[0].startswith("swav-fast "), proc.stderr
     for n in needles:
         assert n in lines[0], lines[0]
 
@@ -193,7 +201,7 @@ def test_rollback_limit_and_a_huge_learning_rate_stop_with_one_line(tmp_path):
     data = write_image_folder(tmp_path / "data")
     run = tmp_path / "run"
     # base_lr=1e30: the first step is finite but wrecks the weights (the issue's reproduction)
-    proc = _cli("train", "--data", str(data), "--output", str(run), *TINY_CLI, "optim.base_lr=1e30",
+    proc = _cli("train", "--data", str(data), "--output", str(run), *TINY_CLI, "optim.base_lr=1e30", "optim.warmup_epochs=0",
                 "train.log_every=5", "train.checkpoint_every_steps=1", "train.on_divergence=rollback")
     _one_line_error(proc, "diverged at step 1", "nothing to roll back to",
                     "no checkpoint that passed the health checks")
@@ -206,3 +214,93 @@ def test_rollback_limit_and_a_huge_learning_rate_stop_with_one_line(tmp_path):
     with pytest.raises(TrainingDiverged, match=r"2 rollback\(s\) already"):
         train(cfg)
     assert [r["kind"] for r in read_log(run2)].count("rollback") == 2
+
+
+# -- 4. one line, exit 2, no traceback ----------------------------------------------------------------
+def test_a_run_of_unreadable_images_with_pil_workers_is_one_line(tmp_path):
+    data = write_image_folder(tmp_path / "data")
+    for p in data.rglob("*.jpg"):
+        p.write_bytes(b"not a jpeg at all")
+    proc = _cli("train", "--data", str(data), "--output", str(tmp_path / "run"), "--loader", "pil",
+                "--workers", "2", *TINY_CLI)
+    _one_line_error(proc, "consecutive unreadable images")
+    assert "DataLoader worker" not in proc.stderr
+
+
+def test_a_malformed_recipe_is_one_line_naming_file_and_line(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("model:\n  arch: resnet18\noptim: {base_lr: [0.1, \n  epochs: 3\n")
+    proc = _cli("train", "--recipe", str(recipe), "--output", str(tmp_path / "run"))
+    _one_line_error(proc, str(recipe), "not valid YAML", "line ")
+
+
+def test_workers_of_a_killed_run_exit_quietly(tmp_path):
+    data = write_image_folder(tmp_path / "data", per_class=16)
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "swav_fast", "train", "--data", str(data), "--output", str(run),
+                             "--loader", "pil", "--workers", "2", *TINY_CLI[:-1], "optim.epochs=50"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (run / "metrics.jsonl").exists() and any(r["kind"] == "step" for r in read_log(run)):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)  # EOF once the workers (holding stderr too) are gone
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+# -- 6. EXIF orientation: the same pixels from every loader ------------------------------------------
+def _exif_folder(root: Path, orientation: int) -> Path:
+    """One 48x32 JPEG (stored) with an EXIF orientation: a diagonal ramp and a bright corner block."""
+    from PIL import Image
+    y, x = np.mgrid[0:32, 0:48]
+    img = np.stack([x * 5, y * 7, (x + y) * 3], axis=-1).astype(np.float64)
+    img[:10, :14] = [250, 250, 20]
+    ex = Image.Exif()
+    ex[0x0112] = orientation
+    (root / "class_0").mkdir(parents=True)
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / "class_0" / "a.jpg", quality=95,
+                                                                exif=ex.tobytes())
+    return root
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("orientation", (6, 3, 5))
+def test_every_loader_applies_the_exif_orientation(tmp_path, backend, orientation):
+    from PIL import Image, ImageOps
+
+    from pipelines import MultiCropSpec, build_loader
+    data = _exif_folder(tmp_path / "data", orientation)
+    with Image.open(data / "class_0" / "a.jpg") as im:
+        shown = ImageOps.exif_transpose(im).convert("RGB")
+        stored = im.convert("RGB")
+    w, h = shown.size
+    # one view of the whole (displayed) image, no augmentation: the loader's decode, resized
+    spec = MultiCropSpec(num_crops=[1], size_crops=[24], min_scale_crops=[1.0], max_scale_crops=[1.0],
+                         ratio=[w / h, w / h], flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0,
+                         mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
+    source = data
+    if backend == "ffcv":
+        from swav_fast.prepare import prepare_dataset
+        prepare_dataset(data, tmp_path / "prep", "beton", workers=1, progress=False)
+        source = tmp_path / "prep" / "train"
+    loader = build_loader(source, spec, 1, backend=backend, num_workers=1)
+    try:
+        view = next(iter(loader)).views[0][0].float().cpu().numpy().transpose(1, 2, 0) * 255
+    finally:
+        loader.close()
+
+    def as_view(img):
+        return np.asarray(img.resize((24, 24), Image.Resampling.BILINEAR), dtype=np.float64)
+    right = np.abs(view - as_view(shown)).mean()
+    wrong = np.abs(view - as_view(stored.resize(shown.size))).mean() if orientation != 3 else \
+        np.abs(view - as_view(stored)).mean()
+    assert right < 6.0 and wrong > 3 * right, (right, wrong)
