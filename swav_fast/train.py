@@ -581,6 +581,7 @@ class Trainer:
         except OSError as exc:
             raise DataError(f"cannot write {self.run_dir / 'config.yaml'}: {exc.strerror or exc}") from exc
         start_time, start_step, self.images = time.perf_counter(), self.step, 0
+        self.runlog.write("start", step=self.step, epoch=self.epoch, resumed=self._continuing and self.step > 0)
         try:
             self.divergence.reset(self.step, weight_norm(self.model.parameters()))  # trusted start
             with StopSignals() as signals:
@@ -595,7 +596,9 @@ class Trainer:
                     except DivergenceDetected as exc:  # every rank sees it at the same step
                         self.handle_divergence(exc)  # stops (TrainingDiverged) or rolls back
             seconds = time.perf_counter() - start_time
-            result = TrainResult(str(self.run_dir), self.step, self.epoch, seconds,
+            # a checkpoint at an epoch's last step holds that epoch as unfinished (batch_in_epoch full)
+            epochs = self.epoch + int(self.batch_in_epoch >= self.steps_per_epoch)
+            result = TrainResult(str(self.run_dir), self.step, epochs, seconds,
                                  self.images / max(seconds, 1e-9) if self.step > start_step else 0.0,
                                  self.last_loss, self.loader.num_bad, self.step_fn.guard.counts().total,
                                  stop.signum, is_main=self.is_main)

@@ -16,7 +16,7 @@ import torch
 
 from swav_fast import checkpoint as ckpt
 from swav_fast.data.synthetic import generate_synthetic
-from swav_fast.errors import ConfigError
+from swav_fast.errors import CheckpointError, ConfigError
 from swav_fast.runlog import read_log
 from swav_fast.train import train
 from tests.helpers import tiny_config, write_image_folder
@@ -304,3 +304,60 @@ def test_every_loader_applies_the_exif_orientation(tmp_path, backend, orientatio
     wrong = np.abs(view - as_view(stored.resize(shown.size))).mean() if orientation != 3 else \
         np.abs(view - as_view(stored)).mean()
     assert right < 6.0 and wrong > 3 * right, (right, wrong)
+
+
+# -- 9. resumed segments, epoch count, wall time, inner checkpoint digest ------------------------------
+def test_resumed_segments_are_marked_and_report_sums_their_wall_time(tmp_path):
+    from swav_fast.report import summarize
+    data = write_image_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    common = ("optim.epochs=2", "train.checkpoint_every_steps=2")
+    train(tiny_config(data, run, *common, "train.max_steps=3"))  # steps 1-3, checkpoint at 2
+    ckpt.remove_checkpoint(ckpt.checkpoint_path(run, 3))  # as if killed after step 3's log record
+    result = train(tiny_config(data, run, *common), resume="auto")  # resumes at 2: step 3 logged again
+    assert result.steps == 6
+    records = read_log(run)
+    assert {r["segment"] for r in records} == {0, 1}
+    assert [(r["segment"], r["step"]) for r in records if r["kind"] == "start"] == [(0, 0), (1, 2)]
+    step3 = [r["segment"] for r in records if r["kind"] == "step" and r["step"] == 3]
+    assert step3 == [0, 1]  # the repeated step, told apart by its segment
+    dones = [r for r in records if r["kind"] == "done"]
+    assert [r["segment"] for r in dones] == [0, 1]
+    summary = summarize(records)
+    assert summary["segments"] == 2
+    assert summary["seconds"] == pytest.approx(dones[0]["seconds"] + dones[1]["seconds"])
+    # a segment killed before its done record counts from its first to its last record
+    cut = [r for r in records if not (r["kind"] == "done" and r["segment"] == 0)]
+    first = [r["time"] for r in cut if r["segment"] == 0]
+    assert summarize(cut)["seconds"] == pytest.approx(max(first) - min(first) + dones[1]["seconds"])
+
+
+def test_resuming_a_finished_run_reports_its_epochs(tmp_path):
+    data = write_image_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    cfg = ("optim.epochs=2", "train.checkpoint_every_steps=3")  # the last checkpoint is at an epoch's end
+    assert train(tiny_config(data, run, *cfg)).epochs == 2
+    again = train(tiny_config(data, run, *cfg), resume="auto")
+    assert (again.steps, again.epochs) == (6, 2)
+
+
+def test_a_checkpoint_without_its_sidecar_is_still_verified(tmp_path):
+    data = write_image_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    train(tiny_config(data, run, "train.max_steps=1"))
+    path = ckpt.checkpoint_path(run, 1)
+    state = ckpt.load_checkpoint(path)
+    assert state[ckpt.INNER_DIGEST_KEY] == ckpt.state_digest(state)
+    ckpt.digest_path(path).unlink()
+    blob = bytearray(path.read_bytes())
+    weight = state["model"][next(k for k, v in state["model"].items() if v.numel() > 1000)]
+    at = bytes(blob).find(weight.numpy().tobytes()[:256])
+    assert at > 0
+    blob[at + 100] ^= 0x10  # one flipped bit inside a weight
+    path.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="digest stored inside"):
+        ckpt.load_checkpoint(path)
+    # a checkpoint of an older version (no inner digest) still loads
+    old = tmp_path / "old.pt"
+    torch.save({k: v for k, v in state.items() if k != ckpt.INNER_DIGEST_KEY}, old)
+    assert ckpt.INNER_DIGEST_KEY not in ckpt.load_checkpoint(old)
