@@ -38,7 +38,8 @@ class ImageFolderIndex:
 
 def is_prepared_manifest(path: str | os.PathLike[str]) -> bool:
     """True when ``path`` is a ``swav-fast prepare`` manifest: a JSON object with a ``format`` of
-    :data:`PREPARED_FORMATS` (its other keys are checked when it is read). Any other file (a foreign ``manifest.json`` in an
+    :data:`PREPARED_FORMATS` (its other keys are checked when it is read). Any other file (a foreign
+    ``manifest.json`` in an
     ImageFolder, an unreadable one) is not: the folder is then read as an ImageFolder."""
     try:
         if os.path.getsize(path) > 1 << 30:

@@ -249,6 +249,20 @@ def latest_valid_checkpoint(run_dir: str | Path, log=print) -> tuple[Path, dict]
     return None
 
 
+def move_checkpoints_above(run_dir: str | Path, step: int, folder: str) -> tuple[int, Path]:
+    """Move the checkpoints numbered above ``step`` (with their sidecars) to ``checkpoints/<folder>/``,
+    out of reach of ``--resume auto`` and pruning; returns how many and where."""
+    newer = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) > step]
+    aside = Path(run_dir) / "checkpoints" / folder
+    if newer:
+        aside.mkdir(exist_ok=True)
+    for p in newer:
+        for f in (p, digest_path(p)):
+            if f.exists():
+                f.replace(aside / f.name)
+    return len(newer), aside
+
+
 def remove_checkpoint(path: str | Path) -> None:
     """Delete a checkpoint and its digest sidecar."""
     Path(path).unlink(missing_ok=True)

@@ -1,7 +1,8 @@
 """Fault injection hooks, FOR TESTS ONLY: they let tests hit a crash window or a NaN on purpose.
 
 Nothing here does anything in a normal run: the environment variable is unset and
-``train.debug_nan_steps`` / ``train.debug_blowup_steps`` are empty by default. Each hook is called from exactly one place.
+``train.debug_nan_steps`` / ``train.debug_blowup_steps`` are empty by default. Each hook is called
+from exactly one place.
 """
 from __future__ import annotations
 

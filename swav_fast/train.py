@@ -359,7 +359,8 @@ class Trainer:
 
     def _healthy_checkpoint(self) -> Path | None:
         """The newest checkpoint written no later than the last passed divergence check."""
-        ok = [p for p in ckpt.list_checkpoints(self.run_dir) if ckpt.checkpoint_step(p) <= self.divergence.healthy_step]
+        ok = [p for p in ckpt.list_checkpoints(self.run_dir)
+              if ckpt.checkpoint_step(p) <= self.divergence.healthy_step]
         return ok[-1] if ok else None
 
     def _last_checkpoint_note(self) -> str:
@@ -422,18 +423,11 @@ class Trainer:
         (``--resume auto`` must not pick them; they are kept for a post-mortem)."""
         if not self.is_main:
             return
-        bad = [p for p in ckpt.list_checkpoints(self.run_dir)
-               if ckpt.checkpoint_step(p) > self.divergence.healthy_step]
-        if not bad:
-            return
-        aside = self.run_dir / "checkpoints" / f"diverged-step{exc.step}"
-        aside.mkdir(exist_ok=True)
-        for p in bad:
-            for f in (p, ckpt.digest_path(p)):
-                if f.exists():
-                    f.replace(aside / f.name)
-        log.warning("moved %d checkpoint(s) written after step %d (the divergence) to %s", len(bad),
-                    self.divergence.healthy_step, aside)
+        moved, aside = ckpt.move_checkpoints_above(self.run_dir, self.divergence.healthy_step,
+                                                   f"diverged-step{exc.step}")
+        if moved:
+            log.warning("moved %d checkpoint(s) written after step %d (the divergence) to %s", moved,
+                        self.divergence.healthy_step, aside)
 
     def handle_divergence(self, exc: DivergenceDetected) -> None:
         """``train.on_divergence``: stop (TrainingDiverged naming the healthy checkpoint), or roll back to
@@ -458,11 +452,11 @@ class Trainer:
         self._save_attempted_at = None
         self.divergence.reset(self.step, weight_norm(self.model.parameters()))
         log.warning("step %d: %s; rolled back to %s (step %d), skipping the batches of steps %d-%d, "
-                    "learning rate x %.4g (rollback %d of at most %d)", exc.step, exc.reason, healthy, restored,
-                    restored + 1, exc.step, self.lr_scale, self.rollbacks, t.max_rollbacks)
-        self.runlog.write("rollback", step=self.step, detected_at=exc.step, reason=exc.reason, checkpoint=healthy,
-                          restored_step=restored, skipped_steps=[restored + 1, exc.step], lr_scale=self.lr_scale,
-                          rollbacks=self.rollbacks)
+                    "learning rate x %.4g (rollback %d of at most %d)", exc.step, exc.reason, healthy,
+                    restored, restored + 1, exc.step, self.lr_scale, self.rollbacks, t.max_rollbacks)
+        self.runlog.write("rollback", step=self.step, detected_at=exc.step, reason=exc.reason,
+                          checkpoint=healthy, restored_step=restored, skipped_steps=[restored + 1, exc.step],
+                          lr_scale=self.lr_scale, rollbacks=self.rollbacks)
 
     def check_nonfinite(self) -> NonFiniteCounts:
         """Report newly skipped NaN/inf steps; raise TrainingDiverged after too many in a row."""
@@ -536,17 +530,10 @@ class Trainer:
     def _set_aside_newer_checkpoints(self, saved_world: int) -> None:
         """After a resume that renumbered the steps downwards, checkpoints numbered above the new step
         would shadow this run's (for ``--resume auto`` and pruning): move them to a sub-folder."""
-        newer = [p for p in ckpt.list_checkpoints(self.run_dir)
-                 if int(ckpt.CKPT_RE.match(p.name)[1]) > self.step]
-        if not newer:
-            return
-        aside = self.run_dir / "checkpoints" / f"before-resize-world{saved_world}"
-        aside.mkdir(exist_ok=True)
-        for p in newer:
-            for f in (p, ckpt.digest_path(p)):
-                if f.exists():
-                    f.replace(aside / f.name)
-        log.warning("moved %d checkpoint(s) numbered above step %d to %s", len(newer), self.step, aside)
+        moved, aside = ckpt.move_checkpoints_above(self.run_dir, self.step,
+                                                   f"before-resize-world{saved_world}")
+        if moved:
+            log.warning("moved %d checkpoint(s) numbered above step %d to %s", moved, self.step, aside)
 
     def _claim_run_dir(self) -> None:
         """Refuse a folder that already holds another run, unless resumed or ``overwrite`` (which moves
@@ -581,7 +568,8 @@ class Trainer:
         except OSError as exc:
             raise DataError(f"cannot write {self.run_dir / 'config.yaml'}: {exc.strerror or exc}") from exc
         start_time, start_step, self.images = time.perf_counter(), self.step, 0
-        self.runlog.write("start", step=self.step, epoch=self.epoch, resumed=self._continuing and self.step > 0)
+        self.runlog.write("start", step=self.step, epoch=self.epoch,
+                          resumed=self._continuing and self.step > 0)
         try:
             self.divergence.reset(self.step, weight_norm(self.model.parameters()))  # trusted start
             with StopSignals() as signals:

@@ -47,7 +47,8 @@ def test_every_loader_trains_on_a_synth_folder(tmp_path, backend):
 def test_every_folder_loader_trains_on_the_builtin_dataset(tmp_path, backend):
     cfg = tiny_config(tmp_path / "unused", tmp_path / "run", f"data.loader={backend}", "train.max_steps=2",
                       f"data.synthetic.cache_dir={tmp_path / 'cache'}", "data.synthetic.train_images=24",
-                      "data.synthetic.val_images=8", "data.synthetic.classes=3", "data.synthetic.size=[48, 40]")
+                      "data.synthetic.val_images=8", "data.synthetic.classes=3",
+                      "data.synthetic.size=[48, 40]")
     cfg.data.path = None
     result = train(cfg)
     assert result.steps == 2 and math.isfinite(result.last_loss)
@@ -115,7 +116,8 @@ def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
 TINY_CLI = ("--no-progress", "model.arch=resnet10_half", "model.hidden_dim=32", "model.feat_dim=16",
             "model.num_prototypes=20", "data.crops.num_crops=[2, 2]", "data.crops.size_crops=[32, 16]",
             "data.crops.min_scale_crops=[0.14, 0.05]", "data.crops.max_scale_crops=[1.0, 0.14]",
-            "data.workers=0", "optim.batch_size=8", "optim.epochs=1", "eval.at_end=false", "train.max_steps=2")
+            "data.workers=0", "optim.batch_size=8", "optim.epochs=1", "eval.at_end=false",
+            "train.max_steps=2")
 
 
 def test_a_second_run_into_the_same_folder_is_refused_unless_overwrite(tmp_path):
@@ -132,7 +134,8 @@ def test_a_second_run_into_the_same_folder_is_refused_unless_overwrite(tmp_path)
     _one_line_error(_cli("train", "--data", str(data), "--output", str(run), "--resume", "auto",
                          "--overwrite", *TINY_CLI), "give one")
 
-    proc = _cli("train", "--data", str(data), "--output", str(run), "--overwrite", *TINY_CLI, "model.arch=resnet18")
+    proc = _cli("train", "--data", str(data), "--output", str(run), "--overwrite", *TINY_CLI,
+                "model.arch=resnet18")
     assert proc.returncode == 0, proc.stderr
     (aside,) = [p for p in run.iterdir() if p.name.startswith("replaced-")]
     assert {p.name: p.read_bytes() for p in (aside / "checkpoints").iterdir()} == first  # moved, not lost
@@ -158,7 +161,8 @@ def test_divergence_rolls_back_to_the_checkpoint_before_it(tmp_path, monkeypatch
     from swav_fast.train import Trainer
     data = write_image_folder(tmp_path / "data")  # 24 images, batch 8: 3 steps per epoch
     run = tmp_path / "run"
-    cfg = tiny_config(data, run, "optim.epochs=3", "train.checkpoint_every_steps=2", "train.keep_checkpoints=0",
+    cfg = tiny_config(data, run, "optim.epochs=3", "train.checkpoint_every_steps=2",
+                      "train.keep_checkpoints=0",
                       "train.on_divergence=rollback", "train.rollback_lr_factor=0.5",
                       "train.debug_blowup_steps=[4]")  # weights x 1e6 before the 5th step: finite, wrecked
     after_rollback = {}
@@ -172,7 +176,8 @@ def test_divergence_rolls_back_to_the_checkpoint_before_it(tmp_path, monkeypatch
     result = train(cfg)
     assert result.steps == 9  # the run completes
     (rb,) = [r for r in read_log(run) if r["kind"] == "rollback"]
-    assert rb["detected_at"] == 5 and rb["restored_step"] == 4 and rb["checkpoint"].endswith("ckpt-000000004.pt")
+    assert rb["detected_at"] == 5 and rb["restored_step"] == 4
+    assert rb["checkpoint"].endswith("ckpt-000000004.pt")
     assert rb["skipped_steps"] == [5, 5] and rb["lr_scale"] == 0.5 and after_rollback["step"] == 5
     healthy = torch.load(ckpt.checkpoint_path(run, 4), weights_only=True)
     for k, v in healthy["model"].items():  # the resumed weights are the pre-divergence checkpoint's
@@ -201,14 +206,16 @@ def test_rollback_limit_and_a_huge_learning_rate_stop_with_one_line(tmp_path):
     data = write_image_folder(tmp_path / "data")
     run = tmp_path / "run"
     # base_lr=1e30: the first step is finite but wrecks the weights (the reproduction)
-    proc = _cli("train", "--data", str(data), "--output", str(run), *TINY_CLI, "optim.base_lr=1e30", "optim.warmup_epochs=0",
+    proc = _cli("train", "--data", str(data), "--output", str(run), *TINY_CLI, "optim.base_lr=1e30",
+                "optim.warmup_epochs=0",
                 "train.log_every=5", "train.checkpoint_every_steps=1", "train.on_divergence=rollback")
     _one_line_error(proc, "diverged at step 1", "nothing to roll back to",
                     "no checkpoint that passed the health checks")
     assert ckpt.list_checkpoints(run) == []
     # a blow-up before every step from the 3rd on: rollbacks up to the limit, then a stop
     run2 = tmp_path / "run2"
-    cfg = tiny_config(data, run2, "optim.epochs=3", "train.checkpoint_every_steps=2", "train.on_divergence=rollback",
+    cfg = tiny_config(data, run2, "optim.epochs=3", "train.checkpoint_every_steps=2",
+                      "train.on_divergence=rollback",
                       "train.max_rollbacks=2", "train.debug_blowup_steps=[2, 3, 4, 5, 6, 7, 8]")
     from swav_fast.errors import TrainingDiverged
     with pytest.raises(TrainingDiverged, match=r"2 rollback\(s\) already"):
@@ -238,8 +245,8 @@ def test_workers_of_a_killed_run_exit_quietly(tmp_path):
     data = write_image_folder(tmp_path / "data", per_class=16)
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "swav_fast", "train", "--data", str(data), "--output", str(run),
-                             "--loader", "pil", "--workers", "2", *TINY_CLI[:-1], "optim.epochs=50"],
+    proc = subprocess.Popen([sys.executable, "-m", "swav_fast", "train", "--data", str(data), "--output",
+                             str(run), "--loader", "pil", "--workers", "2", *TINY_CLI[:-1], "optim.epochs=50"],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240

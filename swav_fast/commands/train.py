@@ -42,9 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", nargs="?", const="auto",
                    help="'auto' (newest valid checkpoint in the run folder) or a checkpoint path")
     p.add_argument("--overwrite", action="store_true",
-                   help="start a new run in a folder that already holds one: the previous run's config.yaml, "
-                        "metrics.jsonl, checkpoints/ and tensorboard/ are moved to OUTPUT/replaced-<UTC time>/ "
-                        "(nothing is deleted); without it (or --resume) such a folder is refused")
+                   help="start a new run in a folder that already holds one: the previous run's "
+                        "config.yaml, metrics.jsonl, checkpoints/ and tensorboard/ are moved to "
+                        "OUTPUT/replaced-<UTC time>/ (nothing is deleted); without it (or --resume) such a "
+                        "folder is refused")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list-keys", action="store_true", help="print all config keys and exit")
     p.set_defaults(func=run)
