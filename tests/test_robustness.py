@@ -245,8 +245,9 @@ def test_workers_of_a_killed_run_exit_quietly(tmp_path):
     data = write_image_folder(tmp_path / "data", per_class=16)
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "swav_fast", "train", "--data", str(data), "--output",
-                             str(run), "--loader", "pil", "--workers", "2", *TINY_CLI[:-1], "optim.epochs=50"],
+    args = ["train", "--data", str(data), "--output", str(run), "--loader", "pil", "--workers", "2",
+            *TINY_CLI[:-1], "optim.epochs=50"]
+    proc = subprocess.Popen([sys.executable, "-m", "swav_fast", *args],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
