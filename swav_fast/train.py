@@ -366,7 +366,7 @@ class Trainer:
     def _last_checkpoint_note(self) -> str:
         healthy = self._healthy_checkpoint()
         if healthy is not None:
-            return f"the newest checkpoint that passed the health checks is {healthy}"
+            return f"the last checkpoint {healthy} is intact (it passed the divergence checks)"
         return "no checkpoint that passed the health checks was written"
 
     def save_checkpoint(self) -> Path | None:

@@ -476,7 +476,7 @@ def _wait(proc: subprocess.Popen, cond, timeout: float = 180.0) -> None:
 #: Not compared: the config (output_dir differs) and torch's global RNG state, which the DataLoader
 #: advances by one draw per iterator it creates, i.e. once more per mid-epoch resume (no training
 #: step uses it: augmentations are seeded per sample, and Python/NumPy RNG states are compared).
-NOT_COMPARED = {".config", ".rng.torch"}
+NOT_COMPARED = {".config", ".rng.torch", ".state_sha256"}  # the digest covers the config and torch RNG
 
 
 def _assert_same_state(a, b, where: str = "") -> None:

@@ -194,7 +194,7 @@ def test_divergence_stop_names_the_healthy_checkpoint(tmp_path):
     cfg = tiny_config(data, run, "optim.epochs=3", "train.checkpoint_every_steps=1", "train.log_every=3",
                       "train.debug_blowup_steps=[4]")  # default train.on_divergence=stop
     from swav_fast.errors import TrainingDiverged
-    with pytest.raises(TrainingDiverged, match="checks is .*ckpt-000000004.pt") as e:
+    with pytest.raises(TrainingDiverged, match="last checkpoint .*ckpt-000000004.pt is intact") as e:
         train(cfg)
     assert "diverged at step 5" in str(e.value) and "weight norm" in str(e.value)
     assert ckpt.latest_valid_checkpoint(run)[0].name == "ckpt-000000004.pt"  # the wrecked state was not saved
