@@ -56,7 +56,8 @@ import torch
 from swav_fast.errors import ConfigError, DataError, SwavFastError
 
 from . import gpu_aug
-from .folder import ImageFolderIndex, scan_image_folder
+from .exif import jpeg_orientation, oriented_size
+from .folder import MANIFEST_NAME, ImageFolderIndex, is_prepared_manifest, scan_image_folder
 from .loader import MultiCropBatch, MultiCropLoader, register_backend
 from .params import NUM_UNIFORMS, BatchViewParams, params_from_uniforms
 from .pil import MAX_PIXELS, MAX_REPLACEMENTS
@@ -471,8 +472,9 @@ def open_source(source: str | os.PathLike[str] | ImageFolderIndex | SampleSource
     if not isinstance(source, (str, os.PathLike)):
         return source
     root = os.path.abspath(os.fspath(source))
-    prepared = [os.path.join(root, *sub, "manifest.json") for sub in ((), ("train",), ("val",))]
-    if not any(os.path.exists(p) for p in prepared):
+    # a prepare manifest is recognised by its content: an ImageFolder may hold a foreign manifest.json
+    prepared = [os.path.join(root, *sub, MANIFEST_NAME) for sub in ((), ("train",), ("val",))]
+    if not any(is_prepared_manifest(p) for p in prepared):
         return ImageFolderSource(scan_image_folder(root))
     manifest = read_prepared_manifest(root)
     fmt = manifest.get("format")
@@ -715,8 +717,9 @@ def build_pipeline(opts: DecodeOptions, batch_size: int, source: Callable[[], An
         encoded, rois, serial = fn.external_source(
             source=source, num_outputs=3, batch=True, dtype=[types.UINT8, types.FLOAT, types.INT64],
             ndim=[1, 2, 1])
+        # EXIF orientation applied, as by every loader (the ROIs are drawn on the turned size)
         decode_args: dict[str, Any] = {"device": opts.decoder_device, "output_type": types.RGB,
-                                       "adjust_orientation": False}
+                                       "adjust_orientation": True}
         if opts.device_id is not None:
             decode_args["hw_decoder_load"] = opts.hw_decoder_load
         image = fn.decoders.image(encoded, **decode_args)
@@ -743,7 +746,7 @@ class _DecodeChecker:
         with pipe:
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
             pipe.set_outputs(fn.decoders.image(encoded, device=self.opts.decoder_device,
-                                               output_type=types.RGB, adjust_orientation=False))
+                                               output_type=types.RGB, adjust_orientation=True))
         pipe.build()
         return pipe
 
@@ -838,7 +841,7 @@ class DALILoader(MultiCropLoader):
                 if j not in self._known_bad:
                     try:
                         buf, label = self.source.read(j)
-                        sizes[b] = image_size(buf)
+                        sizes[b] = oriented_size(*image_size(buf), jpeg_orientation(buf))  # as decoded
                         break
                     except BadImage as e:
                         self._mark_bad(j, str(e))

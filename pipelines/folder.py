@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -10,6 +11,10 @@ from swav_fast.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 log = logging.getLogger("pipelines")
+#: What ``swav-fast prepare`` writes in a split folder; other tools (``swav-fast synth`` among them) may
+#: leave a file of the same name in an ImageFolder, so a manifest is recognised by its content.
+MANIFEST_NAME = "manifest.json"
+PREPARED_FORMATS = ("tfrecord", "wds", "beton")
 
 
 @dataclass
@@ -29,6 +34,21 @@ class ImageFolderIndex:
 
     def label(self, i: int) -> int:
         return self.samples[i][1]
+
+
+def is_prepared_manifest(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a ``swav-fast prepare`` manifest: a JSON object with a ``format`` of
+    :data:`PREPARED_FORMATS` (its other keys are checked when it is read). Any other file (a foreign
+    ``manifest.json`` in an
+    ImageFolder, an unreadable one) is not: the folder is then read as an ImageFolder."""
+    try:
+        if os.path.getsize(path) > 1 << 30:
+            return False
+        with open(path, encoding="utf-8") as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and m.get("format") in PREPARED_FORMATS
 
 
 def scan_image_folder(root: str | os.PathLike[str]) -> ImageFolderIndex:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -10,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from swav_fast.errors import ConfigError
+from swav_fast.errors import ConfigError, SwavFastError
 
 from .folder import ImageFolderIndex, scan_image_folder
 from .pil import PILMultiCropDataset, Sample
@@ -142,6 +145,28 @@ class MultiCropLoader:
 
 
 # -- PIL backend ---------------------------------------------------------------------------------
+@dataclass
+class _WorkerFailure:
+    """A project error (e.g. a run of unreadable images) met in a DataLoader worker, carried to the main
+    process as data: raised there as itself, in one line, not inside the worker's traceback."""
+
+    error: type
+    message: str
+
+
+def _quiet_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the worker dies with its parent (Linux ``PR_SET_PDEATHSIG``) instead
+    of printing a ``BrokenPipeError`` traceback into the terminal of a killed run."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() == 1:  # the parent died before the call
+            os._exit(0)
+
+
 class _EpochItems(Dataset):
     """Dataset over ``(epoch, index)`` keys, so persistent workers never need a set_epoch broadcast."""
 
@@ -151,9 +176,12 @@ class _EpochItems(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> Sample:
+    def __getitem__(self, key: tuple[int, int]) -> Sample | _WorkerFailure:
         epoch, i = key
-        s = self.dataset.load(i, epoch)
+        try:
+            s = self.dataset.load(i, epoch)
+        except SwavFastError as exc:
+            return _WorkerFailure(type(exc), str(exc))
         s.params = []  # not needed by the loader; keep IPC small
         return s
 
@@ -179,7 +207,10 @@ class Collate:
         self.fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
         self.num_views = spec.num_views
 
-    def __call__(self, samples: Sequence[Sample]) -> MultiCropBatch:
+    def __call__(self, samples: Sequence[Sample]) -> MultiCropBatch | _WorkerFailure:
+        failed = next((s for s in samples if isinstance(s, _WorkerFailure)), None)
+        if failed is not None:
+            return failed
         views = [torch.stack([s.views[v] for s in samples]).to(self.dtype).contiguous(memory_format=self.fmt)
                  for v in range(self.num_views)]
         return MultiCropBatch(
@@ -206,11 +237,15 @@ class PILLoader(MultiCropLoader):
                                   collate_fn=Collate(spec), pin_memory=self.device.type == "cuda",
                                   # its own generator: starting an epoch must not draw from the global
                                   # RNG, which methods use (negatives) and checkpoints restore
-                                  generator=torch.Generator().manual_seed(seed), **extra)
+                                  generator=torch.Generator().manual_seed(seed),
+                                  worker_init_fn=_quiet_worker if num_workers else None, **extra)
 
     def _iterate(self, epoch: int, batches: list[np.ndarray]) -> Iterator[MultiCropBatch]:
         self._sampler.batches = [[(epoch, int(i)) for i in b] for b in batches]
-        return iter(self._loader)
+        for batch in self._loader:
+            if isinstance(batch, _WorkerFailure):
+                raise batch.error(batch.message)
+            yield batch
 
     def close(self) -> None:
         it = getattr(self._loader, "_iterator", None)

@@ -26,6 +26,8 @@ log = logging.getLogger("pipelines")
 MAX_PIXELS = 89_478_485
 #: How many following samples are tried in turn when a file cannot be decoded.
 MAX_REPLACEMENTS = 16
+#: EXIF orientation tag: every loader applies it (``pipelines.exif``), as ``swav-fast prepare`` does.
+EXIF_ORIENTATION = 0x0112
 _JITTER_FNS = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
 
 
@@ -42,7 +44,8 @@ class Sample:
 
 
 def decode_rgb(path: str) -> Image.Image:
-    """Open ``path`` as an RGB PIL image; raise on corrupt, truncated or oversized files."""
+    """Open ``path`` as an RGB PIL image, turned per its EXIF orientation; raise on corrupt, truncated
+    or oversized files."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         log.warning("PIL ImageFile.LOAD_TRUNCATED_IMAGES was True; resetting it to False so truncated "
                     "files count as bad instead of decoding as gray")
@@ -53,6 +56,8 @@ def decode_rgb(path: str) -> Image.Image:
             if im.width * im.height > MAX_PIXELS:
                 raise DataError(f"{im.width}x{im.height} pixels exceeds the {MAX_PIXELS} pixel limit")
             im.load()
+            if im.getexif().get(EXIF_ORIENTATION, 1) != 1:  # as displayed: the rule of every loader
+                im = ImageOps.exif_transpose(im)
             return im if im.mode == "RGB" else im.convert("RGB")
 
 

@@ -44,6 +44,7 @@ from .folder import ImageFolderIndex
 from .gpu_aug import augment_views, colour_params_from_batch
 from .loader import MultiCropBatch, MultiCropLoader, register_backend
 from .params import NUM_UNIFORMS, BatchViewParams, params_from_uniforms, sample_rng
+from .exif import jpeg_orientation, orient_chw
 from .pil import MAX_PIXELS, MAX_REPLACEMENTS, decode_rgb
 from .spec import MultiCropSpec
 
@@ -146,11 +147,12 @@ def decode_images(datas: Sequence[bytes | bytearray | BaseException], device: An
             decoded = None
         if decoded is not None:
             for i, img in zip(jpegs, decoded):
-                images[i] = img
+                images[i] = orient_chw(img, jpeg_orientation(datas[i]))  # type: ignore[arg-type]
         else:
             for i, buf in zip(jpegs, buffers):
                 try:
-                    images[i] = decode_jpeg(buf, mode=ImageReadMode.RGB, device=dev)
+                    images[i] = orient_chw(decode_jpeg(buf, mode=ImageReadMode.RGB, device=dev),
+                                           jpeg_orientation(datas[i]))  # type: ignore[arg-type]
                 except RuntimeError:
                     others.append(i)
     for i in others:

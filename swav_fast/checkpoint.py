@@ -4,7 +4,8 @@ Writing: ``torch.save`` to a temp file in the same folder, fsync, a SHA-256 side
 (``ckpt-N.pt.sha256``, ``sha256sum -c`` format) written the same way, then an atomic rename; a run
 killed at any moment leaves either the previous file or the complete new one, never a half-written
 file under a checkpoint name. Loading: the sidecar digest (when there is one) is checked, then
-``torch.load(path, weights_only=True)``.
+``torch.load(path, weights_only=True)``, then the digest of the content stored inside the file
+(``state_sha256``; checkpoints written before it existed load without it).
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (no pickled objects), so
 ``weights_only`` can read it and a file that tries to run code is refused.
@@ -32,6 +33,41 @@ CKPT_RE = re.compile(r"^ckpt-(\d{9})\.pt$")
 DIGEST_SUFFIX = ".sha256"
 #: Temp files of an unfinished write (``mkstemp(prefix=".NAME.", suffix=".tmp")``).
 TEMP_RE = re.compile(r"^\.ckpt-\d{9}\.pt\..+\.tmp$")
+
+
+#: Key of the digest of a checkpoint's own content, stored inside it (:func:`state_digest`).
+INNER_DIGEST_KEY = "state_sha256"
+
+
+def _hash_into(h: Any, obj: Any) -> None:
+    """Feed ``obj`` (tensors, numbers, strings, bytes, None, lists/tuples and dicts of them) to ``h``:
+    types, keys in order, tensor dtype/shape and raw bytes."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for k, v in obj.items():
+            _hash_into(h, k)
+            _hash_into(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}".encode())
+        for v in obj:
+            _hash_into(h, v)
+    elif isinstance(obj, (bytes, bytearray)):
+        h.update(b"B%d:" % len(obj) + bytes(obj))
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def state_digest(state: dict[str, Any]) -> str:
+    """SHA-256 of a checkpoint's content (everything but the digest itself): kept inside the file, so
+    flipped bytes are caught on load even without the ``.sha256`` sidecar."""
+    h = hashlib.sha256()
+    _hash_into(h, {k: v for k, v in state.items() if k != INNER_DIGEST_KEY})
+    return h.hexdigest()
 
 
 class _HashingWriter:
@@ -91,12 +127,15 @@ def _os_error(exc: BaseException | None) -> OSError | None:
 def atomic_save(obj: Any, path: str | Path, *, checksum: bool = False) -> None:
     """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``.
 
-    With ``checksum``, a ``path.sha256`` sidecar is written (atomically, before the rename) and
+    With ``checksum``, a dict gets the digest of its content inside (:func:`state_digest`) and a
+    ``path.sha256`` sidecar is written (atomically, before the rename) and
     :func:`load_checkpoint` verifies it. On any failure (full disk, read-only folder) the temp files
     are removed and the previous file at ``path`` is left as it was; a :class:`CheckpointError`
     names the path and the cause.
     """
     path = Path(path)
+    if checksum and isinstance(obj, dict):
+        obj = {**obj, INNER_DIGEST_KEY: state_digest(obj)}
     temps: list[str] = []
     new_digest = False  # a new sidecar is in place but the checkpoint is not (yet)
     try:
@@ -173,11 +212,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     if not isinstance(obj, dict) or "model" not in obj:
         raise CheckpointError(f"{path} is not a swav-fast checkpoint (no 'model' entry)")
+    inner = obj.get(INNER_DIGEST_KEY)  # absent in checkpoints of older versions: they still load
+    if inner is not None and state_digest(obj) != inner:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its content does not match the digest stored "
+                              f"inside it ({str(inner)[:12]}...)")
     return obj
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"ckpt-{step:09d}.pt"
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step in a checkpoint's name (``ckpt-000000042.pt`` -> 42)."""
+    m = CKPT_RE.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"not a checkpoint name: {path}")
+    return int(m[1])
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -196,6 +247,20 @@ def latest_valid_checkpoint(run_dir: str | Path, log=print) -> tuple[Path, dict]
         except CheckpointError as exc:
             log(f"skipping unusable checkpoint: {exc}")
     return None
+
+
+def move_checkpoints_above(run_dir: str | Path, step: int, folder: str) -> tuple[int, Path]:
+    """Move the checkpoints numbered above ``step`` (with their sidecars) to ``checkpoints/<folder>/``,
+    out of reach of ``--resume auto`` and pruning; returns how many and where."""
+    newer = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) > step]
+    aside = Path(run_dir) / "checkpoints" / folder
+    if newer:
+        aside.mkdir(exist_ok=True)
+    for p in newer:
+        for f in (p, digest_path(p)):
+            if f.exists():
+                f.replace(aside / f.name)
+    return len(newer), aside
 
 
 def remove_checkpoint(path: str | Path) -> None:

@@ -26,6 +26,7 @@ _FLOAT_TEXT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 RECIPE_DIR = Path(__file__).parent / "recipes"
 #: ``train.on_checkpoint_error``: what a failed checkpoint write does (the previous one stays intact).
 CHECKPOINT_ERROR_POLICIES = ("stop", "continue")
+DIVERGENCE_POLICIES = ("stop", "rollback")
 #: ``optim.lr_scaling``: how the learning rates follow the global batch (see :meth:`OptimConfig.lr_factor`).
 LR_SCALING_RULES = ("none", "linear", "sqrt")
 
@@ -133,6 +134,15 @@ class TrainConfig:
     collapse_patience: int = 0  # stop after this many consecutive collapsed log checks (0 = warn only)
     on_checkpoint_error: str = "stop"  # a failed checkpoint write: "stop" or "continue" (warn)
     debug_nan_steps: list[int] = field(default_factory=list)  # TESTING ONLY: NaN inputs at these steps
+    # divergence (a loss far above its running mean, a weight norm far above its recent range; checked at
+    # log steps and checkpoints, see swav_fast/guards.py DivergenceMonitor): "stop", or "rollback" to the
+    # newest checkpoint from before it, skipping the batches since then
+    on_divergence: str = "stop"  # after a divergence: stop, or rollback to the last healthy checkpoint
+    max_rollbacks: int = 3  # rollbacks allowed in one run before it stops
+    rollback_lr_factor: float = 1.0  # the learning rate is multiplied by this after each rollback
+    divergence_loss_factor: float = 10.0  # loss > mean + factor * max(|mean|, std) of recent ones (0 = off)
+    divergence_norm_factor: float = 10.0  # weight norm > factor * the largest recent one (0 = off)
+    debug_blowup_steps: list[int] = field(default_factory=list)  # TESTING ONLY: weights x 1e6 before these
 
 
 @dataclass
@@ -211,6 +221,7 @@ class Config:
             "train.method": (self.train.method, available_methods()),
             "train.step_mode": (self.train.step_mode, list(MODES)),
             "train.on_checkpoint_error": (self.train.on_checkpoint_error, list(CHECKPOINT_ERROR_POLICIES)),
+            "train.on_divergence": (self.train.on_divergence, list(DIVERGENCE_POLICIES)),
             "optim.lr_scaling": (self.optim.lr_scaling, list(LR_SCALING_RULES)),
             "dist.backend": (self.dist.backend, ["auto", "nccl", "gloo"]),
         }
@@ -235,6 +246,9 @@ class Config:
                         "train.keep_checkpoints": self.train.keep_checkpoints,
                         "train.max_nonfinite_steps": self.train.max_nonfinite_steps,
                         "train.collapse_patience": self.train.collapse_patience,
+                        "train.max_rollbacks": self.train.max_rollbacks,
+                        "train.divergence_loss_factor": self.train.divergence_loss_factor,
+                        "train.divergence_norm_factor": self.train.divergence_norm_factor,
                         "optim.global_batch_size": self.optim.global_batch_size,
                         "optim.reference_batch": self.optim.reference_batch}
         for key, value in positive.items():
@@ -245,6 +259,8 @@ class Config:
                 raise ConfigError(f"{key}={value} must be >= 0")
         if self.dist.timeout_minutes <= 0:
             raise ConfigError(f"dist.timeout_minutes={self.dist.timeout_minutes} must be > 0")
+        if not 0.0 < self.train.rollback_lr_factor <= 1.0:
+            raise ConfigError(f"train.rollback_lr_factor={self.train.rollback_lr_factor} must be in (0, 1]")
         bad_steps = [s for s in self.train.debug_nan_steps if s < 0]
         if bad_steps:
             raise ConfigError(f"train.debug_nan_steps={self.train.debug_nan_steps}: steps must be >= 0")
@@ -359,11 +375,20 @@ def read_recipe(name_or_path: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"recipe {path} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of sections")
     base = data.pop("base", None)
     return _merge(read_recipe(base), data) if base else data
+
+
+def yaml_problem(exc: Exception) -> str:
+    """One line for a YAML error: the problem and where (``line L, column C``), not PyYAML's multi-line
+    excerpt of the file."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{' '.join(str(problem).split())}"
 
 
 def parse_override(text: str) -> dict[str, Any]:

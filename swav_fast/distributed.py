@@ -313,10 +313,15 @@ def control_group() -> Any:
     return _control_group
 
 
-def destroy() -> None:
-    """End the process group (and the control group); nothing in one process."""
+def destroy(barrier: bool = False) -> None:
+    """End the process group (and the control group); nothing in one process. With ``barrier`` every
+    rank first waits for the others (after a clean run): a rank that tears its group down while a
+    slower peer still talks to it makes that peer's communication thread abort the process
+    ("terminate called without an active exception")."""
     global _control_group, _control_world
     if is_dist():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
     _control_group = _control_world = None
 

@@ -1,7 +1,8 @@
 """Fault injection hooks, FOR TESTS ONLY: they let tests hit a crash window or a NaN on purpose.
 
 Nothing here does anything in a normal run: the environment variable is unset and
-``train.debug_nan_steps`` is empty by default. Each hook is called from exactly one place.
+``train.debug_nan_steps`` / ``train.debug_blowup_steps`` are empty by default. Each hook is called
+from exactly one place.
 """
 from __future__ import annotations
 
@@ -34,3 +35,16 @@ def poison_views(views: Sequence[torch.Tensor], iteration: int,
     if iteration in nan_steps:
         views[0] = torch.full_like(views[0], float("nan"))
     return views
+
+
+#: How much :func:`blow_up_weights` multiplies the weights by.
+BLOWUP_FACTOR = 1e6
+
+
+@torch.no_grad()
+def blow_up_weights(params: Sequence[torch.Tensor], iteration: int, blowup_steps: Collection[int]) -> None:
+    """Multiply every parameter by :data:`BLOWUP_FACTOR` before the (0-based) iterations in
+    ``blowup_steps`` (``train.debug_blowup_steps``): a finite step that wrecks the weights, as a huge
+    learning rate does. Called by the trainer before the step."""
+    if iteration in blowup_steps:
+        torch._foreach_mul_(list(params), BLOWUP_FACTOR)

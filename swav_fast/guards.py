@@ -12,6 +12,7 @@ predictions (the loss then sits at ln K).
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -249,3 +250,76 @@ class CollapseMonitor:
     @property
     def should_stop(self) -> bool:
         return self.patience > 0 and self.streak >= self.patience
+
+
+# ----------------------------------------------------------------------------------------------
+# divergence
+
+
+class DivergenceDetected(Exception):
+    """Raised inside the training loop when :class:`DivergenceMonitor` trips (handled by the trainer)."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(f"step {step}: {reason}")
+        self.step = step
+        self.reason = reason
+
+
+@torch.no_grad()
+def weight_norm(params: Iterable[torch.Tensor]) -> float:
+    """The L2 norm of all ``params`` together (a host synchronisation: log steps and checkpoints only)."""
+    tensors = [p.detach() for p in params if p.is_floating_point()]
+    if not tensors:
+        return 0.0
+    norms = torch.stack([n.double() for n in torch._foreach_norm(tensors)])
+    return float(torch.linalg.vector_norm(norms))
+
+
+class DivergenceMonitor:
+    """Finite but runaway training: a loss far above its running mean, or a weight norm far above its
+    recent range (a step with a huge learning rate can wreck the weights and still give a finite loss).
+
+    Fed at log steps (where the loss is on the host anyway) and before checkpoints, so it adds no host
+    synchronisation per step. ``healthy_step`` is the step of the last check that passed: state from
+    then (and checkpoints written up to then) predates the divergence.
+    """
+
+    def __init__(self, loss_factor: float = 10.0, norm_factor: float = 10.0, window: int = 20,
+                 min_losses: int = 5):
+        self.loss_factor, self.norm_factor = loss_factor, norm_factor
+        self.min_losses = min_losses
+        self.losses: deque[float] = deque(maxlen=window)
+        self.norms: deque[float] = deque(maxlen=window)
+        self.healthy_step = 0
+
+    def reset(self, step: int, norm: float) -> None:
+        """Start over from trusted weights (a fresh start, a resume or a rollback) of norm ``norm``."""
+        self.losses.clear()
+        self.norms.clear()
+        if math.isfinite(norm):
+            self.norms.append(norm)
+        self.healthy_step = step
+
+    def check(self, step: int, loss: float | None, norm: float) -> str | None:
+        """The reason when this looks diverged (the history is then left as it was), else None."""
+        reason = None
+        if not math.isfinite(norm):
+            reason = f"the weight norm is {norm}"
+        elif self.norm_factor and self.norms and norm > self.norm_factor * max(self.norms):
+            reason = (f"the weight norm {norm:.4g} is more than {self.norm_factor:g}x its recent maximum "
+                      f"{max(self.norms):.4g}")
+        elif (loss is not None and math.isfinite(loss) and self.loss_factor
+              and len(self.losses) >= self.min_losses):
+            mean = sum(self.losses) / len(self.losses)
+            std = math.sqrt(sum((v - mean) ** 2 for v in self.losses) / len(self.losses))
+            limit = mean + self.loss_factor * max(abs(mean), std, 1e-12)
+            if loss > limit:
+                reason = (f"the loss {loss:.4g} is far above its running mean {mean:.4g} (limit {limit:.4g}: "
+                          f"mean + {self.loss_factor:g} x max(|mean|, std))")
+        if reason is not None:
+            return reason
+        self.norms.append(norm)
+        if loss is not None and math.isfinite(loss):
+            self.losses.append(loss)
+        self.healthy_step = step
+        return None

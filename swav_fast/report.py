@@ -97,6 +97,38 @@ def series(steps: list[dict[str, Any]], key: str) -> tuple[list[int], list[float
     return xs, ys
 
 
+def segments(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The records of each process that wrote the run: by their ``segment`` field (or, in logs written
+    before segments were numbered, split at ``resume`` records)."""
+    numbered = any("segment" in r for r in records)
+    out: list[list[dict[str, Any]]] = []
+    last: Any = object()
+    for r in records:
+        key = r.get("segment") if numbered else None
+        if not out or (key != last if numbered else r["kind"] == "resume"):
+            out.append([])
+        last = key
+        out[-1].append(r)
+    return out
+
+
+def wall_seconds(records: list[dict[str, Any]], done: dict[str, Any] | None) -> float | None:
+    """Wall time of the whole run: over every segment (first to last record; a finished segment's
+    ``done`` record carries its own measured seconds)."""
+    parts = segments(records)
+    if len(parts) <= 1:
+        return done.get("seconds") if done else None
+    total = 0.0
+    for part in parts:
+        end = next((r for r in part if r["kind"] == "done"), None)
+        times = [r["time"] for r in part if _finite(r.get("time"))]
+        if end is not None and _finite(end.get("seconds")):
+            total += float(end["seconds"])
+        elif times:
+            total += max(times) - min(times)
+    return total
+
+
 def summarize(records: list[dict[str, Any]], bad_lines: int = 0) -> dict[str, Any]:
     """Steps, epochs, final loss, images/s, kNN, bad images, resumes, status of a run."""
     steps = step_records(records)
@@ -115,7 +147,8 @@ def summarize(records: list[dict[str, Any]], bad_lines: int = 0) -> dict[str, An
         "mean_images_per_s": statistics.fmean(ips) if ips else None,
         "median_images_per_s": statistics.median(ips) if ips else None,
         "run_images_per_s": done.get("images_per_s") if done else None,
-        "seconds": done.get("seconds") if done else None,
+        "seconds": wall_seconds(records, done),
+        "segments": len(segments(records)),
         "bad_images": (done or (steps[-1] if steps else {})).get("bad_images"),
         "resumes": sum(r["kind"] == "resume" for r in records),
         "logged_steps": len(steps),

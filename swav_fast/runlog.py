@@ -10,12 +10,30 @@ from typing import Any
 log = logging.getLogger("swav_fast")
 
 
+def count_segments(path: Path) -> int:
+    """How many segments (one per process that trained the run: a start and each resume) ``path``
+    holds; a log written before segments were numbered counts as one."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return 0
+    marked = text.count('"kind": "start"')
+    return marked if marked else int(bool(text.strip()))
+
+
 class RunLog:
-    """Appends ``{"kind": ..., "time": ..., **fields}`` records to ``run_dir/metrics.jsonl``."""
+    """Appends ``{"kind": ..., "time": ..., "segment": N, **fields}`` records to ``run_dir/metrics.jsonl``.
+
+    ``segment`` numbers the processes that wrote the run (0 = the first; each ``--resume`` adds one; a
+    ``start`` record opens each). A resumed segment repeats the steps between the checkpoint it resumed
+    from and the point where the previous segment stopped: for a step logged twice, the record of the
+    later segment is the one that counts.
+    """
 
     def __init__(self, run_dir: str | Path, tensorboard: bool = False, enabled: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
+        self.segment = count_segments(self.path) if enabled else 0
         self._tb = None
         if enabled and tensorboard:
             try:
@@ -28,7 +46,7 @@ class RunLog:
     def write(self, kind: str, **fields: Any) -> None:
         if not self.enabled:
             return
-        record = {"kind": kind, "time": round(time.time(), 3), **fields}
+        record = {"kind": kind, "time": round(time.time(), 3), "segment": self.segment, **fields}
         try:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")

@@ -33,7 +33,9 @@ from swav_fast.distributed import (StopAgreement, all_reduce_mean, broadcast_obj
 from swav_fast.config import Config, save_config
 from swav_fast.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from swav_fast.eval.knn import knn_due, knn_eval, periodic_knn
-from swav_fast.guards import COLLAPSE_REMEDIES, CollapseMonitor, NonFiniteCounts
+from swav_fast import faults
+from swav_fast.guards import (COLLAPSE_REMEDIES, CollapseMonitor, DivergenceDetected, DivergenceMonitor,
+                              NonFiniteCounts, weight_norm)
 from swav_fast.methods import Method, build_method
 from swav_fast.optim import LARS, lars_param_groups, warmup_cosine_lr
 from swav_fast.preemption import StopSignals
@@ -96,6 +98,47 @@ def check_writable(folder: Path) -> None:
         raise DataError(f"output folder {folder} is not writable: {exc.strerror or exc}") from exc
 
 
+#: What makes a folder a run folder: a second run must not silently mix its files with these.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "tensorboard")
+#: ``--overwrite`` moves a previous run's files into ``<run>/replaced-<UTC time>/``.
+REPLACED_PREFIX = "replaced-"
+
+
+def existing_run(run_dir: Path) -> list[str]:
+    """The run files already in ``run_dir`` (an empty ``checkpoints/`` folder does not count)."""
+    found = []
+    for name in RUN_FILES:
+        p = run_dir / name
+        if p.is_dir() and not any(p.iterdir()):
+            continue
+        if p.exists():
+            found.append(name)
+    return found
+
+
+def run_folder_taken(run_dir: Path, found: list[str]) -> str:
+    return (f"{run_dir} already holds a run ({', '.join(found)}): continue it with --resume auto, start "
+            "over with --overwrite (moves its files aside), or choose another --output")
+
+
+def set_aside_run(run_dir: Path) -> Path:
+    """Move the previous run's files (:data:`RUN_FILES`) to ``run_dir/replaced-<UTC time>/``; nothing is
+    deleted. Returns that folder."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    aside = run_dir / f"{REPLACED_PREFIX}{stamp}"
+    k = 1
+    while aside.exists():
+        k += 1
+        aside = run_dir / f"{REPLACED_PREFIX}{stamp}-{k}"
+    try:
+        aside.mkdir()
+        for name in existing_run(run_dir):
+            os.replace(run_dir / name, aside / name)
+    except OSError as exc:
+        raise DataError(f"cannot move the previous run in {run_dir} aside: {exc.strerror or exc}") from exc
+    return aside
+
+
 def build_model(cfg: Config) -> torch.nn.Module:
     """The online network (with ``.trunk``) of ``cfg``'s method, as saved under ``"model"``."""
     return build_method(cfg.train.method, cfg).model
@@ -150,8 +193,10 @@ def until_stopped(batches: Iterable[T], stop: StopAgreement) -> Iterator[T]:
 class Trainer:
     """Holds a run's state; :meth:`fit` runs it. Build from a validated :class:`Config`."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, overwrite: bool = False):
         t = cfg.train
+        # a folder that already holds a run is refused by fit() unless resumed or ``overwrite``
+        self.overwrite, self._continuing, self._claimed = overwrite, False, False
         # the launcher's world size (torchrun / srun variables, or 1) is known before any group exists
         self.cfg = cfg.validate(world_size() if is_dist() else detect_launch().world_size)
         # one process, or a rank of that launch (device of the local rank, NCCL or gloo)
@@ -220,6 +265,10 @@ class Trainer:
         self.images = 0  # trained this fit()
         self._nonfinite_reported = 0
         self._save_attempted_at: int | None = None  # one checkpoint attempt per step
+        # divergence: checked at log steps and before checkpoints; rollbacks lower the LR by lr_scale
+        self.divergence = DivergenceMonitor(t.divergence_loss_factor, t.divergence_norm_factor)
+        self.rollbacks, self.lr_scale = 0, 1.0
+        self._blowup_steps = frozenset(t.debug_blowup_steps)  # testing only
         self.runlog = RunLog(self.run_dir, t.tensorboard, enabled=self.is_main)
 
     def _check_lr_scaling(self) -> None:
@@ -233,10 +282,11 @@ class Trainer:
                         "optim.global_batch_size=%d, or optim.lr_scaling=linear or sqrt", o.reference_batch,
                         self.global_batch, o.batch_size, self.world, o.reference_batch)
 
-    def close(self) -> None:
-        """End the process group if this trainer created it (from the launcher's environment)."""
+    def close(self, barrier: bool = False) -> None:
+        """End the process group if this trainer created it (from the launcher's environment); with
+        ``barrier`` (a clean end) after every rank got here."""
         if self.owns_process_group:
-            destroy()
+            destroy(barrier)
             self.owns_process_group = False
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -255,6 +305,7 @@ class Trainer:
             "epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
             "rng": ckpt.rng_state(),
             "nonfinite": self.step_fn.guard.state_dict(),
+            "rollbacks": self.rollbacks, "lr_scale": self.lr_scale,
             "config": self.cfg.to_dict(),
         }
 
@@ -275,6 +326,7 @@ class Trainer:
                                   f"{str(exc).splitlines()[0]}") from exc
         self.epoch, self.step = state["epoch"], state["step"]
         self.batch_in_epoch = state["batch_in_epoch"]
+        self.rollbacks, self.lr_scale = int(state.get("rollbacks", 0)), float(state.get("lr_scale", 1.0))
         ckpt.set_rng_state(state["rng"])
         self._nonfinite_reported = self.step_fn.guard.counts().total
         saved_global = int(state.get("global_batch") or state["config"]["optim"]["batch_size"] * saved_world)
@@ -310,13 +362,22 @@ class Trainer:
                     "this run's steps", saved_global, self.global_batch, old[0], old[1], self.epoch,
                     self.step, self.batch_in_epoch)
 
+    def _healthy_checkpoint(self) -> Path | None:
+        """The newest checkpoint written no later than the last passed divergence check."""
+        ok = [p for p in ckpt.list_checkpoints(self.run_dir)
+              if ckpt.checkpoint_step(p) <= self.divergence.healthy_step]
+        return ok[-1] if ok else None
+
     def _last_checkpoint_note(self) -> str:
-        existing = ckpt.list_checkpoints(self.run_dir)
-        return f"the last checkpoint {existing[-1]} is intact" if existing else "no checkpoint was written"
+        healthy = self._healthy_checkpoint()
+        if healthy is not None:
+            return f"the last checkpoint {healthy} is intact (it passed the divergence checks)"
+        return "no checkpoint that passed the health checks was written"
 
     def save_checkpoint(self) -> Path | None:
         """Checkpoint the current state (refused once the run has diverged); on a write failure the
         previous checkpoint stays and ``train.on_checkpoint_error`` says whether to stop."""
+        self.check_divergence(None)
         self.check_nonfinite()
         path = ckpt.checkpoint_path(self.run_dir, self.step)
         if self._save_attempted_at == self.step:  # e.g. a step that is also an epoch end
@@ -348,6 +409,60 @@ class Trainer:
         log.error("%s; %s; training continues (train.on_checkpoint_error=continue)", exc, kept)
 
     # -- health --------------------------------------------------------------------------------
+    def check_divergence(self, loss: float | None) -> None:
+        """Raise :class:`DivergenceDetected` when the loss (if given) or the weight norm has run away
+        (a host synchronisation: called at log steps and before checkpoints)."""
+        reason = self.divergence.check(self.step, loss, weight_norm(self.model.parameters()))
+        if reason is not None:
+            raise DivergenceDetected(self.step, reason)
+
+    def _divergence_stop(self, exc: DivergenceDetected, why: str) -> TrainingDiverged:
+        msg = (f"training diverged at step {exc.step}: {exc.reason}; {why}; {self._last_checkpoint_note()}. "
+               "Try a lower optim.base_lr or a longer warmup, or train.on_divergence=rollback")
+        self.runlog.write("diverged", step=exc.step, reason="divergence", message=msg,
+                          healthy_checkpoint=str(self._healthy_checkpoint() or "") or None)
+        return TrainingDiverged(msg)
+
+    def _set_aside_diverged(self, exc: DivergenceDetected) -> None:
+        """Move checkpoints written after the last passed check to ``checkpoints/diverged-step<N>/``
+        (``--resume auto`` must not pick them; they are kept for a post-mortem)."""
+        if not self.is_main:
+            return
+        moved, aside = ckpt.move_checkpoints_above(self.run_dir, self.divergence.healthy_step,
+                                                   f"diverged-step{exc.step}")
+        if moved:
+            log.warning("moved %d checkpoint(s) written after step %d (the divergence) to %s", moved,
+                        self.divergence.healthy_step, aside)
+
+    def handle_divergence(self, exc: DivergenceDetected) -> None:
+        """``train.on_divergence``: stop (TrainingDiverged naming the healthy checkpoint), or roll back to
+        the newest checkpoint from before the divergence, skip the batches up to ``exc.step`` and
+        multiply the learning rate by ``train.rollback_lr_factor``."""
+        t = self.cfg.train
+        self._set_aside_diverged(exc)
+        healthy = broadcast_object(str(self._healthy_checkpoint() or "") if self.is_main else None)
+        if t.on_divergence != "rollback":
+            raise self._divergence_stop(exc, "train.on_divergence=stop")
+        if self.rollbacks >= t.max_rollbacks:
+            raise self._divergence_stop(exc, f"{self.rollbacks} rollback(s) already (train.max_rollbacks)")
+        if not healthy:
+            raise self._divergence_stop(exc, "nothing to roll back to")
+        rollbacks, lr_scale = self.rollbacks + 1, self.lr_scale * t.rollback_lr_factor
+        self.load_state_dict(ckpt.load_checkpoint(healthy))
+        restored = self.step
+        self.rollbacks, self.lr_scale = rollbacks, lr_scale
+        # skip the batches that led to the divergence: the data position jumps to where it was detected
+        self.step = min(exc.step, self.total_steps)
+        self.epoch, self.batch_in_epoch = divmod(self.step, self.steps_per_epoch)
+        self._save_attempted_at = None
+        self.divergence.reset(self.step, weight_norm(self.model.parameters()))
+        log.warning("step %d: %s; rolled back to %s (step %d), skipping the batches of steps %d-%d, "
+                    "learning rate x %.4g (rollback %d of at most %d)", exc.step, exc.reason, healthy,
+                    restored, restored + 1, exc.step, self.lr_scale, self.rollbacks, t.max_rollbacks)
+        self.runlog.write("rollback", step=self.step, detected_at=exc.step, reason=exc.reason,
+                          checkpoint=healthy, restored_step=restored, skipped_steps=[restored + 1, exc.step],
+                          lr_scale=self.lr_scale, rollbacks=self.rollbacks)
+
     def check_nonfinite(self) -> NonFiniteCounts:
         """Report newly skipped NaN/inf steps; raise TrainingDiverged after too many in a row."""
         counts = self.step_fn.guard.counts()
@@ -391,6 +506,7 @@ class Trainer:
     def resume(self, how: str) -> bool:
         """``auto``: newest loadable checkpoint of the run folder (none: start fresh); else a path.
         Under ``torch.distributed`` rank 0 chooses and every rank loads that file."""
+        self._continuing = True  # the run folder's files are this run's own
         if how == "auto":
             found = ckpt.latest_valid_checkpoint(self.run_dir, log=log.warning) if self.is_main else None
             chosen = broadcast_object(str(found[0]) if found else None)
@@ -412,23 +528,36 @@ class Trainer:
     def lr_at(self, step: int) -> float:
         o = self.cfg.optim
         f = self.lr_factor
+        f *= self.lr_scale  # lowered by rollbacks (train.rollback_lr_factor)
         return warmup_cosine_lr(step, self.total_steps, self.warmup_steps, f * o.base_lr, f * o.final_lr,
                                 f * o.start_warmup)
 
     def _set_aside_newer_checkpoints(self, saved_world: int) -> None:
         """After a resume that renumbered the steps downwards, checkpoints numbered above the new step
         would shadow this run's (for ``--resume auto`` and pruning): move them to a sub-folder."""
-        newer = [p for p in ckpt.list_checkpoints(self.run_dir)
-                 if int(ckpt.CKPT_RE.match(p.name)[1]) > self.step]
-        if not newer:
+        moved, aside = ckpt.move_checkpoints_above(self.run_dir, self.step,
+                                                   f"before-resize-world{saved_world}")
+        if moved:
+            log.warning("moved %d checkpoint(s) numbered above step %d to %s", moved, self.step, aside)
+
+    def _claim_run_dir(self) -> None:
+        """Refuse a folder that already holds another run, unless resumed or ``overwrite`` (which moves
+        the previous run aside first); rank 0 decides for all."""
+        if self._claimed:
             return
-        aside = self.run_dir / "checkpoints" / f"before-resize-world{saved_world}"
-        aside.mkdir(exist_ok=True)
-        for p in newer:
-            for f in (p, ckpt.digest_path(p)):
-                if f.exists():
-                    f.replace(aside / f.name)
-        log.warning("moved %d checkpoint(s) numbered above step %d to %s", len(newer), self.step, aside)
+        error = None
+        if self.is_main and not self._continuing:
+            found = existing_run(self.run_dir)
+            if found and self.overwrite:
+                aside = set_aside_run(self.run_dir)
+                log.warning("--overwrite: moved the previous run's %s to %s", ", ".join(found), aside)
+                self.runlog.write("overwrite", moved_to=str(aside))
+            elif found:
+                error = run_folder_taken(self.run_dir, found)
+        error = broadcast_object(error)
+        if error is not None:
+            raise ConfigError(error)
+        self._claimed = True
 
     def _done(self) -> bool:
         max_steps = self.cfg.train.max_steps
@@ -437,6 +566,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train to the end (or ``train.max_steps``, or a SIGTERM/SIGINT: checkpoint and return)."""
         cfg = self.cfg
+        self._claim_run_dir()
         try:
             if self.is_main:
                 save_config(cfg, self.run_dir / "config.yaml")
@@ -446,15 +576,25 @@ class Trainer:
         self._fit_start = (start_time, start_step)  # for the progress bar's ETA
         if self.is_main:
             log.info("run:\n  %s", "\n  ".join(describe_run(self)))
+        self.runlog.write("start", step=self.step, epoch=self.epoch,
+                          resumed=self._continuing and self.step > 0)
         try:
+            self.divergence.reset(self.step, weight_norm(self.model.parameters()))  # trusted start
             with StopSignals() as signals:
                 stop = StopAgreement(signals)  # all ranks stop at the same step
-                while not self._done() and not stop.agree():  # also agreed between epochs
-                    self._run_epoch(stop)
-                if not broadcast_object(ckpt.checkpoint_path(self.run_dir, self.step).exists()):
-                    self.save_checkpoint()
+                while True:
+                    try:
+                        while not self._done() and not stop.agree():  # also agreed between epochs
+                            self._run_epoch(stop)
+                        if not broadcast_object(ckpt.checkpoint_path(self.run_dir, self.step).exists()):
+                            self.save_checkpoint()
+                        break
+                    except DivergenceDetected as exc:  # every rank sees it at the same step
+                        self.handle_divergence(exc)  # stops (TrainingDiverged) or rolls back
             seconds = time.perf_counter() - start_time
-            result = TrainResult(str(self.run_dir), self.step, self.epoch, seconds,
+            # a checkpoint at an epoch's last step holds that epoch as unfinished (batch_in_epoch full)
+            epochs = self.epoch + int(self.batch_in_epoch >= self.steps_per_epoch)
+            result = TrainResult(str(self.run_dir), self.step, epochs, seconds,
                                  self.images / max(seconds, 1e-9) if self.step > start_step else 0.0,
                                  self.last_loss, distinct_bad_files(self.loader),
                                  self.step_fn.guard.counts().total,
@@ -487,6 +627,8 @@ class Trainer:
         for data in until_stopped(self.loader, stop):
             wait += time.perf_counter() - fetch_start
             lr = self.lr_at(self.step)
+            if self._blowup_steps:
+                faults.blow_up_weights(list(self.model.parameters()), self.step, self._blowup_steps)
             loss = self.step_fn(data.views, lr, self.step, data.indices)
             self.step += 1
             self.batch_in_epoch += 1
@@ -521,7 +663,9 @@ class Trainer:
                 self.save_checkpoint()
 
     def _log_step(self, loss: float, lr: float, images_per_s: float, loader_wait: float, bar: tqdm) -> None:
-        """A log step (the loss is already on the host): record, check NaN streaks and collapse."""
+        """A log step (the loss is already on the host): record, check divergence, NaN streaks and
+        collapse."""
+        self.check_divergence(loss)
         counts = self.check_nonfinite()
         finite = math.isfinite(loss)
         if finite:
@@ -564,12 +708,22 @@ class Trainer:
         return out
 
 
-def train(cfg: Config, resume: str | None = None) -> TrainResult:
-    """Run (or continue, with ``resume="auto"`` or a checkpoint path) a pretraining."""
-    trainer = Trainer(cfg)
+def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> TrainResult:
+    """Run (or continue, with ``resume="auto"`` or a checkpoint path) a pretraining. A run folder that
+    already holds a run is refused unless ``resume`` is given or ``overwrite`` (the previous run's files
+    are then moved to ``<run>/replaced-<time>/``)."""
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in the folder and --overwrite replaces it: give one")
+    found = existing_run(Path(cfg.train.output_dir))
+    if found and not (resume or overwrite) and not detect_launch().distributed:  # before any work
+        raise ConfigError(run_folder_taken(Path(cfg.train.output_dir), found))
+    trainer = Trainer(cfg, overwrite=overwrite)
+    clean = False
     try:
         if resume:
             trainer.resume(resume)
-        return trainer.fit()
+        result = trainer.fit()
+        clean = True
+        return result
     finally:
-        trainer.close()
+        trainer.close(barrier=clean)

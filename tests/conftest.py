@@ -8,6 +8,17 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def caches_under_basetemp(tmp_path_factory):
+    """torch.compile's and Triton's caches go under the session's temp folder (removed with it), not
+    into /tmp/torchinductor_<user> where every test run would add to them; a cache dir set by the
+    user is kept."""
+    root = tmp_path_factory.mktemp("caches")
+    for var, name in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
+        os.environ.setdefault(var, str(root / name))
+    yield
+
+
 @pytest.fixture
 def fresh_dynamo():
     """Compile afresh: dynamo's per-function recompile limit counts TrainStep instances."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from swav_fast.errors import DataError
 from swav_fast.prepare import prepare_dataset, read_manifest, shard_paths
@@ -140,8 +140,9 @@ def decode(data: bytes) -> np.ndarray:
 
 
 def reference_rgb(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """The image as displayed (EXIF orientation applied), RGB, optionally resized."""
     with Image.open(path) as im:
-        rgb = im.convert("RGB")
+        rgb = ImageOps.exif_transpose(im).convert("RGB")
         if size is not None:
             rgb = rgb.resize(size, Image.Resampling.LANCZOS)
         return np.asarray(rgb, dtype=np.float64)
@@ -186,13 +187,13 @@ def test_round_trip_passthrough(source: Path, tmp_path: Path, fmt: str) -> None:
             assert data == (source / rel).read_bytes(), rel
 
 
-def test_rotated_jpeg_keeps_stored_orientation(source: Path, tmp_path: Path) -> None:
-    """EXIF-rotated files are re-encoded without the tag, pixels as stored (as the PIL loader sees them)."""
+def test_rotated_jpeg_is_stored_as_displayed(source: Path, tmp_path: Path) -> None:
+    """EXIF-rotated files are re-encoded turned and without the tag (as every loader reads a folder)."""
     prepare_dataset(source, tmp_path / "o", "tfrecord", workers=1, progress=False)
     samples = read_samples(tmp_path / "o" / "train")
     i = [p for p, _ in sorted_sources(source)].index("class_2/rotated.jpg")
     with Image.open(io.BytesIO(samples[i][1])) as im:
-        assert im.size == (64, 48) and im.getexif().get(0x0112) is None
+        assert im.size == (48, 64) and im.getexif().get(0x0112) is None
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -205,7 +206,7 @@ def test_reencode_with_max_resolution(source: Path, tmp_path: Path, fmt: str) ->
     samples = read_samples(tmp_path / "out" / "train")
     for i, (rel, label) in enumerate(sorted_sources(source)):
         with Image.open(source / rel) as im:
-            w, h = im.size
+            w, h = ImageOps.exif_transpose(im).size
         scale = min(1.0, 50 / max(w, h))
         size = (round(w * scale), round(h * scale))
         pixels = decode(samples[i][1])

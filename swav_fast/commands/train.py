@@ -47,6 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, help="stop after N steps (schedule unchanged)")
     p.add_argument("--resume", nargs="?", const="auto",
                    help="'auto' (newest valid checkpoint in the run folder) or a checkpoint path")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a folder that already holds one: the previous run's "
+                        "config.yaml, metrics.jsonl, checkpoints/ and tensorboard/ are moved to "
+                        "OUTPUT/replaced-<UTC time>/ (nothing is deleted); without it (or --resume) such a "
+                        "folder is refused")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list-keys", action="store_true",
                    help="print every config key with its type, default and description, and exit")
@@ -101,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from swav_fast.train import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if not result.is_main:  # under torchrun only rank 0 reports
         return 128 + result.signal if result.signal else 0
     print(f"run folder: {result.run_dir}")

@@ -75,6 +75,19 @@ def check_page_size(page_size: int) -> int:
     return page_size
 
 
+def join_rows(chunks: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
+    """The rows of ``chunks`` in one array, byte for byte: ``np.concatenate`` copies a structured array
+    field by field and leaves its padding (3 bytes per ``SAMPLE_META`` row) uninitialised, which would
+    make two runs write different files."""
+    out = np.zeros(sum(len(c) for c in chunks), dtype=dtype)
+    raw, pos = out.view(np.uint8), 0
+    for c in chunks:
+        b = np.ascontiguousarray(c).view(np.uint8).reshape(-1)
+        raw[pos:pos + len(b)] = b
+        pos += len(b)
+    return out
+
+
 class BetonWriter:
     """Appends JPEG samples into pages of ``<final>.tmp``; :meth:`checkpoint` makes a chunk resumable.
 
@@ -167,8 +180,7 @@ class BetonWriter:
         if used:
             self._f.write(b"\0" * (self.page_size - used))
             self.pos += self.page_size - used
-        alloc = np.concatenate(self.alloc) if self.alloc else np.zeros(0, ALLOC)
-        meta = np.concatenate(self.meta) if self.meta else np.zeros(0, SAMPLE_META)
+        alloc, meta = join_rows(self.alloc, ALLOC), join_rows(self.meta, SAMPLE_META)
         table_ptr = self.pos
         self._f.write(alloc.tobytes())
         header = np.zeros(1, dtype=HEADER)

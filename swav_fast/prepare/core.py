@@ -32,7 +32,7 @@ import numpy as np
 
 from swav_fast.errors import DataError
 
-from .beton import ALLOC, DEFAULT_PAGE_SIZE, SAMPLE_META, BetonWriter, check_page_size
+from .beton import ALLOC, DEFAULT_PAGE_SIZE, SAMPLE_META, BetonWriter, check_page_size, join_rows
 from .manifest import (
     FORMATS,
     LAYOUT,
@@ -374,8 +374,8 @@ class _Preparer:
             last = records[max(records)]
             resume = (
                 int(last["end"]),
-                np.concatenate([r["_meta"] for r in records.values()]),
-                np.concatenate([r["_alloc"] for r in records.values()]),
+                join_rows([r["_meta"] for r in records.values()], SAMPLE_META),
+                join_rows([r["_alloc"] for r in records.values()], ALLOC),
             )
         return BetonWriter(
             self.split_dir / shard_name(self.split, 0, "beton"), self.n, self.page_size, resume

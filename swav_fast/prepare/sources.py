@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Sequence, Union
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipelines.folder import scan_image_folder
 
@@ -199,6 +199,11 @@ def _encode(
             return data, w, h, True, ""
         note = conversion_note(fmt, im.mode, _orientation(im)) if quality is None else ""
         try:
+            orientation = _orientation(im)
+            if orientation not in (None, 1, -1):  # stored as displayed: the rule of every loader
+                im = ImageOps.exif_transpose(im)
+                if size is not None and orientation in (5, 6, 7, 8):
+                    size = (size[1], size[0])
             rgb = _to_rgb(im)
             if size is not None and rgb.size != size:
                 rgb = rgb.resize(size, Image.Resampling.LANCZOS)
