@@ -107,7 +107,9 @@ def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
     """Exit 2, no traceback, and one error line (besides the run's own log records)."""
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not LOG_RECORD.match(ln)]
+    # a multi-line log record (the start-of-run block) continues on indented lines
+    lines = [ln for ln in proc.stderr.splitlines()
+             if ln.strip() and not LOG_RECORD.match(ln) and not ln.startswith("  ")]
     assert len(lines) == 1 and lines[0].startswith("swav-fast "), proc.stderr
     for n in needles:
         assert n in lines[0], lines[0]

@@ -85,7 +85,7 @@ def test_train_command_end_lines(tmp_path, monkeypatch, capsys, overrides, knn, 
     import swav_fast.train
     from swav_fast.cli import main
 
-    monkeypatch.setattr(swav_fast.train, "train", lambda cfg, resume=None: _fake_result(knn=knn))
+    monkeypatch.setattr(swav_fast.train, "train", lambda cfg, resume=None, overwrite=False: _fake_result(knn=knn))
     assert main(["train", "--data", str(tmp_path), "--output", str(tmp_path / "run"), *overrides]) == 0
     printed = capsys.readouterr().out
     if expected:
