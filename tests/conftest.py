@@ -39,7 +39,8 @@ def synthetic_cache(tmp_path_factory):
     with open(root / "synthetic-cache.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            synthetic_root(load_config("quick", [f"data.synthetic.cache_dir={cache}", "train.progress=false"]))
+            cfg = load_config("quick", [f"data.synthetic.cache_dir={cache}", "train.progress=false"])
+            synthetic_root(cfg)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return cache
