@@ -25,8 +25,9 @@ if WORKERS > 1:  # subprocesses (CLI, torchrun, mp.spawn) start with torch's def
 def synthetic_cache(tmp_path_factory):
     """One ``data.synthetic.cache_dir`` for the whole run, all xdist workers included.
 
-    Each worker's session starts here, so the quick recipes' dataset is generated once under a lock
-    (the generator itself is safe to run concurrently, but would do the work twice).
+    Every xdist worker has a session of its own: the first one here generates the quick recipes'
+    dataset under a lock, the others wait and reuse it (the generator is safe to run concurrently, but
+    would do the work twice).
     """
     from swav_fast.config import load_config
     from swav_fast.train import synthetic_root
