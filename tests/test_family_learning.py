@@ -35,12 +35,6 @@ def embedding_spread(z: torch.Tensor) -> float:
     return (z.std(dim=0).mean() * math.sqrt(z.shape[1])).item()
 
 
-@pytest.fixture(scope="module")
-def synthetic_cache(tmp_path_factory):
-    """One generated synthetic dataset for all methods."""
-    return tmp_path_factory.mktemp("synthetic-cache")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_quick_recipe_of_each_method_learns(tmp_path, synthetic_cache, method, capsys):

@@ -1,8 +1,9 @@
 """The README's main job learns: a short CPU SwAV pretraining on the built-in synthetic dataset lifts kNN
 top-1 of the trunk clearly above the same trunk at random initialisation.
 
-This runs ``swav-fast train`` (the ``quick`` recipe, exactly the README command) in-process, with the dataset
-cache and the run folder in a temporary directory. It takes a few minutes on 2 CPU cores.
+This runs ``swav-fast train`` (the ``quick`` recipe, exactly the README command) in-process, with the run
+folder in a temporary directory and the dataset in the test run's shared cache (``synthetic_cache``). It
+takes a few minutes on 2 CPU cores.
 """
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ MIN_GAIN = 10.0
 
 
 @pytest.mark.slow
-def test_quick_recipe_lifts_knn_above_random_init(tmp_path, capsys):
+def test_quick_recipe_lifts_knn_above_random_init(tmp_path, synthetic_cache, capsys):
     code = main(["train", "--output", str(tmp_path / "run"), "--no-progress",
-                 f"data.synthetic.cache_dir={tmp_path / 'cache'}"])
+                 f"data.synthetic.cache_dir={synthetic_cache}"])
     out = capsys.readouterr().out
     assert code == 0, out
     m = re.search(r"trained ([\d.]+)% vs random init ([\d.]+)%", out)
