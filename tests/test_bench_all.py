@@ -25,7 +25,10 @@ PYTEST_PARTS = ("step-tests", "loader-tests", "gpu-tests")
 def run_check(tmp: Path, *argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """The check as the GPU machine runs it: a fresh process from the checkout, PYTHONPATH only."""
     full = {**os.environ, "PYTHONPATH": str(REPO)}
-    full.pop("PARTS", None)
+    # as on a fresh machine: no PARTS, and no compile caches inherited from this test process (conftest
+    # points them under the session's temp folder, and inductor exports its default once it compiled)
+    for var in ("PARTS", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        full.pop(var, None)
     full.update(env or {})
     return subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(tmp / "out"),
                            "--work", str(tmp / "work"), *argv], cwd=REPO, env=full, capture_output=True,
