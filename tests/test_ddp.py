@@ -6,7 +6,7 @@ compare its outputs with single-process runs:
 * SyncBatchNorm on two halves == BatchNorm on the whole batch (outputs, input and weight gradients,
   running statistics);
 * 2 ranks x batch b for 9 steps == 1 process x batch 2b on the same samples: the logged loss (the
-  mean of the ranks' losses) and the parameters, checkpoint by checkpoint. It holds with
+  mean of the ranks' losses, all 9 steps) and the parameters at steps 3 and 6. It holds with
   ``model.sync_bn=true`` (batch-norm statistics of the global batch) and with the queue on: Sinkhorn
   all-reduces its sums, each rank's queue holds its own rows of the single process's queue, DDP
   averages the gradients, and every sample's augmentation depends only on (seed, epoch, index);
@@ -44,8 +44,14 @@ from tests.helpers import tiny_config, write_image_folder
 WORLD = 2
 #: 24 images; per rank batch 4 (global 8): 3 steps per epoch, 9 in all; queue of 16 (8 per rank) from
 #: epoch 1, full and used from step 5 on.
+#: ``swav.epsilon=0.2``: at the default 0.05 this tiny run (8 samples, 20 prototypes, lr 0.5 on the
+#: batch-norm parameters) amplifies float32 rounding chaotically: one process on batch 8 against
+#: itself with only the conv kernels changed (``torch.backends.mkldnn.enabled`` on/off) differs by
+#: 3e-2 (relative to the tensor's largest value) in batch-norm biases after step 2 and by up to 5e-3 in
+#: the loss, as much as 2 ranks against 1 did (0.3%). At 0.2, 2 ranks against 1 stay at <5e-6 relative
+#: in the loss over all 9 steps and ~4e-6 in the parameters up to step 6.
 COMMON = ("model.arch=resnet10_half", "model.sync_bn=true", "optim.epochs=3", "swav.queue_length=16",
-          "swav.epoch_queue_starts=1", "train.threads=1")
+          "swav.epoch_queue_starts=1", "swav.epsilon=0.2", "train.threads=1")
 
 
 def _cfg(data: Path, out: Path, *extra: str):
@@ -255,21 +261,30 @@ def test_two_ranks_match_one_process_on_the_concatenated_batch(runs, tmp_path):
     one = [r["loss"] for r in read_log(tmp_path / "single") if r["kind"] == "step"]
     assert len(two) == len(one) == 9
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-5)
-    # parameters (and BN statistics) at every checkpoint (measured: ~5e-6 relative; without
-    # model.sync_bn the parameters differ by O(1) after 3 steps)
-    for step, tol in ((3, 1e-4), (6, 1e-4), (9, 1e-4)):
+    # parameters (and BN statistics) at the checkpoints of steps 3 and 6 (measured: ~4e-6 relative;
+    # without model.sync_bn they differ by O(1) after 3 steps). Not at step 9: by then a ReLU input
+    # within rounding of 0 may flip (measured: one channel of layer3.0.downsample.1 jumps from 1e-7 to
+    # 5e-5 in one step while every other channel stays at 1e-7 and the loss at 2e-7), a kink that no
+    # tolerance tied to rounding bounds; the losses of steps 7-9 and the queues still cover that epoch.
+    for step, tol in ((3, 1e-4), (6, 1e-4)):
         a = torch.load(ckpt.checkpoint_path(out / "straight", step), weights_only=True)
         b = torch.load(ckpt.checkpoint_path(tmp_path / "single", step), weights_only=True)
         assert a["world_size"] == 2 and a["global_batch"] == 8 and b["world_size"] == 1
         for k, v in b["model"].items():
             if v.is_floating_point():
                 torch.testing.assert_close(a["model"][k], v, rtol=tol, atol=tol, msg=f"{k} at step {step}")
-    # the queue of the single process holds the union of the ranks' queues (same rows, other order)
-    a = torch.load(ckpt.checkpoint_path(out / "straight", 9), weights_only=True)
+    # the queue of the single process holds the union of the ranks' queues (same rows, other order);
+    # at step 6 (full since step 5), before the step-9 parameters can be off by a kink
+    a = torch.load(ckpt.checkpoint_path(out / "straight", 6), weights_only=True)
+    b = torch.load(ckpt.checkpoint_path(tmp_path / "single", 6), weights_only=True)
     ranks = a["objective_ranks"]
     assert len(ranks) == 2 and all(r["objective.queue.items"].shape == (2, 8, 16) for r in ranks)
+    # rows pushed in epoch 1 (steps 4-6): 4 per step and rank, 8 per step in one process
+    assert [int(r["objective.queue.count"]) for r in ranks] == [12, 12]
+    assert int(b["objective"]["objective.queue.count"]) == 24
     union = torch.cat([r["objective.queue.items"] for r in ranks], dim=1).sum(dim=1)
-    torch.testing.assert_close(union, single.method.objective.queue.items.sum(dim=1), rtol=1e-4, atol=1e-4)
+    whole = b["objective"]["objective.queue.items"].sum(dim=1)
+    torch.testing.assert_close(union, whole, rtol=1e-4, atol=1e-4)
     assert not torch.equal(ranks[0]["objective.queue.items"], ranks[1]["objective.queue.items"])
 
 
