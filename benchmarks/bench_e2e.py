@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import logging
 import os
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -43,7 +43,7 @@ import torch
 
 from benchmarks.bench_step import (build_swav, make_step, parse_crops, reset_memory, resolve_device,
                                    short_error)
-from benchmarks.common import benchmark_main, env_info, parse_with_common, synchronize
+from benchmarks.common import benchmark_main, env_info, parse_with_common, synchronize, write_atomic
 from pipelines import MultiCropBatch, MultiCropSpec, available_backends, build_loader, scan_image_folder
 from swav_fast.errors import ConfigError, SwavFastError
 
@@ -260,17 +260,12 @@ def plot(rows: list[dict[str, Any]], path: str | os.PathLike[str], title: str) -
     ax2.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        fig.savefig(buf, format="png", dpi=120)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    path = write_atomic(path, buf.getvalue())
     return path
 
 
