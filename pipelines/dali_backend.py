@@ -53,7 +53,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
-from swav_fast.errors import ConfigError, DataError, SwavFastError
+from pipelines.errors import ConfigError, DataError, SwavFastError
 
 from . import gpu_aug
 from .exif import jpeg_orientation, oriented_size

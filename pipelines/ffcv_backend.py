@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from swav_fast.errors import ConfigError, DataError
+from pipelines.errors import ConfigError, DataError
 
 from .folder import ImageFolderIndex
 from .loader import MultiCropBatch, MultiCropLoader, register_backend

@@ -7,7 +7,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from swav_fast.errors import DataError
+from pipelines.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 log = logging.getLogger("pipelines")

@@ -60,7 +60,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from swav_fast.errors import ConfigError
+from pipelines.errors import ConfigError
 
 from .params import IDENTITY_ORDER, JITTER_ORDERS, BatchViewParams
 from .spec import MultiCropSpec

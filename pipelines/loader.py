@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from swav_fast.errors import ConfigError, SwavFastError
+from pipelines.errors import ConfigError, SwavFastError
 
 from .folder import ImageFolderIndex, scan_image_folder
 from .pil import PILMultiCropDataset, Sample

@@ -14,7 +14,7 @@ import torchvision.transforms.functional as F
 from PIL import Image, ImageFile, ImageFilter, ImageOps
 from torch.utils.data import Dataset
 
-from swav_fast.errors import DataError
+from pipelines.errors import DataError
 
 from .folder import ImageFolderIndex
 from .params import ViewParams, sample_all_view_params, sample_rng

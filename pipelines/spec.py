@@ -8,7 +8,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from swav_fast.errors import ConfigError
+from pipelines.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 

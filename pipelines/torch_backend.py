@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from swav_fast.errors import ConfigError, DataError
+from pipelines.errors import ConfigError, DataError
 
 from .folder import ImageFolderIndex
 from .gpu_aug import augment_views, colour_params_from_batch

@@ -1,16 +1,11 @@
-"""Errors that the CLI reports as one clear line and a non-zero exit (no traceback)."""
+"""Errors that the CLI reports as one clear line and a non-zero exit (no traceback).
 
+The base class and the config / data errors are defined in :mod:`pipelines.errors` (the data layer
+below this package raises them too); the trainer's own errors are added here.
+"""
+from pipelines.errors import ConfigError, DataError, SwavFastError
 
-class SwavFastError(Exception):
-    """Base class: a problem with the user's input, data, config or environment."""
-
-
-class ConfigError(SwavFastError, ValueError):
-    """Unknown config key, wrong type, or an impossible combination of settings."""
-
-
-class DataError(SwavFastError):
-    """Missing, empty or unusable dataset."""
+__all__ = ["CheckpointError", "ConfigError", "DataError", "SwavFastError", "TrainingDiverged"]
 
 
 class CheckpointError(SwavFastError):

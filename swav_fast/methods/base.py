@@ -30,6 +30,20 @@ import torch.nn as nn
 from swav_fast.errors import ConfigError
 
 
+@dataclass
+class HealthReport:
+    """What a method's :meth:`Method.health` saw at one check (a log step).
+
+    ``ok`` False means a sign of failure (e.g. SwAV's codes collapsed onto one prototype); the run's
+    health checker counts consecutive failed checks (``train.collapse_patience``), writes ``signals``
+    to metrics.jsonl under the record type ``kind`` and, on the first failed check, logs ``message``
+    (one line: what was seen and what to try)."""
+    ok: bool
+    signals: dict[str, Any]  # JSON-serialisable numbers / lists, logged as they are
+    message: str = ""
+    kind: str = "collapse"
+
+
 def per_view(x: torch.Tensor, num_views: int) -> torch.Tensor:
     """``[V*B, ...]`` rows in view order as ``[V, B, ...]`` (a view, no copy)."""
     return x.reshape(num_views, -1, *x.shape[1:])
@@ -73,6 +87,11 @@ class Method(nn.Module):
     def on_train_start(self, num_samples: int, total_steps: int) -> None:
         """Sizes known only once the loader exists: the training set (a memory bank's rows) and the
         run's length (a momentum schedule's end). Called by the trainer before any resume."""
+
+    def health(self, step: int, loss: float) -> HealthReport | None:
+        """Method-specific signs of failure at a log step (may synchronise with the device: it runs at
+        log steps only); ``None`` when the method has nothing to check at this step."""
+        return None
 
     def on_epoch_start(self, epoch: int) -> None:
         """Host-side switches that change once per epoch (e.g. start using a queue)."""
