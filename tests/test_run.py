@@ -19,8 +19,8 @@ from swav_fast.runlog import RunLog, read_log
 
 TINY = ["model.arch=resnet10_half", "model.hidden_dim=32", "model.feat_dim=16", "model.num_prototypes=20",
         "data.crops.num_crops=[2, 2]", "data.crops.size_crops=[32, 16]", "data.workers=0",
-        "optim.batch_size=8", "optim.epochs=2", "optim.warmup_epochs=0.5", "swav.freeze_prototypes_niters=1",
-        "train.progress=false", "eval.at_end=false", "train.device=cpu", "train.seed=0"]
+        "optim.batch_size=8", "optim.epochs=2", "optim.warmup_epochs=0.5",
+        "methods.swav.freeze_prototypes_niters=1", "train.progress=false", "eval.at_end=false", "train.device=cpu", "train.seed=0"]
 
 
 def synthetic_config(tmp_path, *overrides: str):
@@ -38,7 +38,8 @@ def _params(module):
 @pytest.fixture(scope="module")
 def composed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
-    return tmp, build_run(synthetic_config(tmp, "swav.queue_length=16", "swav.epoch_queue_starts=0"))
+    return tmp, build_run(synthetic_config(tmp, "methods.swav.queue_length=16",
+                                           "methods.swav.epoch_queue_starts=0"))
 
 
 # -- build_run ------------------------------------------------------------------------------------------
@@ -117,7 +118,7 @@ def test_position_conversion_keeps_the_samples_seen():
 def test_checkpointer_round_trip_and_world_size_conversion(composed, tmp_path, caplog):
     tmp, run = composed
     ck = Checkpointer(tmp_path / "run", keep=2)
-    run.method.on_epoch_start(0)  # swav.epoch_queue_starts=0: the queue fills from the first step
+    run.method.on_epoch_start(0)  # methods.swav.epoch_queue_starts=0: the queue fills from the first step
     run.loader.set_epoch(0)
     for it, batch in zip(range(2), run.loader):
         run.step(batch.views, run.lr_at(it), it, batch.indices)
@@ -172,7 +173,7 @@ def test_health_counts_patience_from_the_method_reports(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="swav_fast"):
         for step in range(1, 7):
             health.check_method(step, 2.5)  # F F (ok resets) (None: no check) F F
-        with pytest.raises(TrainingDiverged, match="3 consecutive checks with fake_collapse signs") as e:
+        with pytest.raises(TrainingDiverged, match="3 consecutive fake_collapse checks") as e:
             health.check_method(7, 2.5)
     log.close()
     assert "train.collapse_patience=3" in str(e.value) and "the last checkpoint is intact" in str(e.value)
