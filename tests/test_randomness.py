@@ -291,3 +291,27 @@ def test_exact_resume(folder: Path, name: str) -> None:
     fresh = _loader(name, folder, SMALL, 4, seed=2)
     _assert_same_batches(full[1:], _pass(fresh, 1, start_batch=1))
     fresh.close()
+@pytest.fixture(scope="module")
+def beton(folder: Path, tmp_path_factory) -> Path:
+    from swav_fast.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("rng_beton")
+    prepare_dataset(folder, out, "beton", quality=95, workers=1, progress=False)
+    return out / "train"
+
+
+def test_exact_resume_ffcv(beton: Path) -> None:
+    from pipelines.ffcv_backend import open_beton_index
+
+    index = open_beton_index(beton)
+    ld = _loader("ffcv", beton, SMALL, 4, seed=2)
+    full = _pass(ld, 1)
+    ld.set_epoch(1)
+    next(iter(ld))
+    fresh = _loader("ffcv", beton, SMALL, 4, seed=2)
+    _assert_same_batches(full[1:], _pass(fresh, 1, start_batch=1))
+    # FFCV's crops are the contract's: the recorded boxes are the shared draw for the stored image sizes
+    for b in full:
+        idx = b.indices.numpy()
+        ref = sample_params_for_indices(SMALL, 2, 1, idx, index.widths[idx], index.heights[idx])
+        assert all(params_equal(p, q) for p, q in zip(b.params, ref))
