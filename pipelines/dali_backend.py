@@ -18,11 +18,12 @@ ImageFolder, TFRecord shards and webdataset tars alike.  The sample bytes are re
 through :func:`pipelines.formats.open_source` (files; TFRecord records and tar members located
 through their DALI index files), so DALI's own
 readers, whose shuffle is a bounded buffer and whose shards are contiguous ranges that cannot resume
-mid-epoch, are not needed.  Crop boxes and flips are drawn on the host by
-:func:`pipelines.params.params_from_uniforms` (torchvision ``RandomResizedCrop`` semantics: area
+mid-epoch, are not needed.  Crop boxes, flips and colour parameters are drawn on the host by
+:func:`pipelines.params.sample_params_for_indices` (torchvision ``RandomResizedCrop`` semantics: area
 fraction ``s ~ U[min, max]``, aspect ratio ``log r ~ U[log r0, log r1]``, 10 tries, then a centre
-crop) from one generator per batch keyed by ``(seed, epoch, batch, rank)``, using the image size
-read from the file header; the same draw gives the colour parameters.  A flip is a reversed ROI in
+crop), a function of ``(seed, epoch, sample index, view)`` shared by every backend, using the image
+size read from the file header, and fed to DALI as per-sample inputs (DALI's own generator is not
+used).  A flip is a reversed ROI in
 ``fn.resize`` (``roi_start.x > roi_end.x``), so crop, resize and flip are one DALI operator per view.
 
 *Bad files.*  DALI fails a whole batch (and its pipeline) on one undecodable file, so every file is
@@ -43,7 +44,7 @@ from __future__ import annotations
 import ctypes
 import logging
 from collections import deque
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -57,14 +58,12 @@ from .exif import jpeg_orientation, oriented_size
 from .formats.probe import image_size
 from .formats.sources import open_source
 from .loader import MultiCropBatch, MultiCropLoader, register_backend
-from .params import NUM_UNIFORMS, BatchViewParams, params_from_uniforms
+from .params import BatchViewParams, concat_params, sample_params_for_indices
 from .prefetch import Prefetcher
 from .spec import MultiCropSpec
 
 log = logging.getLogger("pipelines")
 
-#: Stream tag of the per-batch augmentation generator (distinct from the shuffle and per-sample streams).
-_AUG_TAG = 0x4441_4C49
 #: Default share of JPEG decoding given to the hardware decoder (A100/H100) in ``mixed`` mode.
 DEFAULT_HW_DECODER_LOAD = 0.9
 #: How many times one pass may rebuild the pipeline after a decode failure before giving up (each
@@ -122,20 +121,6 @@ class _Issued:
     encoded: list[np.ndarray] = field(repr=False, default_factory=list)
     #: the requested indices of the samples in the batch (all of ``plan.indices`` unless some were skipped)
     indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-
-
-def batch_generator(seed: int, epoch: int, number: int, rank: int) -> np.random.Generator:
-    """The augmentation generator of batch ``number`` of ``epoch`` on ``rank`` (resume-exact)."""
-    return np.random.default_rng([int(seed), int(epoch), int(number), int(rank), _AUG_TAG])
-
-
-def concat_params(params: Sequence[BatchViewParams]) -> BatchViewParams:
-    """Stack per-view parameters of one crop size along the batch axis (view-major)."""
-    if len(params) == 1:
-        return params[0]
-    arrays = {f.name: np.concatenate([getattr(p, f.name) for p in params])
-              for f in fields(BatchViewParams) if f.name != "size"}
-    return replace(params[0], **arrays)
 
 
 def crop_rois(p: BatchViewParams) -> np.ndarray:
@@ -314,10 +299,8 @@ class DALILoader(MultiCropLoader):
             raise DataError(f"every sample of batch {plan.number} (epoch {plan.epoch}) is unreadable; "
                             "is the dataset corrupt?")
         wh = np.array(sizes, dtype=np.int64).reshape(-1, 2)
-        u = batch_generator(self.seed, plan.epoch, plan.number, self.rank).random(
-            (self.spec.num_views, len(plan.indices), NUM_UNIFORMS))[:, kept]
-        params = [params_from_uniforms(self.spec, v, wh[:, 0], wh[:, 1], u[v])
-                  for v in range(self.spec.num_views)]
+        params = sample_params_for_indices(self.spec, self.seed, plan.epoch, np.array(sources, dtype=np.int64),
+                                           wh[:, 0], wh[:, 1])
         rois = list(np.stack([crop_rois(p) for p in params], axis=1))  # B x [V, 4]
         self._serial += 1
         return _Issued(plan, self._serial, np.array(sources, dtype=np.int64), np.array(labels, dtype=np.int64),
@@ -472,7 +455,8 @@ class DALILoader(MultiCropLoader):
             labels=torch.from_numpy(issued.labels).to(self.device, non_blocking=non_blocking),
             indices=torch.from_numpy(issued.indices).to(self.device, non_blocking=non_blocking),
             num_bad=int((~issued.ok).sum()),
-            bad_paths=list(issued.bad_paths))
+            bad_paths=list(issued.bad_paths),
+            params=list(issued.params) if self.record_params else None)
 
     def close(self) -> None:
         self._stop_feeder()

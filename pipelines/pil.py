@@ -19,7 +19,7 @@ from pipelines.errors import DataError
 from .badsamples import MAX_REPLACEMENTS, BadSamples
 from .formats.probe import MAX_PIXELS
 from .formats.sources import open_source
-from .params import ViewParams, sample_all_view_params, sample_rng
+from .params import ViewParams, sample_params
 from .spec import MultiCropSpec
 
 log = logging.getLogger("pipelines")
@@ -87,11 +87,12 @@ class PILMultiCropDataset(Dataset):
     """Map-style dataset giving ``(views, label, index, ok)`` (plus ``params`` when ``return_params``).
 
     ``source``: any dataset :func:`pipelines.formats.open_source` opens for this backend (an ImageFolder
-    path or index, TFRecord or webdataset shards) or an opened source.  Augmentation of sample ``i``
-    uses ``sample_rng(seed, epoch, i)``.  A sample that cannot be read or decoded goes through the
-    ``bad_samples`` policy (:class:`~pipelines.badsamples.BadSamples`): logged once and replaced by the
-    next decodable sample (augmented with its own stream), ``ok=False``; or, with ``skip``, left out
-    (``views`` empty).
+    path or index, TFRecord or webdataset shards) or an opened source.  The augmentation of sample
+    ``i`` is :func:`~pipelines.params.sample_params` ``(seed, epoch, i)`` (the contract every backend
+    shares).  A sample that cannot be read or decoded goes through the ``bad_samples`` policy
+    (:class:`~pipelines.badsamples.BadSamples`): logged once and replaced by the next decodable sample
+    ``j`` (augmented with ``j``'s parameters), ``ok=False``; or, with ``skip``, left out (``views``
+    empty).
     """
 
     def __init__(self, source: Any, spec: MultiCropSpec, seed: int = 0,
@@ -138,6 +139,6 @@ class PILMultiCropDataset(Dataset):
         if got is None:  # skipped
             return Sample([], -1, i, False, bad, [])
         img, label = got
-        params = sample_all_view_params(self.spec, img.width, img.height, sample_rng(self.seed, epoch, j))
+        params = sample_params(self.spec, self.seed, epoch, j, img.width, img.height)
         views = [augment_view(img, p, self._mean, self._std) for p in params]
         return Sample(views, label, i, not bad, bad, params)

@@ -10,9 +10,9 @@ Per batch:
    decompression bombs; :mod:`pipelines.formats.probe` checks each JPEG header first) go through the
    loader's :class:`~pipelines.badsamples.BadSamples` policy (replaced by the next readable sample, or
    skipped) and are counted, as in every backend;
-3. **params**: crop boxes, flips and colour parameters for all views, vectorised over the batch from
-   one generator per batch (:func:`draw_uniforms`, keyed by seed, epoch, rank and batch number, so
-   resume is exact), with the distributions of :mod:`pipelines.params`;
+3. **params**: crop boxes, flips and colour parameters for all views, vectorised over the batch by
+   :func:`pipelines.params.sample_params_for_indices`: a function of (seed, epoch, sample index,
+   view), the same draws as every other backend (resume is exact);
 4. **crop + resize + flip** per resolution group as two batched matrix products (:func:`crop_resize_flip`):
    ``crop_v = R_v(box) . image . R_h(box)^T``, where the rows of ``R`` are PIL's bilinear
    (triangle-filter, antialiased) resampling weights restricted to the crop box; a horizontal flip
@@ -47,7 +47,7 @@ from .formats.probe import BadImage, is_jpeg, jpeg_size
 from .formats.sources import open_source
 from .gpu_aug import augment_views, colour_params_from_batch
 from .loader import MultiCropBatch, MultiCropLoader, register_backend
-from .params import NUM_UNIFORMS, BatchViewParams, params_from_uniforms, sample_rng
+from .params import BatchViewParams, concat_params, sample_params_for_indices, split_params
 from .exif import jpeg_orientation, orient_chw
 from .pil import decode_rgb
 from .prefetch import Prefetcher
@@ -60,8 +60,6 @@ log = logging.getLogger("pipelines")
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
 
-#: Stream tag of the per-batch parameter generator (never equal to a per-sample stream).
-_PARAM_TAG = 0x544F_5243
 #: A chunk of images shares one zero-padded canvas while canvas pixels <= this factor x image pixels.
 CANVAS_WASTE = 1.5
 #: What this backend reads (:mod:`pipelines.formats`); the README's backend table lists it.
@@ -240,29 +238,19 @@ def crop_resize_flip(canvases: Canvases, top: np.ndarray, left: np.ndarray, heig
 
 
 # -- parameters ---------------------------------------------------------------------------------------
-def draw_uniforms(spec: MultiCropSpec, n: int, key: Sequence[int]) -> np.ndarray:
-    """``[V, n, NUM_UNIFORMS]`` uniforms for a batch from one generator keyed by ``key``."""
-    rng = np.random.default_rng([int(k) for k in key] + [_PARAM_TAG])
-    return rng.random((spec.num_views, n, NUM_UNIFORMS))
-
-
-def per_sample_uniforms(spec: MultiCropSpec, seed: int, epoch: int, sources: Sequence[int]) -> np.ndarray:
-    """``[V, n, NUM_UNIFORMS]`` from each sample's own stream: the PIL backend's exact draws (slower)."""
-    u = np.stack([sample_rng(seed, epoch, j).random((spec.num_views, NUM_UNIFORMS)) for j in sources])
-    return u.transpose(1, 0, 2)
-
-
-def group_params(spec: MultiCropSpec, u: np.ndarray, widths: np.ndarray, heights: np.ndarray
-                 ) -> list[BatchViewParams]:
+def group_params(spec: MultiCropSpec, per_view: Sequence[BatchViewParams]) -> list[BatchViewParams]:
     """Per crop group, the parameters of its ``num_crops[g] * n`` views in (view, sample) order."""
-    n = len(widths)
     out = []
     first = 0
     for count in spec.num_crops:
-        ug = u[first:first + count].reshape(count * n, NUM_UNIFORMS)
-        out.append(params_from_uniforms(spec, first, np.tile(widths, count), np.tile(heights, count), ug))
+        out.append(concat_params(per_view[first:first + count]))
         first += count
     return out
+
+
+def view_params(spec: MultiCropSpec, groups: Sequence[BatchViewParams]) -> list[BatchViewParams]:
+    """Inverse of :func:`group_params`: one entry per view."""
+    return [p for g, count in zip(groups, spec.num_crops) for p in split_params(g, count)]
 
 
 # -- the loader ---------------------------------------------------------------------------------------
@@ -283,10 +271,8 @@ class TorchLoader(MultiCropLoader):
     """Batched torchvision decode + torch augmentation on ``device`` (CUDA: nvJPEG, side stream).
 
     ``num_workers``: file-reading threads (0: ``min(8, cpu_count)``).  ``prefetch``: batches produced
-    ahead.  ``per_sample_params``: draw each sample's parameters from its own stream like the PIL
-    backend (identical crops and colour parameters to ``pil`` for the same seed; costs tens of
-    microseconds per sample on the host), instead of one vectorised draw per batch (~1 ms for
-    256 x 8 views).
+    ahead.  Augmentation parameters are those of every backend (:mod:`pipelines.params`): identical
+    crops and colour parameters to ``pil`` for the same seed.
     """
 
     #: ``build_loader`` hands over the path itself: prepared TFRecord / webdataset folders are read too.
@@ -294,8 +280,7 @@ class TorchLoader(MultiCropLoader):
 
     def __init__(self, index: Any, spec: MultiCropSpec, batch_size: int, device: Any = "cpu",
                  rank: int = 0, world_size: int = 1, seed: int = 0, num_workers: int = 0,
-                 drop_last: bool = True, prefetch: int = 2, per_sample_params: bool = False,
-                 bad_samples: str = "replace") -> None:
+                 drop_last: bool = True, prefetch: int = 2, bad_samples: str = "replace") -> None:
         self.bad = BadSamples(bad_samples)
         self.source = open_source(index, formats=FORMATS)
         # the base class needs only len(index) and index.classes, which every source has
@@ -312,7 +297,6 @@ class TorchLoader(MultiCropLoader):
         elif self.device.type != "cpu":
             raise ConfigError(f"torch loader backend runs on cpu or cuda, not {self.device}")
         self.prefetch = int(prefetch)
-        self.per_sample_params = bool(per_sample_params)
         self.read_threads = num_workers or min(8, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="swav-read")
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -374,15 +358,15 @@ class TorchLoader(MultiCropLoader):
                             int((~ok).sum()))
 
     def params(self, epoch: int, batch_no: int, decoded: DecodedBatch) -> list[BatchViewParams]:
-        """Stage 3: per crop group, the parameters of its views in (view, sample) order."""
+        """Stage 3: per crop group, the parameters of its views in (view, sample) order.
+
+        Each decoded sample's own parameters (:func:`~pipelines.params.sample_params_for_indices` of its
+        index); ``batch_no`` does not enter them.
+        """
         widths = np.array([im.shape[2] for im in decoded.images], dtype=np.int64)
         heights = np.array([im.shape[1] for im in decoded.images], dtype=np.int64)
-        if self.per_sample_params:
-            u = per_sample_uniforms(self.spec, self.seed, epoch, decoded.sources.tolist())
-        else:
-            key = (self.seed, epoch, self.world_size, self.rank, batch_no)
-            u = draw_uniforms(self.spec, len(widths), key)
-        return group_params(self.spec, u, widths, heights)
+        per_view = sample_params_for_indices(self.spec, self.seed, epoch, decoded.sources, widths, heights)
+        return group_params(self.spec, per_view)
 
     def augment(self, images: Sequence[torch.Tensor], params: list[BatchViewParams]) -> list[torch.Tensor]:
         """Stages 4-5: crop + resize + flip, then colour / blur / normalise: one tensor per view."""
@@ -405,11 +389,13 @@ class TorchLoader(MultiCropLoader):
         # keep the encoded bytes until the next batch (torchvision's nvJPEG decode has finished reading
         # them when it returns; this is only a guard against a decoder that does not)
         self._keepalive = datas
-        views = self.augment(decoded.images, self.params(epoch, batch_no, decoded))
+        params = self.params(epoch, batch_no, decoded)
+        views = self.augment(decoded.images, params)
         return MultiCropBatch(
             views=views, labels=torch.from_numpy(decoded.labels),  # type: ignore[arg-type]
             indices=torch.from_numpy(decoded.indices),  # type: ignore[arg-type]
-            num_bad=decoded.num_bad, bad_paths=decoded.bad_paths)
+            num_bad=decoded.num_bad, bad_paths=decoded.bad_paths,
+            params=view_params(self.spec, params) if self.record_params else None)
 
     def _decode_on_own_stream(self, indices: Sequence[int], datas: list[bytearray | BaseException]
                               ) -> DecodedBatch:

@@ -7,6 +7,7 @@ impossible combinations are rejected by :meth:`Config.validate` before any work 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import types
 import typing
@@ -18,10 +19,12 @@ import yaml
 
 from pipelines.spec import MultiCropSpec
 from swav_fast.errors import ConfigError
-from swav_fast.methods.configs import MethodsConfig
+from swav_fast.methods.configs import MethodsConfig, SwAVConfig  # noqa: F401 (SwAVConfig: old import path)
 
 #: a decimal number written in exponent form without a dot (5e-4), which YAML 1.1 reads as a string
 _FLOAT_TEXT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
+
+log = logging.getLogger("swav_fast")
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 #: ``train.on_checkpoint_error``: what a failed checkpoint write does (the previous one stays intact).
@@ -38,17 +41,6 @@ class ModelConfig:
     feat_dim: int = 128
     num_prototypes: int = 3000
     sync_bn: bool = False
-
-
-@dataclass
-class SwAVConfig:
-    temperature: float = 0.1
-    epsilon: float = 0.05
-    sinkhorn_iterations: int = 3
-    crops_for_assign: list[int] = field(default_factory=lambda: [0, 1])
-    queue_length: int = 0  # global queue length (split over ranks); 0 = no queue
-    epoch_queue_starts: int = 15
-    freeze_prototypes_niters: int = 313
 
 
 @dataclass
@@ -156,7 +148,6 @@ class DistConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    swav: SwAVConfig = field(default_factory=SwAVConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -178,11 +169,12 @@ class Config:
         if self.optim.batch_size < 1:
             raise ConfigError(f"optim.batch_size={self.optim.batch_size} must be >= 1 (per process)")
         global_batch = self.optim.batch_size * world_size
-        if self.swav.queue_length:
-            if self.swav.queue_length % global_batch:
-                lower = self.swav.queue_length - self.swav.queue_length % global_batch
+        queue = self.methods.swav.queue_length
+        if queue:
+            if queue % global_batch:
+                lower = queue - queue % global_batch
                 raise ConfigError(
-                    f"swav.queue_length={self.swav.queue_length} must be a multiple of the global batch "
+                    f"methods.swav.queue_length={queue} must be a multiple of the global batch "
                     f"{global_batch} (optim.batch_size {self.optim.batch_size} x world size {world_size}); "
                     f"try {lower or global_batch} or {lower + global_batch}")
         if self.optim.epochs < 1:
@@ -190,8 +182,6 @@ class Config:
         if self.optim.warmup_epochs > self.optim.epochs:
             raise ConfigError(f"optim.warmup_epochs={self.optim.warmup_epochs} exceeds optim.epochs="
                               f"{self.optim.epochs}")
-        if self.swav.epsilon <= 0 or self.swav.temperature <= 0:
-            raise ConfigError("swav.epsilon and swav.temperature must be > 0")
         return self
 
     def _resolve_global_batch(self, world_size: int) -> None:
@@ -235,12 +225,8 @@ class Config:
     def _validate_ranges(self) -> None:
         """Counts that must be positive (>= 1) or non-negative (>= 0)."""
         positive = {"model.num_prototypes": self.model.num_prototypes, "model.feat_dim": self.model.feat_dim,
-                    "swav.sinkhorn_iterations": self.swav.sinkhorn_iterations,
                     "train.log_every": self.train.log_every}
-        non_negative = {"swav.queue_length": self.swav.queue_length,
-                        "swav.epoch_queue_starts": self.swav.epoch_queue_starts,
-                        "swav.freeze_prototypes_niters": self.swav.freeze_prototypes_niters,
-                        "data.workers": self.data.workers, "train.max_steps": self.train.max_steps,
+        non_negative = {"data.workers": self.data.workers, "train.max_steps": self.train.max_steps,
                         "train.checkpoint_every_steps": self.train.checkpoint_every_steps,
                         "train.checkpoint_every_epochs": self.train.checkpoint_every_epochs,
                         "train.keep_checkpoints": self.train.keep_checkpoints,
@@ -334,10 +320,45 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+#: sections that moved: old top-level name -> new dotted place (read from the old place with a warning)
+MOVED_SECTIONS: dict[str, str] = {"swav": "methods.swav"}
+
+
+def migrate_moved_keys(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """``data`` with the keys of :data:`MOVED_SECTIONS` moved to their new place (``swav.epsilon`` ->
+    ``methods.swav.epsilon``), logging one deprecation line naming ``source`` (a recipe, an override,
+    a checkpoint's saved config). Keys given at the new place in the same ``data`` win."""
+    if not isinstance(data, dict) or not any(old in data for old in MOVED_SECTIONS):
+        return data
+    out = dict(data)
+    for old, new in MOVED_SECTIONS.items():
+        if old not in out:
+            continue
+        moved = out.pop(old)
+        names = ", ".join(f"{old}.{k}" for k in moved) if isinstance(moved, dict) else old
+        parts = new.split(".")
+        node: dict[str, Any] = out
+        for p in parts[:-1]:
+            node[p] = dict(node.get(p) or {})
+            node = node[p]
+        current = node.get(parts[-1])
+        if isinstance(moved, dict) and isinstance(current, dict):
+            moved = _merge(moved, current)
+        elif current is not None:
+            moved = current
+        node[parts[-1]] = moved
+        log.warning("deprecated config keys in %s: %s moved to %s.* (%s); the old names still load",
+                    source, f"{old}.*", new, names)
+    return out
+
+
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a (nested) dict; unknown keys raise with the valid ones."""
+    """Build dataclass ``cls`` from a (nested) dict; unknown keys raise with the valid ones. For the
+    whole :class:`Config`, keys of moved sections are read from their old place (with a warning)."""
     if data is None:
         data = {}
+    if cls is Config and not prefix:
+        data = migrate_moved_keys(data)
     hints = typing.get_type_hints(cls)
     known = _fields(cls)
     unknown = [k for k in data if k not in known]
@@ -379,6 +400,7 @@ def read_recipe(name_or_path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of sections")
     base = data.pop("base", None)
+    data = migrate_moved_keys(data, f"recipe {path}")
     return _merge(read_recipe(base), data) if base else data
 
 
@@ -414,9 +436,9 @@ def load_config(recipe: str | None = None, overrides: list[str] | None = None,
     """Recipe (or defaults) + dict ``extra`` + ``key=value`` overrides, type-checked."""
     data: dict[str, Any] = read_recipe(recipe) if recipe else {}
     if extra:
-        data = _merge(data, extra)
+        data = _merge(data, migrate_moved_keys(extra))
     for o in overrides or []:
-        data = _merge(data, parse_override(o))
+        data = _merge(data, migrate_moved_keys(parse_override(o), f"override {o!r}"))
     return from_dict(Config, data)
 
 
@@ -443,12 +465,12 @@ KEY_HELP: dict[str, str] = {
     "model.feat_dim": "output size of the projection head (the embedding compared by the loss)",
     "model.num_prototypes": "SwAV: number of prototypes K",
     "model.sync_bn": "batch norm over the global batch under several processes (SyncBatchNorm)",
-    "swav.temperature": "SwAV: softmax temperature of the swapped prediction",
-    "swav.epsilon": "SwAV: entropy regularisation of the Sinkhorn-Knopp assignment",
-    "swav.sinkhorn_iterations": "SwAV: Sinkhorn-Knopp iterations per batch",
-    "swav.crops_for_assign": "SwAV: the views whose codes are computed (and predicted from the others)",
-    "swav.epoch_queue_starts": "SwAV: the epoch from which the feature queue is used",
-    "swav.freeze_prototypes_niters": "SwAV: steps during which the prototypes get no gradient",
+    "methods.swav.temperature": "SwAV: softmax temperature of the swapped prediction",
+    "methods.swav.epsilon": "SwAV: entropy regularisation of the Sinkhorn-Knopp assignment",
+    "methods.swav.sinkhorn_iterations": "SwAV: Sinkhorn-Knopp iterations per batch",
+    "methods.swav.crops_for_assign": "SwAV: the views whose codes are computed (predicted from the others)",
+    "methods.swav.epoch_queue_starts": "SwAV: the epoch from which the feature queue is used",
+    "methods.swav.freeze_prototypes_niters": "SwAV: steps during which the prototypes get no gradient",
     "optim.epochs": "training epochs (the schedule's length)",
     "optim.base_lr": "peak learning rate, reached at the end of the warmup",
     "optim.final_lr": "learning rate at the end of the cosine schedule",
