@@ -4,10 +4,10 @@ Each view is its own FFCV pipeline on the same ``image`` field: JPEG decode + cr
 FFCV's compiled (numba, multi-threaded) code, then ``ToTensor`` (``ToDevice`` on CUDA) and
 ``ToTorchImage``.  The crop is not FFCV's RandomResizedCrop: the decoder (:func:`table_crop_decoder`)
 reads each sample's box from a per-view crop table that the loader fills before every pass from
-:func:`~pipelines.params.sample_params_for_indices` (the contract every backend shares).  Flip, colour jitter (random
-order), grayscale, Gaussian blur, solarize and normalisation run batched in torch, on the GPU when
-the loader's device is CUDA and on the CPU otherwise.  FFCV's ``NormalizeImage`` is not used
-(placed after ``ToTensor`` it hangs, libffcv/ffcv#396).
+:func:`~pipelines.params.crop_boxes_for_indices` (the contract every backend shares).  Flip,
+colour jitter (random order), grayscale, Gaussian blur, solarize and normalisation run batched in
+torch, on the GPU when the loader's device is CUDA and on the CPU otherwise.  FFCV's
+``NormalizeImage`` is not used (placed after ``ToTensor`` it hangs, libffcv/ffcv#396).
 
 Sample order, rank sharding and ``start_batch`` resume are the base :class:`MultiCropLoader`'s
 (fed to FFCV as a fixed traversal order).  Crop boxes, flips and colour/blur parameters all come
@@ -31,7 +31,7 @@ from pipelines.errors import ConfigError, DataError
 from .folder import ImageFolderIndex
 from .formats.beton import BetonIndex, BetonSource, open_beton_index
 from .loader import MultiCropBatch, MultiCropLoader, register_backend
-from .params import BatchViewParams, sample_params_for_indices
+from .params import BatchViewParams, crop_boxes_for_indices, sample_params_for_indices
 from .spec import MultiCropSpec
 
 #: What this backend reads (:mod:`pipelines.formats`); the README's backend table lists it.
@@ -163,10 +163,6 @@ def _import_ffcv() -> Any:
     return ffcv_loader
 
 
-#: Samples per chunk when filling the crop tables (bounds the host memory of one fill).
-_TABLE_CHUNK = 65536
-
-
 def table_crop_decoder(output_size: tuple[int, int], num_samples: int) -> Any:
     """An FFCV RGB decoder that crops sample ``i`` to ``table[i] = (top, left, height, width)`` (source
     pixels) and resizes it to ``output_size``; ``decoder.table`` (int32 [num_samples, 4]) is filled in
@@ -251,13 +247,13 @@ def _table_reader(table: np.ndarray, compiled: bool) -> Any:
 def fill_crop_tables(tables: Sequence[np.ndarray], spec: MultiCropSpec, seed: int, epoch: int,
                      indices: np.ndarray, widths: np.ndarray, heights: np.ndarray) -> None:
     """Write the crop boxes ``(top, left, height, width)`` of views ``0..V-1`` of samples ``indices`` in
-    ``epoch`` into ``tables[v][i]`` (the shared draw of :func:`sample_params_for_indices`)."""
+    ``epoch`` into ``tables[v][i]`` (the shared draw: :func:`~pipelines.params.crop_boxes_for_indices`)."""
     idx = np.unique(np.asarray(indices, dtype=np.int64))
-    for start in range(0, len(idx), _TABLE_CHUNK):
-        part = idx[start:start + _TABLE_CHUNK]
-        for table, p in zip(tables, sample_params_for_indices(spec, seed, epoch, part, widths[part],
-                                                              heights[part])):
-            table[part] = np.stack([p.top, p.left, p.height, p.width], axis=1)
+    for start in range(0, len(idx), 1 << 16):  # bounded host memory for any dataset size
+        part = idx[start:start + (1 << 16)]
+        boxes = crop_boxes_for_indices(spec, seed, epoch, part, widths[part], heights[part])
+        for table, b in zip(tables, boxes):
+            table[part] = b
 
 
 def _external_order_class() -> type:

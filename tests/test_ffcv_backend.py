@@ -98,7 +98,8 @@ def test_crops_and_flips_are_the_shared_draw(gradient_beton: Path) -> None:
         loader.set_epoch(epoch)
         for b in loader:
             idx = b.indices.numpy()
-            params = sample_params_for_indices(spec, 3, epoch, idx, np.full(len(idx), W), np.full(len(idx), H))
+            sizes = np.full(len(idx), W), np.full(len(idx), H)
+            params = sample_params_for_indices(spec, 3, epoch, idx, *sizes)
             for v, view in enumerate(b.views):
                 p = params[v]
                 s = view.shape[-1]
