@@ -3,9 +3,10 @@
 Per batch:
 
 1. **read** the files with a thread pool;
-2. **decode** all JPEGs of the batch in one ``torchvision.io.decode_jpeg(list, device=...)`` call (nvJPEG
-   batched on CUDA; libjpeg-turbo on CPU); other formats, and JPEGs the batched call rejects, go
-   one by one through torchvision / PIL.  Unreadable files (truncated, corrupt, not an image,
+2. **decode** all JPEGs of the batch in one :func:`pipelines.decode.decode_jpegs_each` call (TorchCodec's
+   ``decode_jpeg(list, device=...)``: nvJPEG batched on CUDA, libjpeg-turbo on CPU; torchvision.io only
+   when TorchCodec is missing; ``decoder`` chooses); other formats, and JPEGs the batched call
+   rejects, go one by one through PIL.  Unreadable files (truncated, corrupt, not an image,
    decompression bombs) are replaced by the next readable sample and counted, as in the PIL backend;
 3. **params**: crop boxes, flips and colour parameters for all views, vectorised over the batch from
    one generator per batch (:func:`draw_uniforms`, keyed by seed, epoch, rank and batch number, so
@@ -29,31 +30,25 @@ import logging
 import os
 import queue
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipelines.errors import ConfigError, DataError
 
+from .decode import decode_jpegs_each, resolve_decoder
 from .folder import ImageFolderIndex
 from .gpu_aug import augment_views, colour_params_from_batch
 from .loader import MultiCropBatch, MultiCropLoader, register_backend
+from .options import TorchOptions
 from .params import NUM_UNIFORMS, BatchViewParams, params_from_uniforms, sample_rng
-from .exif import jpeg_orientation, orient_chw
 from .pil import MAX_PIXELS, MAX_REPLACEMENTS, decode_rgb
 from .spec import MultiCropSpec
 
 log = logging.getLogger("pipelines")
-
-# torchvision 0.29 marks its image codecs deprecated (in favour of torchcodec); they are what this
-# backend is about, so keep the per-call warning out of the logs.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
 
 #: Stream tag of the per-batch parameter generator (never equal to a per-sample stream).
 _PARAM_TAG = 0x544F_5243
@@ -115,12 +110,13 @@ def _decode_other(data: bytes | bytearray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
 
 
-def decode_images(datas: Sequence[bytes | bytearray | BaseException], device: Any
+def decode_images(datas: Sequence[bytes | bytearray | BaseException], device: Any, decoder: str = "auto"
                   ) -> tuple[list[torch.Tensor | None], list[str | None]]:
     """Decode a batch: ``(images [3, H, W] uint8 on device, or None; error message per item, or None)``.
 
-    All JPEGs that pass :func:`jpeg_header` go through one batched ``decode_jpeg`` call; when that
-    call fails, each is retried alone and then with PIL, so one bad file never costs the batch.
+    All JPEGs that pass :func:`jpeg_header` go through one batched :func:`pipelines.decode.decode_jpegs_each`
+    call (``decoder``: TorchCodec by default, torchvision.io when it is missing); JPEGs it rejects and
+    other formats go one by one through PIL, so one bad file never costs the batch.
     """
     dev = torch.device(device)
     n = len(datas)
@@ -140,21 +136,12 @@ def decode_images(datas: Sequence[bytes | bytearray | BaseException], device: An
         else:
             others.append(i)
     if jpegs:
-        buffers = [torch.frombuffer(datas[i], dtype=torch.uint8) for i in jpegs]  # type: ignore[arg-type]
-        try:
-            decoded = decode_jpeg(buffers, mode=ImageReadMode.RGB, device=dev)
-        except RuntimeError:
-            decoded = None
-        if decoded is not None:
-            for i, img in zip(jpegs, decoded):
-                images[i] = orient_chw(img, jpeg_orientation(datas[i]))  # type: ignore[arg-type]
-        else:
-            for i, buf in zip(jpegs, buffers):
-                try:
-                    images[i] = orient_chw(decode_jpeg(buf, mode=ImageReadMode.RGB, device=dev),
-                                           jpeg_orientation(datas[i]))  # type: ignore[arg-type]
-                except RuntimeError:
-                    others.append(i)
+        decoded, _ = decode_jpegs_each([datas[i] for i in jpegs], dev, decoder)  # type: ignore[misc]
+        for i, img in zip(jpegs, decoded):
+            if img is None:
+                others.append(i)  # e.g. CMYK: PIL reads it
+            else:
+                images[i] = img
     for i in others:
         try:
             images[i] = _decode_other(datas[i]).to(dev)  # type: ignore[arg-type]
@@ -331,12 +318,12 @@ class TorchLoader(MultiCropLoader):
 
     def __init__(self, index: ImageFolderIndex, spec: MultiCropSpec, batch_size: int, device: Any = "cpu",
                  rank: int = 0, world_size: int = 1, seed: int = 0, num_workers: int = 0,
-                 drop_last: bool = True, prefetch: int = 2, per_sample_params: bool = False) -> None:
+                 drop_last: bool = True, prefetch: int = TorchOptions.prefetch, per_sample_params: bool = False,
+                 decoder: str = TorchOptions.decoder) -> None:
         super().__init__(index, spec, batch_size, device, rank, world_size, seed, drop_last)
         if num_workers < 0:
             raise ConfigError(f"num_workers: must be >= 0, got {num_workers}")
-        if prefetch < 1:
-            raise ConfigError(f"prefetch: must be >= 1, got {prefetch}")
+        TorchOptions(prefetch=prefetch, decoder=decoder)  # the values' checks live there
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
                 raise ConfigError(f"loader device {self.device} requested but CUDA is not available")
@@ -345,6 +332,7 @@ class TorchLoader(MultiCropLoader):
         elif self.device.type != "cpu":
             raise ConfigError(f"torch loader backend runs on cpu or cuda, not {self.device}")
         self.prefetch = int(prefetch)
+        self.decoder = resolve_decoder(decoder)  # auto -> torchcodec when installed, else torchvision
         self.per_sample_params = bool(per_sample_params)
         self.read_threads = num_workers or min(8, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="swav-read")
@@ -369,7 +357,7 @@ class TorchLoader(MultiCropLoader):
 
     def decode(self, indices: Sequence[int], datas: list[bytearray | BaseException]) -> DecodedBatch:
         """Stage 2: decode on the loader's device, replacing unreadable samples by the next readable one."""
-        images, errors = decode_images(datas, self.device)
+        images, errors = decode_images(datas, self.device, self.decoder)
         n = len(self.index)
         sources = np.array([int(i) for i in indices], dtype=np.int64)
         ok = np.ones(len(sources), dtype=bool)
@@ -381,7 +369,7 @@ class TorchLoader(MultiCropLoader):
             bad_paths.append(self.index.path(start))
             for step in range(1, min(MAX_REPLACEMENTS, n)):
                 j = (start + step) % n
-                imgs, errs = decode_images(self.read([j]), self.device)
+                imgs, errs = decode_images(self.read([j]), self.device, self.decoder)
                 if errs[0] is None:
                     images[k], sources[k] = imgs[0], j
                     break
@@ -511,4 +499,4 @@ class TorchLoader(MultiCropLoader):
         self._pool.shutdown(wait=True)
 
 
-register_backend("torch", TorchLoader)
+register_backend("torch", TorchLoader, options=TorchOptions, formats=("folder",))

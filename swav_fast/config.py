@@ -7,6 +7,7 @@ impossible combinations are rejected by :meth:`Config.validate` before any work 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import types
 import typing
@@ -16,6 +17,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from pipelines.options import BUILTIN_OPTIONS, BackendOptions, DaliOptions, FfcvOptions, PilOptions, TorchOptions
 from pipelines.spec import MultiCropSpec
 from swav_fast.errors import ConfigError
 from swav_fast.methods.configs import MethodsConfig
@@ -24,6 +26,13 @@ from swav_fast.methods.configs import MethodsConfig
 _FLOAT_TEXT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
+log = logging.getLogger("swav_fast")
+#: old dotted key -> the key(s) it moved to: still read (into each new key), with a deprecation message.
+#: A new key given as well wins over the old one.
+RENAMED_KEYS: dict[str, tuple[str, ...]] = {
+    "data.prefetch": ("data.torch.prefetch", "data.dali.prefetch"),
+    "data.hw_decoder_load": ("data.dali.hw_decoder_load",),
+}
 #: ``train.on_checkpoint_error``: what a failed checkpoint write does (the previous one stays intact).
 CHECKPOINT_ERROR_POLICIES = ("stop", "continue")
 DIVERGENCE_POLICIES = ("stop", "rollback")
@@ -92,13 +101,35 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
+    """The data: where, which loader backend, its views; ``data.<backend>.*`` are each backend's own
+    options (:mod:`pipelines.options`, where their defaults live); only the chosen one is used."""
     path: Optional[str] = None  # ImageFolder; None = built-in synthetic dataset
     loader: str = "pil"
     workers: int = 8
-    prefetch: int = 2  # batches decoded ahead (torch, dali backends)
-    hw_decoder_load: float = 0.9  # dali on GPU: share of JPEGs sent to the hardware decoder
     crops: MultiCropSpec = field(default_factory=MultiCropSpec)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    pil: PilOptions = field(default_factory=PilOptions)
+    torch: TorchOptions = field(default_factory=TorchOptions)
+    dali: DaliOptions = field(default_factory=DaliOptions)
+    ffcv: FfcvOptions = field(default_factory=FfcvOptions)
+
+    def loader_options(self) -> BackendOptions | None:
+        """The chosen backend's options object (``data.<loader>``); for a plug-in backend without a
+        section, its registered options class's defaults (None when it takes no options)."""
+        if self.loader in BUILTIN_OPTIONS:
+            return getattr(self, self.loader)
+        from pipelines.loader import backend_options_class
+
+        cls = backend_options_class(self.loader)
+        return cls() if cls is not None else None
+
+    def validate_options(self) -> None:
+        """Check every backend section's values again (they may have been set after parsing)."""
+        for name in BUILTIN_OPTIONS:
+            try:
+                dataclasses.replace(getattr(self, name))
+            except ConfigError as exc:
+                raise ConfigError(f"data.{name}.{exc}") from None
 
 
 @dataclass
@@ -171,6 +202,7 @@ class Config:
         """Reject impossible combinations before any work; returns self."""
         self._validate_choices()
         self._validate_ranges()
+        self.data.validate_options()
         from swav_fast.methods import validate_method
 
         validate_method(self.train.method, self)  # views and settings the method declares it needs
@@ -334,10 +366,36 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _apply_renames(data: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Move the keys of :data:`RENAMED_KEYS` under ``prefix`` to their new places (with a deprecation
+    message); a new key given explicitly is kept."""
+    out = dict(data)
+    for key in [k for k in data if f"{prefix}{k}" in RENAMED_KEYS]:
+        old = f"{prefix}{key}"
+        value = out.pop(key)
+        targets = RENAMED_KEYS[old]
+        log.warning("config key %s is deprecated; use %s", old, " and ".join(targets))
+        for new in targets:
+            node = out
+            parts = new[len(prefix):].split(".")
+            for part in parts[:-1]:
+                child = node.get(part)
+                if child is not None and not isinstance(child, dict):
+                    break  # not a mapping: its own type error follows
+                node[part] = child = dict(child or {})
+                node = child
+            else:
+                node.setdefault(parts[-1], value)
+    return out
+
+
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a (nested) dict; unknown keys raise with the valid ones."""
+    """Build dataclass ``cls`` from a (nested) dict; unknown keys raise with the valid ones; renamed keys
+    (:data:`RENAMED_KEYS`) are read into their new places."""
     if data is None:
         data = {}
+    if any(k.startswith(prefix) and k[len(prefix):].count(".") == 0 for k in RENAMED_KEYS):
+        data = _apply_renames(data, prefix)
     hints = typing.get_type_hints(cls)
     known = _fields(cls)
     unknown = [k for k in data if k not in known]
@@ -347,7 +405,9 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except ConfigError:
+    except ConfigError as exc:  # the class's own checks name the field; add where it is
+        if prefix:
+            raise ConfigError(f"{prefix}{exc}") from None
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from exc
