@@ -210,7 +210,7 @@ def torch_stages(index: ImageFolderIndex, spec: MultiCropSpec, args: argparse.Na
 
 def pil_stages(index: ImageFolderIndex, spec: MultiCropSpec, args: argparse.Namespace,
                device: torch.device) -> dict[str, Any]:
-    from pipelines.params import sample_all_view_params, sample_rng
+    from pipelines.params import sample_params
     from pipelines.pil import augment_view, decode_rgb
 
     n_stage = max(8, min(64, args.batch_size))  # single-process stages: a smaller sample is enough
@@ -228,7 +228,7 @@ def pil_stages(index: ImageFolderIndex, spec: MultiCropSpec, args: argparse.Name
     std = torch.tensor(spec.std).view(3, 1, 1)
     t0 = time.perf_counter()
     for i, img in zip(ids, imgs):
-        for p in sample_all_view_params(spec, img.width, img.height, sample_rng(args.seed, 0, i)):
+        for p in sample_params(spec, args.seed, 0, i, img.width, img.height):
             augment_view(img, p, mean, std)
     t_aug = time.perf_counter() - t0
     total = total_throughput("pil", index, spec, args, device)

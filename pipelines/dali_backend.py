@@ -17,11 +17,12 @@ order (:meth:`MultiCropLoader.batch_indices`): the same ``(seed, epoch)`` permut
 ImageFolder, TFRecord shards and webdataset tars alike.  The sample bytes are read by random access
 (files; TFRecord records and tar members located through their DALI index files), so DALI's own
 readers, whose shuffle is a bounded buffer and whose shards are contiguous ranges that cannot resume
-mid-epoch, are not needed.  Crop boxes and flips are drawn on the host by
-:func:`pipelines.params.params_from_uniforms` (torchvision ``RandomResizedCrop`` semantics: area
+mid-epoch, are not needed.  Crop boxes, flips and colour parameters are drawn on the host by
+:func:`pipelines.params.sample_params_for_indices` (torchvision ``RandomResizedCrop`` semantics: area
 fraction ``s ~ U[min, max]``, aspect ratio ``log r ~ U[log r0, log r1]``, 10 tries, then a centre
-crop) from one generator per batch keyed by ``(seed, epoch, batch, rank)``, using the image size
-read from the file header; the same draw gives the colour parameters.  A flip is a reversed ROI in
+crop), a function of ``(seed, epoch, sample index, view)`` shared by every backend, using the image
+size read from the file header, and fed to DALI as per-sample inputs (DALI's own generator is not
+used).  A flip is a reversed ROI in
 ``fn.resize`` (``roi_start.x > roi_end.x``), so crop, resize and flip are one DALI operator per view.
 
 *Bad files.*  DALI fails a whole batch (and its pipeline) on one undecodable file, so every file is
@@ -47,7 +48,7 @@ import queue
 import tarfile
 import threading
 from collections import deque
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -60,14 +61,12 @@ from .exif import jpeg_orientation, oriented_size
 from .folder import MANIFEST_NAME, ImageFolderIndex, is_prepared_manifest, scan_image_folder
 from .loader import MultiCropBatch, MultiCropLoader, register_backend
 from .options import DaliOptions
-from .params import NUM_UNIFORMS, BatchViewParams, params_from_uniforms
+from .params import BatchViewParams, concat_params, sample_params_for_indices
 from .pil import MAX_PIXELS, MAX_REPLACEMENTS
 from .spec import MultiCropSpec
 
 log = logging.getLogger("pipelines")
 
-#: Stream tag of the per-batch augmentation generator (distinct from the shuffle and per-sample streams).
-_AUG_TAG = 0x4441_4C49
 #: Default share of JPEG decoding given to the hardware decoder (A100/H100) in ``mixed`` mode.
 DEFAULT_HW_DECODER_LOAD = DaliOptions.hw_decoder_load
 #: How many times one pass may rebuild the pipeline after a decode failure before giving up (each
@@ -603,20 +602,6 @@ class _Issued:
     encoded: list[np.ndarray] = field(repr=False, default_factory=list)
 
 
-def batch_generator(seed: int, epoch: int, number: int, rank: int) -> np.random.Generator:
-    """The augmentation generator of batch ``number`` of ``epoch`` on ``rank`` (resume-exact)."""
-    return np.random.default_rng([int(seed), int(epoch), int(number), int(rank), _AUG_TAG])
-
-
-def concat_params(params: Sequence[BatchViewParams]) -> BatchViewParams:
-    """Stack per-view parameters of one crop size along the batch axis (view-major)."""
-    if len(params) == 1:
-        return params[0]
-    arrays = {f.name: np.concatenate([getattr(p, f.name) for p in params])
-              for f in fields(BatchViewParams) if f.name != "size"}
-    return replace(params[0], **arrays)
-
-
 def crop_rois(p: BatchViewParams) -> np.ndarray:
     """``[B, 4]`` float32 ``(y0, x0, y1, x1)`` in source pixels; ``x0 > x1`` (reversed) for a flip."""
     x0 = p.left.astype(np.float32)
@@ -850,10 +835,8 @@ class DALILoader(MultiCropLoader):
                                 f"{self.source.name(int(i))}; is the dataset corrupt?")
             encoded.append(np.frombuffer(buf, dtype=np.uint8))
             sources[b], labels[b] = j, label
-        u = batch_generator(self.seed, plan.epoch, plan.number, self.rank).random(
-            (self.spec.num_views, len(plan.indices), NUM_UNIFORMS))
-        params = [params_from_uniforms(self.spec, v, sizes[:, 0], sizes[:, 1], u[v])
-                  for v in range(self.spec.num_views)]
+        params = sample_params_for_indices(self.spec, self.seed, plan.epoch, sources,
+                                           sizes[:, 0], sizes[:, 1])
         rois = list(np.stack([crop_rois(p) for p in params], axis=1))  # B x [V, 4]
         self._serial += 1
         return _Issued(plan, self._serial, sources, labels, ok, bad_paths, params, rois, encoded)
@@ -1012,7 +995,8 @@ class DALILoader(MultiCropLoader):
             indices=torch.from_numpy(issued.plan.indices.astype(np.int64)).to(self.device,
                                                                               non_blocking=non_blocking),
             num_bad=int((~issued.ok).sum()),
-            bad_paths=list(issued.bad_paths))
+            bad_paths=list(issued.bad_paths),
+            params=list(issued.params) if self.record_params else None)
 
     def close(self) -> None:
         self._stop_feeder()

@@ -54,7 +54,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ import torch.nn.functional as F
 
 from pipelines.errors import ConfigError
 
-from .params import IDENTITY_ORDER, JITTER_ORDERS, BatchViewParams
+from .params import BatchViewParams, params_from_uniforms, view_uniforms
 from .spec import MultiCropSpec
 
 log = logging.getLogger("pipelines")
@@ -72,9 +72,6 @@ log = logging.getLogger("pipelines")
 LUMA = (0.299, 0.587, 0.114)
 #: Solarize threshold on [0, 1] values.
 SOLARIZE_THRESHOLD = 0.5
-#: Number of uniforms :func:`sample_colour_params` draws per sample.
-NUM_COLOUR_UNIFORMS = 10
-
 __all__ = [
     "ColourParams",
     "LUMA",
@@ -169,38 +166,28 @@ def _frozen(values: Any) -> Any:
 
 
 # -- parameters -----------------------------------------------------------------------------------
-def sample_colour_params(spec: MultiCropSpec, batch_size: int, generator: torch.Generator,
-                         device: Any = None) -> ColourParams:
-    """Draw ``batch_size`` samples' colour parameters with ``generator`` (vectorised, on its device).
+def sample_colour_params(spec: MultiCropSpec, indices: int | Sequence[int] | np.ndarray, seed: int = 0,
+                         epoch: int = 0, view: int = 0, device: Any = None) -> ColourParams:
+    """The colour parameters of view ``view`` of samples ``indices`` (an int ``n``: samples ``0..n-1``)
+    in ``epoch``: the shared draw of :func:`pipelines.params.sample_params_for_indices` (the same
+    values every backend applies), made on the host and moved to ``device`` (default: CPU).
 
-    Same distributions as :func:`pipelines.params.params_from_uniforms`: jitter with probability
+    Distributions (:func:`pipelines.params.params_from_uniforms`): jitter with probability
     ``jitter_p``; brightness / contrast / saturation factors uniform in ``[max(0, 1 - m), 1 + m]`` and
     hue uniform in ``[-h, h]`` with ``(m, m, m, h) = spec.jitter_factors``; the order uniform over the
     24 permutations; grayscale with ``grayscale_p``; blur with ``blur_p`` and sigma uniform in
-    ``spec.blur_sigma``; solarize with ``solarize_p``.  The result is moved to ``device`` (default: the
-    generator's device).
+    ``spec.blur_sigma``; solarize with ``solarize_p``.
     """
-    if batch_size < 0:
-        raise ConfigError(f"batch_size: must be >= 0, got {batch_size}")
-    gdev = generator.device
-    u = torch.rand((batch_size, NUM_COLOUR_UNIFORMS), generator=generator, device=gdev, dtype=torch.float64)
-    jitter = u[:, 0] < spec.jitter_p
-    b, c, s, hue_max = spec.jitter_factors
-    lows = constant([max(0.0, 1.0 - m) for m in (b, c, s)], torch.float64, gdev)
-    highs = constant([1.0 + m for m in (b, c, s)], torch.float64, gdev)
-    factors = torch.where(jitter[:, None], lows + u[:, 1:4] * (highs - lows), torch.ones_like(u[:, 1:4]))
-    hue = torch.where(jitter, -hue_max + u[:, 4] * 2.0 * hue_max, torch.zeros_like(u[:, 4]))
-    orders = constant(JITTER_ORDERS, torch.int64, gdev)
-    pick = torch.clamp((u[:, 5] * 24).long(), max=23)
-    order = torch.where(jitter[:, None], orders[pick], constant(IDENTITY_ORDER, torch.int64, gdev))
-    lo, hi = spec.blur_sigma
-    sigma = torch.where(u[:, 7] < spec.blur_p, lo + u[:, 8] * (hi - lo), torch.zeros_like(u[:, 8]))
-    solarize = u[:, 9] < spec.solarize_p
-    out = ColourParams(
-        jitter=jitter, brightness=factors[:, 0].float(), contrast=factors[:, 1].float(),
-        saturation=factors[:, 2].float(), hue=hue.float(), order=order, grayscale=u[:, 6] < spec.grayscale_p,
-        blur_sigma=sigma.float(), solarize=solarize)
-    return out if device is None else out.to(device)
+    if isinstance(indices, (int, np.integer)):
+        if indices < 0:
+            raise ConfigError(f"batch_size: must be >= 0, got {indices}")
+        indices = np.arange(int(indices))
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if not 0 <= view < spec.num_views:
+        raise ConfigError(f"view: must be in [0, {spec.num_views}), got {view}")
+    ones = np.ones(len(idx), dtype=np.int64)  # the colour slots do not depend on the image size
+    p = params_from_uniforms(spec, view, ones, ones, view_uniforms(seed, epoch, idx, view))
+    return colour_params_from_batch(p, "cpu" if device is None else device)
 
 
 def colour_params_from_batch(p: BatchViewParams, device: Any = "cpu") -> ColourParams:

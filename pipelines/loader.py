@@ -19,6 +19,7 @@ from pipelines.registry import Registry
 
 from .folder import ImageFolderIndex, scan_image_folder
 from .options import BackendOptions, PilOptions
+from .params import BatchViewParams, stack_rows
 from .pil import PILMultiCropDataset, Sample
 from .spec import MultiCropSpec
 
@@ -28,13 +29,18 @@ _SHUFFLE_TAG = 0x5357_4156
 
 @dataclass
 class MultiCropBatch:
-    """One batch: ``views[v]`` is [B, 3, S_v, S_v] (globals first) in the spec's dtype / memory format."""
+    """One batch: ``views[v]`` is [B, 3, S_v, S_v] (globals first) in the spec's dtype / memory format.
+
+    ``params[v]``: the augmentation parameters of view ``v`` (host arrays of length B), when the loader's
+    ``record_params`` is set (tests compare backends with them); None otherwise.
+    """
 
     views: list[torch.Tensor]
     labels: torch.Tensor
     indices: torch.Tensor
     num_bad: int
     bad_paths: list[str] = field(default_factory=list)
+    params: list[BatchViewParams] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -42,14 +48,15 @@ class MultiCropBatch:
     def pin_memory(self) -> "MultiCropBatch":
         """Used by DataLoader(pin_memory=True)."""
         return MultiCropBatch([v.pin_memory() for v in self.views], self.labels.pin_memory(),
-                              self.indices.pin_memory(), self.num_bad, self.bad_paths)
+                              self.indices.pin_memory(), self.num_bad, self.bad_paths, self.params)
 
     def to(self, device: torch.device | str, non_blocking: bool = False,
            memory_format: torch.memory_format = torch.contiguous_format) -> "MultiCropBatch":
         dev = torch.device(device)
         views = [v.to(dev, non_blocking=non_blocking).contiguous(memory_format=memory_format) for v in self.views]
         return MultiCropBatch(views, self.labels.to(dev, non_blocking=non_blocking),
-                              self.indices.to(dev, non_blocking=non_blocking), self.num_bad, self.bad_paths)
+                              self.indices.to(dev, non_blocking=non_blocking), self.num_bad, self.bad_paths,
+                              self.params)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -63,8 +70,12 @@ class MultiCropLoader:
     Order: a permutation from ``(seed, epoch)``; with ``drop_last`` it is truncated to a multiple of
     ``world_size`` (ranks strictly disjoint), otherwise padded by wrapping (ranks jointly cover every
     sample).  Rank ``r`` takes every ``world_size``-th sample from position ``r``.  Backends override
-    :meth:`_iterate`.
+    :meth:`_iterate`.  Augmentation parameters follow :mod:`pipelines.params` (a function of seed, epoch,
+    sample index and view); set ``record_params`` to get them in every batch (``MultiCropBatch.params``).
     """
+
+    #: Put each batch's augmentation parameters in ``MultiCropBatch.params`` (set before a pass).
+    record_params: bool = False
 
     def __init__(self, index: ImageFolderIndex, spec: MultiCropSpec, batch_size: int, device: Any = "cpu",
                  rank: int = 0, world_size: int = 1, seed: int = 0, drop_last: bool = True) -> None:
@@ -179,13 +190,14 @@ class _EpochItems(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> Sample | _WorkerFailure:
-        epoch, i = key
+    def __getitem__(self, key: tuple[int, int, bool]) -> Sample | _WorkerFailure:
+        epoch, i, record = key
         try:
             s = self.dataset.load(i, epoch)
         except SwavFastError as exc:
             return _WorkerFailure(type(exc), str(exc))
-        s.params = []  # not needed by the loader; keep IPC small
+        if not record:
+            s.params = []  # not asked for; keep IPC small
         return s
 
 
@@ -193,9 +205,9 @@ class _BatchList:
     """A batch sampler whose batches are replaced before every pass."""
 
     def __init__(self) -> None:
-        self.batches: list[list[tuple[int, int]]] = []
+        self.batches: list[list[tuple[int, int, bool]]] = []
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, bool]]]:
         return iter(self.batches)
 
     def __len__(self) -> int:
@@ -221,7 +233,9 @@ class Collate:
             labels=torch.tensor([s.label for s in samples], dtype=torch.int64),
             indices=torch.tensor([s.index for s in samples], dtype=torch.int64),
             num_bad=sum(not s.ok for s in samples),
-            bad_paths=[p for s in samples for p in s.bad_paths])
+            bad_paths=[p for s in samples for p in s.bad_paths],
+            params=([stack_rows([s.params[v] for s in samples]) for v in range(self.num_views)]
+                    if samples and samples[0].params else None))
 
 
 class PILLoader(MultiCropLoader):
@@ -245,7 +259,8 @@ class PILLoader(MultiCropLoader):
                                   worker_init_fn=_quiet_worker if num_workers else None, **extra)
 
     def _iterate(self, epoch: int, batches: list[np.ndarray]) -> Iterator[MultiCropBatch]:
-        self._sampler.batches = [[(epoch, int(i)) for i in b] for b in batches]
+        record = bool(self.record_params)
+        self._sampler.batches = [[(epoch, int(i), record) for i in b] for b in batches]
         for batch in self._loader:
             if isinstance(batch, _WorkerFailure):
                 raise batch.error(batch.message)

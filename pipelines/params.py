@@ -1,17 +1,28 @@
-"""Backend-independent random augmentation parameters.
+"""The one randomness contract: every augmentation parameter is a pure function of
+``(seed, epoch, sample index, view)`` (and the image size), drawn the same way by every backend.
 
-Every view consumes one fixed block of ``NUM_UNIFORMS`` uniforms from the sample's generator, so
-the parameters of a sample depend only on ``(seed, epoch, index)`` and the image size: the PIL
-backend and a GPU backend that call :func:`sample_params_for_indices` draw identical crops, flips,
-jitter factors, etc.  The mapping from uniforms to parameters follows torchvision
-(RandomResizedCrop, RandomHorizontalFlip, RandomApply(ColorJitter), RandomGrayscale) and SwAV's
-PIL Gaussian blur.
+The uniforms come from a counter-based generator, not a stateful stream: uniform ``k`` ("slot") of
+view ``v`` of sample ``i`` in ``epoch`` is
+
+    h = mix(mix(mix(mix(mix(TAG ^ seed) ^ epoch) ^ i) ^ v) ^ k),     u = (h >> 11) * 2**-53
+
+with ``mix`` the splitmix64 finaliser (``z = x + 0x9E3779B97F4A7C15``;
+``z = (z ^ z >> 30) * 0xBF58476D1CE4E5B9``; ``z = (z ^ z >> 27) * 0x94D049BB133111EB``;
+``z ^ z >> 31``, all mod 2**64), so ``u`` is uniform on the 2**53 multiples of 2**-53 in [0, 1).
+Nothing depends on batch composition, worker count, rank or the order of draws: the PIL backend
+(per sample), the torch and DALI backends (vectorised per batch) and FFCV (a crop table per epoch)
+get identical parameters, and a resumed epoch draws exactly what the uninterrupted one did.
+
+Every view uses one block of ``NUM_UNIFORMS`` slots; :func:`params_from_uniforms` maps them to the
+parameters following torchvision (RandomResizedCrop with its 10 attempts and central fallback,
+RandomHorizontalFlip, RandomApply(ColorJitter) with a random order, RandomGrayscale) and SwAV's PIL
+Gaussian blur.  The parameters of a view depend only on its own slots.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Sequence
 
 import numpy as np
@@ -31,10 +42,60 @@ NUM_UNIFORMS = 33
 JITTER_ORDERS = np.array(list(itertools.permutations(range(4))), dtype=np.int64)
 IDENTITY_ORDER = (0, 1, 2, 3)
 
+# -- the counter-based generator -------------------------------------------------------------------
+MASK64 = (1 << 64) - 1
+#: Domain tag of the augmentation uniforms (no other stream of the project starts from it).
+AUG_TAG = 0x5357_4156_4155_4731
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
 
-def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """The generator of sample ``index`` in ``epoch``: independent of worker count and order."""
-    return np.random.default_rng([int(seed), int(epoch), int(index)])
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser of ``x + 0x9E3779B97F4A7C15`` (uint64 arrays, arithmetic mod 2**64)."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(x, dtype=np.uint64) + _GOLDEN
+        z = (z ^ (z >> _S30)) * _MIX1
+        z = (z ^ (z >> _S27)) * _MIX2
+        return z ^ (z >> _S31)
+
+
+def _u64(value: int) -> np.ndarray:
+    return np.asarray(int(value) & MASK64, dtype=np.uint64)
+
+
+def _indices(indices: Sequence[int] | np.ndarray) -> np.ndarray:
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size and idx.min() < 0:
+        raise ValueError(f"sample indices must be >= 0, got {int(idx.min())}")
+    return idx.astype(np.uint64)
+
+
+def _sample_keys(seed: int, epoch: int, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``mix(mix(mix(TAG ^ seed) ^ epoch) ^ i)`` per index, uint64 [N]."""
+    k = mix64(mix64(_u64(AUG_TAG) ^ _u64(seed)) ^ _u64(epoch))
+    return mix64(k ^ _indices(indices))
+
+
+def _to_unit(h: np.ndarray) -> np.ndarray:
+    """The top 53 bits of ``h`` as a float64 in [0, 1)."""
+    return (h >> _S11).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def view_uniforms(seed: int, epoch: int, indices: Sequence[int] | np.ndarray, view: int,
+                  slots: int = NUM_UNIFORMS) -> np.ndarray:
+    """``[N, slots]`` float64 uniforms in [0, 1) of view ``view`` of samples ``indices`` (pure function)."""
+    kv = mix64(_sample_keys(seed, epoch, indices) ^ _u64(view))
+    return _to_unit(mix64(kv[:, None] ^ np.arange(slots, dtype=np.uint64)[None, :]))
+
+
+def sample_uniforms(seed: int, epoch: int, indices: Sequence[int] | np.ndarray, num_views: int,
+                    slots: int = NUM_UNIFORMS) -> np.ndarray:
+    """``[V, N, slots]``: :func:`view_uniforms` of every view ``0..V-1`` at once."""
+    ks = _sample_keys(seed, epoch, indices)
+    kv = mix64(ks[None, :] ^ np.arange(num_views, dtype=np.uint64)[:, None])
+    return _to_unit(mix64(kv[:, :, None] ^ np.arange(slots, dtype=np.uint64)[None, None, :]))
 
 
 @dataclass(frozen=True)
@@ -152,32 +213,56 @@ def _crop_boxes(spec: MultiCropSpec, view_index: int, widths: np.ndarray, height
     return top, left, h, w
 
 
-def sample_view_params(spec: MultiCropSpec, view_index: int, width: int, height: int,
-                       rng: np.random.Generator) -> ViewParams:
-    """Draw the parameters of one view (consumes ``NUM_UNIFORMS`` uniforms from ``rng``)."""
-    u = rng.random(NUM_UNIFORMS)[None]
-    return params_from_uniforms(spec, view_index, np.array([width]), np.array([height]), u).row(0)
+def sample_params_for_indices(spec: MultiCropSpec, seed: int, epoch: int, indices: Sequence[int] | np.ndarray,
+                              widths: Sequence[int] | np.ndarray, heights: Sequence[int] | np.ndarray
+                              ) -> list[BatchViewParams]:
+    """Per view, the parameters of samples ``indices`` (images ``widths`` x ``heights``) in ``epoch``.
+
+    The contract of every backend: row ``j`` of view ``v`` depends only on ``(seed, epoch, indices[j], v)``
+    and that image's size.
+    """
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    u = sample_uniforms(seed, epoch, idx, spec.num_views)
+    w = np.asarray(widths, dtype=np.int64).reshape(-1)
+    h = np.asarray(heights, dtype=np.int64).reshape(-1)
+    if len(w) != len(idx) or len(h) != len(idx):
+        raise ValueError(f"{len(idx)} indices but {len(w)} widths and {len(h)} heights")
+    return [params_from_uniforms(spec, v, w, h, u[v]) for v in range(spec.num_views)]
 
 
-def sample_all_view_params(spec: MultiCropSpec, width: int, height: int,
-                           rng: np.random.Generator) -> list[ViewParams]:
-    """Parameters of every view of one sample, in view order (same draws as repeated sample_view_params)."""
-    return [sample_view_params(spec, v, width, height, rng) for v in range(spec.num_views)]
+def sample_params(spec: MultiCropSpec, seed: int, epoch: int, index: int, width: int, height: int
+                  ) -> list[ViewParams]:
+    """The parameters of every view of one sample (row 0 of :func:`sample_params_for_indices`)."""
+    return [p.row(0) for p in sample_params_for_indices(spec, seed, epoch, [index], [width], [height])]
 
 
-def sample_batch_params(spec: MultiCropSpec, view_index: int, widths: Sequence[int], heights: Sequence[int],
-                        rng: np.random.Generator) -> BatchViewParams:
-    """Vectorised draw for many samples from one generator (same distribution, not per-sample streams)."""
-    widths_a = np.asarray(widths, dtype=np.int64)
-    u = rng.random((len(widths_a), NUM_UNIFORMS))
-    return params_from_uniforms(spec, view_index, widths_a, np.asarray(heights, dtype=np.int64), u)
+def concat_params(params: Sequence[BatchViewParams]) -> BatchViewParams:
+    """Stack per-view parameters of one crop size along the batch axis (view-major)."""
+    if len(params) == 1:
+        return params[0]
+    arrays = {f.name: np.concatenate([getattr(p, f.name) for p in params])
+              for f in fields(BatchViewParams) if f.name != "size"}
+    return replace(params[0], **arrays)
 
 
-def sample_params_for_indices(spec: MultiCropSpec, seed: int, epoch: int, indices: Sequence[int],
-                              widths: Sequence[int], heights: Sequence[int]) -> list[BatchViewParams]:
-    """Per-view batch parameters using each sample's own stream: identical to the PIL backend's draws."""
-    u = np.stack([sample_rng(seed, epoch, i).random((spec.num_views, NUM_UNIFORMS)) for i in indices]) \
-        if len(indices) else np.zeros((0, spec.num_views, NUM_UNIFORMS))
-    w = np.asarray(widths, dtype=np.int64)
-    h = np.asarray(heights, dtype=np.int64)
-    return [params_from_uniforms(spec, v, w, h, u[:, v]) for v in range(spec.num_views)]
+def split_params(p: BatchViewParams, count: int) -> list[BatchViewParams]:
+    """Inverse of :func:`concat_params` for ``count`` equal parts."""
+    n = len(p) // count
+    return [replace(p, **{f.name: getattr(p, f.name)[k * n:(k + 1) * n]
+                          for f in fields(BatchViewParams) if f.name != "size"}) for k in range(count)]
+
+
+def stack_rows(rows: Sequence[ViewParams]) -> BatchViewParams:
+    """One view's :class:`ViewParams` of several samples as a :class:`BatchViewParams`."""
+    if not rows:
+        raise ValueError("stack_rows needs at least one row")
+    arrays = {f.name: np.array([getattr(r, f.name) for r in rows])
+              for f in fields(BatchViewParams) if f.name != "size"}
+    arrays["jitter_order"] = arrays["jitter_order"].reshape(len(rows), 4).astype(np.int64)
+    return BatchViewParams(size=rows[0].size, **arrays)
+
+
+def params_equal(a: BatchViewParams, b: BatchViewParams) -> bool:
+    """Same size and every field equal (exactly: the draws are bit-identical across backends)."""
+    return a.size == b.size and all(np.array_equal(getattr(a, f.name), getattr(b, f.name))
+                                    for f in fields(BatchViewParams) if f.name != "size")

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from pipelines.errors import DataError
 
 from .folder import ImageFolderIndex
-from .params import ViewParams, sample_all_view_params, sample_rng
+from .params import ViewParams, sample_params
 from .spec import MultiCropSpec
 
 log = logging.getLogger("pipelines")
@@ -84,8 +84,9 @@ def augment_view(img: Image.Image, p: ViewParams, mean: torch.Tensor, std: torch
 class PILMultiCropDataset(Dataset):
     """Map-style dataset giving ``(views, label, index, ok)`` (plus ``params`` when ``return_params``).
 
-    Augmentation of sample ``i`` uses ``sample_rng(seed, epoch, i)``.  A file that cannot be decoded is
-    logged once and replaced by the next decodable sample (augmented with its own stream), ``ok=False``.
+    The augmentation of sample ``i`` is :func:`~pipelines.params.sample_params` ``(seed, epoch, i)``
+    (the contract every backend shares).  A file that cannot be decoded is logged once and replaced by
+    the next decodable sample ``j`` (augmented with ``j``'s parameters), ``ok=False``.
     """
 
     def __init__(self, index: ImageFolderIndex, spec: MultiCropSpec, seed: int = 0,
@@ -135,7 +136,7 @@ class PILMultiCropDataset(Dataset):
                 self._warn_bad(path, e)
                 bad.append(path)
                 continue
-            params = sample_all_view_params(self.spec, img.width, img.height, sample_rng(self.seed, epoch, j))
+            params = sample_params(self.spec, self.seed, epoch, j, img.width, img.height)
             views = [augment_view(img, p, self._mean, self._std) for p in params]
             return Sample(views, int(self._labels[j]), i, not bad, bad, params)
         raise DataError(f"{len(bad)} consecutive unreadable images starting at {bad[0]}; is the dataset corrupt?")

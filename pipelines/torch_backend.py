@@ -8,9 +8,9 @@ Per batch:
    when TorchCodec is missing; ``decoder`` chooses); other formats, and JPEGs the batched call
    rejects, go one by one through PIL.  Unreadable files (truncated, corrupt, not an image,
    decompression bombs) are replaced by the next readable sample and counted, as in the PIL backend;
-3. **params**: crop boxes, flips and colour parameters for all views, vectorised over the batch from
-   one generator per batch (:func:`draw_uniforms`, keyed by seed, epoch, rank and batch number, so
-   resume is exact), with the distributions of :mod:`pipelines.params`;
+3. **params**: crop boxes, flips and colour parameters for all views, vectorised over the batch by
+   :func:`pipelines.params.sample_params_for_indices`: a function of (seed, epoch, sample index,
+   view), the same draws as every other backend (resume is exact);
 4. **crop + resize + flip** per resolution group as two batched matrix products (:func:`crop_resize_flip`):
    ``crop_v = R_v(box) . image . R_h(box)^T``, where the rows of ``R`` are PIL's bilinear
    (triangle-filter, antialiased) resampling weights restricted to the crop box; a horizontal flip
@@ -44,14 +44,12 @@ from .folder import ImageFolderIndex
 from .gpu_aug import augment_views, colour_params_from_batch
 from .loader import MultiCropBatch, MultiCropLoader, register_backend
 from .options import TorchOptions
-from .params import NUM_UNIFORMS, BatchViewParams, params_from_uniforms, sample_rng
+from .params import BatchViewParams, concat_params, sample_params_for_indices, split_params
 from .pil import MAX_PIXELS, MAX_REPLACEMENTS, decode_rgb
 from .spec import MultiCropSpec
 
 log = logging.getLogger("pipelines")
 
-#: Stream tag of the per-batch parameter generator (never equal to a per-sample stream).
-_PARAM_TAG = 0x544F_5243
 #: A chunk of images shares one zero-padded canvas while canvas pixels <= this factor x image pixels.
 CANVAS_WASTE = 1.5
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -266,29 +264,19 @@ def crop_resize_flip(canvases: Canvases, top: np.ndarray, left: np.ndarray, heig
 
 
 # -- parameters ---------------------------------------------------------------------------------------
-def draw_uniforms(spec: MultiCropSpec, n: int, key: Sequence[int]) -> np.ndarray:
-    """``[V, n, NUM_UNIFORMS]`` uniforms for a batch from one generator keyed by ``key``."""
-    rng = np.random.default_rng([int(k) for k in key] + [_PARAM_TAG])
-    return rng.random((spec.num_views, n, NUM_UNIFORMS))
-
-
-def per_sample_uniforms(spec: MultiCropSpec, seed: int, epoch: int, sources: Sequence[int]) -> np.ndarray:
-    """``[V, n, NUM_UNIFORMS]`` from each sample's own stream: the PIL backend's exact draws (slower)."""
-    u = np.stack([sample_rng(seed, epoch, j).random((spec.num_views, NUM_UNIFORMS)) for j in sources])
-    return u.transpose(1, 0, 2)
-
-
-def group_params(spec: MultiCropSpec, u: np.ndarray, widths: np.ndarray, heights: np.ndarray
-                 ) -> list[BatchViewParams]:
+def group_params(spec: MultiCropSpec, per_view: Sequence[BatchViewParams]) -> list[BatchViewParams]:
     """Per crop group, the parameters of its ``num_crops[g] * n`` views in (view, sample) order."""
-    n = len(widths)
     out = []
     first = 0
     for count in spec.num_crops:
-        ug = u[first:first + count].reshape(count * n, NUM_UNIFORMS)
-        out.append(params_from_uniforms(spec, first, np.tile(widths, count), np.tile(heights, count), ug))
+        out.append(concat_params(per_view[first:first + count]))
         first += count
     return out
+
+
+def view_params(spec: MultiCropSpec, groups: Sequence[BatchViewParams]) -> list[BatchViewParams]:
+    """Inverse of :func:`group_params`: one entry per view."""
+    return [p for g, count in zip(groups, spec.num_crops) for p in split_params(g, count)]
 
 
 # -- the loader ---------------------------------------------------------------------------------------
@@ -307,18 +295,16 @@ class _End:
 
 
 class TorchLoader(MultiCropLoader):
-    """Batched torchvision decode + torch augmentation on ``device`` (CUDA: nvJPEG, side stream).
+    """Batched TorchCodec decode + torch augmentation on ``device`` (CUDA: nvJPEG, side stream).
 
     ``num_workers``: file-reading threads (0: ``min(8, cpu_count)``).  ``prefetch``: batches produced
-    ahead.  ``per_sample_params``: draw each sample's parameters from its own stream like the PIL
-    backend (identical crops and colour parameters to ``pil`` for the same seed; costs tens of
-    microseconds per sample on the host), instead of one vectorised draw per batch (~1 ms for
-    256 x 8 views).
+    ahead.  Augmentation parameters are those of every backend (:mod:`pipelines.params`): identical
+    crops and colour parameters to ``pil`` for the same seed.
     """
 
     def __init__(self, index: ImageFolderIndex, spec: MultiCropSpec, batch_size: int, device: Any = "cpu",
                  rank: int = 0, world_size: int = 1, seed: int = 0, num_workers: int = 0,
-                 drop_last: bool = True, prefetch: int = TorchOptions.prefetch, per_sample_params: bool = False,
+                 drop_last: bool = True, prefetch: int = TorchOptions.prefetch,
                  decoder: str = TorchOptions.decoder) -> None:
         super().__init__(index, spec, batch_size, device, rank, world_size, seed, drop_last)
         if num_workers < 0:
@@ -333,7 +319,6 @@ class TorchLoader(MultiCropLoader):
             raise ConfigError(f"torch loader backend runs on cpu or cuda, not {self.device}")
         self.prefetch = int(prefetch)
         self.decoder = resolve_decoder(decoder)  # auto -> torchcodec when installed, else torchvision
-        self.per_sample_params = bool(per_sample_params)
         self.read_threads = num_workers or min(8, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="swav-read")
         self._labels = np.array([c for _, c in index.samples], dtype=np.int64)
@@ -381,15 +366,15 @@ class TorchLoader(MultiCropLoader):
         return DecodedBatch(images, sources, ok, bad_paths)  # type: ignore[arg-type]
 
     def params(self, epoch: int, batch_no: int, decoded: DecodedBatch) -> list[BatchViewParams]:
-        """Stage 3: per crop group, the parameters of its views in (view, sample) order."""
+        """Stage 3: per crop group, the parameters of its views in (view, sample) order.
+
+        Each decoded sample's own parameters (:func:`~pipelines.params.sample_params_for_indices` of its
+        index); ``batch_no`` does not enter them.
+        """
         widths = np.array([im.shape[2] for im in decoded.images], dtype=np.int64)
         heights = np.array([im.shape[1] for im in decoded.images], dtype=np.int64)
-        if self.per_sample_params:
-            u = per_sample_uniforms(self.spec, self.seed, epoch, decoded.sources.tolist())
-        else:
-            key = (self.seed, epoch, self.world_size, self.rank, batch_no)
-            u = draw_uniforms(self.spec, len(widths), key)
-        return group_params(self.spec, u, widths, heights)
+        per_view = sample_params_for_indices(self.spec, self.seed, epoch, decoded.sources, widths, heights)
+        return group_params(self.spec, per_view)
 
     def augment(self, images: Sequence[torch.Tensor], params: list[BatchViewParams]) -> list[torch.Tensor]:
         """Stages 4-5: crop + resize + flip, then colour / blur / normalise: one tensor per view."""
@@ -412,11 +397,13 @@ class TorchLoader(MultiCropLoader):
         # keep the encoded bytes until the next batch (torchvision's nvJPEG decode has finished reading
         # them when it returns; this is only a guard against a decoder that does not)
         self._keepalive = datas
-        views = self.augment(decoded.images, self.params(epoch, batch_no, decoded))
+        params = self.params(epoch, batch_no, decoded)
+        views = self.augment(decoded.images, params)
         return MultiCropBatch(
             views=views, labels=torch.from_numpy(self._labels[decoded.sources]),
             indices=torch.as_tensor(np.asarray(indices, dtype=np.int64)),
-            num_bad=int((~decoded.ok).sum()), bad_paths=decoded.bad_paths)
+            num_bad=int((~decoded.ok).sum()), bad_paths=decoded.bad_paths,
+            params=view_params(self.spec, params) if self.record_params else None)
 
     def _decode_on_own_stream(self, indices: Sequence[int], datas: list[bytearray | BaseException]
                               ) -> DecodedBatch:

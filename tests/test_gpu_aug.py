@@ -4,6 +4,7 @@ torchvision / PIL per-image ops (documented tolerances), parameter statistics, d
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -22,8 +23,9 @@ from pipelines.gpu_aug import (
     constant,
     sample_colour_params,
 )
-from pipelines.params import JITTER_ORDERS, sample_batch_params
+from pipelines.params import sample_params_for_indices
 from pipelines.spec import MultiCropSpec
+from pipelines.errors import ConfigError
 
 RAW = MultiCropSpec(mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])  # output = colour-augmented [0, 1] values
 W = np.array(LUMA)
@@ -104,7 +106,7 @@ def test_matches_float64_reference() -> None:
     equals the op-by-op float64 formulas (any order, grayscale, per-sample blur, solarize, normalise)."""
     spec = MultiCropSpec(jitter_strength=0.25, jitter_p=0.9, grayscale_p=0.3, blur_p=0.5, solarize_p=0.3)
     n = 48
-    p = sample_colour_params(spec, n, torch.Generator().manual_seed(1))
+    p = sample_colour_params(spec, n, seed=1)
     assert p.jitter.any() and p.grayscale.any() and (p.blur_sigma > 0).any() and p.solarize.any()
     x = mid_range(n)
     out = augment_views(x, p, spec)
@@ -181,7 +183,7 @@ def test_random_chain_tolerance_vs_torchvision() -> None:
     ~0 (only crops whose values left [0, 1] mid-chain differ)."""
     spec = RAW.replace(jitter_p=1.0, grayscale_p=0.0, blur_p=0.0)
     n = 200
-    p = sample_colour_params(spec, n, torch.Generator().manual_seed(3))
+    p = sample_colour_params(spec, n, seed=3)
     x = smooth_crops(n)
     fns = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 
@@ -215,7 +217,7 @@ def test_blur_close_to_pil_gaussian_blur(sigma: float) -> None:
 def test_blur_only_on_samples_that_drew_it() -> None:
     spec = MultiCropSpec(blur_p=0.5)
     n = 64
-    p = sample_colour_params(spec, n, torch.Generator().manual_seed(2))
+    p = sample_colour_params(spec, n, seed=2)
     drew = p.blur_sigma > 0
     assert 0 < drew.sum() < n
     x = smooth_crops(n)
@@ -240,7 +242,7 @@ def test_solarize_inverts_bright_values() -> None:
 def test_dtype_layout_and_range(dtype: str, channels_last: bool) -> None:
     spec = MultiCropSpec(dtype=dtype, channels_last=channels_last, solarize_p=0.2)
     n = 24
-    p = sample_colour_params(spec, n, torch.Generator().manual_seed(4))
+    p = sample_colour_params(spec, n, seed=4)
     out = augment_views(smooth_crops(n, 10), p, spec)
     assert out.shape == (n, 3, 10, 10) and out.dtype == getattr(torch, dtype)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -254,14 +256,14 @@ def test_dtype_layout_and_range(dtype: str, channels_last: bool) -> None:
 
 
 def test_float_input_equals_uint8_input() -> None:
-    p = sample_colour_params(MultiCropSpec(), 8, torch.Generator().manual_seed(0))
+    p = sample_colour_params(MultiCropSpec(), 8, seed=0)
     x = smooth_crops(8)
     assert torch.allclose(augment_views(x, p, MultiCropSpec()), augment_views(x.float(), p, MultiCropSpec()),
                           atol=1e-6)
 
 
 def test_errors_name_the_problem() -> None:
-    p = sample_colour_params(MultiCropSpec(), 4, torch.Generator())
+    p = sample_colour_params(MultiCropSpec(), 4)
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         augment_views(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), p, MultiCropSpec())
     with pytest.raises(ValueError, match="4 colour parameter rows for 5 crops"):
@@ -272,34 +274,26 @@ def test_errors_name_the_problem() -> None:
 
 
 # -- parameters -------------------------------------------------------------------------------------
-def _rate_ok(hits: int, n: int, p: float) -> bool:
-    return abs(hits / n - p) <= 4.5 * math.sqrt(p * (1 - p) / n) + 1e-12
-
-
-def test_sample_colour_params_statistics() -> None:
+def test_sample_colour_params_is_the_shared_draw() -> None:
+    """The colour parameters are those of the one generator (pipelines.params; its statistics are tested
+    in tests/test_randomness.py): view ``v`` of samples ``indices`` in ``epoch``."""
     spec = MultiCropSpec(solarize_p=0.1)
-    n = 4000
-    p = sample_colour_params(spec, n, torch.Generator().manual_seed(0))
-    assert len(p) == n and p.order.shape == (n, 4) and p.order.dtype == torch.int64
-    assert _rate_ok(int(p.jitter.sum()), n, 0.8) and _rate_ok(int(p.grayscale.sum()), n, 0.2)
-    assert _rate_ok(int((p.blur_sigma > 0).sum()), n, 0.5) and _rate_ok(int(p.solarize.sum()), n, 0.1)
-    j = p.jitter
-    for f in (p.brightness, p.contrast, p.saturation):
-        assert f[j].min() >= 0.2 and f[j].max() <= 1.8 and f[j].min() < 0.25 and f[j].max() > 1.75
-        assert abs(float(f[j].mean()) - 1.0) < 0.03
-        assert torch.all(f[~j] == 1)
-    assert p.hue[j].abs().max() <= 0.2 and p.hue[j].abs().max() > 0.19 and torch.all(p.hue[~j] == 0)
-    assert {tuple(r) for r in p.order[j].tolist()} == {tuple(r) for r in JITTER_ORDERS.tolist()}
-    assert torch.all(p.order[~j] == torch.arange(4))
-    s = p.blur_sigma[p.blur_sigma > 0]
-    assert s.min() >= 0.1 and s.max() <= 2.0 and s.min() < 0.15 and s.max() > 1.95
-    again = sample_colour_params(spec, n, torch.Generator().manual_seed(0))
-    assert torch.equal(again.brightness, p.brightness) and torch.equal(again.order, p.order)
+    idx = np.array([3, 17, 4, 250, 9])
+    p = sample_colour_params(spec, idx, seed=5, epoch=2, view=3)
+    ref = colour_params_from_batch(sample_params_for_indices(spec, 5, 2, idx, [64] * 5, [48] * 5)[3], "cpu")
+    assert len(p) == 5 and p.order.shape == (5, 4) and p.order.dtype == torch.int64
+    for f in fields(ColourParams):
+        assert torch.equal(getattr(p, f.name), getattr(ref, f.name)), f.name
+    first = sample_colour_params(spec, 5, seed=5, epoch=2, view=3)  # an int n: samples 0..n-1
+    assert torch.equal(first.hue, sample_colour_params(spec, np.arange(5), seed=5, epoch=2, view=3).hue)
+    assert not torch.equal(first.hue, sample_colour_params(spec, 5, seed=5, epoch=2, view=2).hue)
+    with pytest.raises(ConfigError, match="view"):
+        sample_colour_params(spec, 5, view=spec.num_views)
 
 
 def test_colour_params_from_batch_round_trip() -> None:
     spec = MultiCropSpec(solarize_p=0.3)
-    b = sample_batch_params(spec, 2, [64] * 50, [48] * 50, np.random.default_rng(0))
+    b = sample_params_for_indices(spec, 0, 0, np.arange(50), [64] * 50, [48] * 50)[2]
     p = colour_params_from_batch(b, "cpu")
     assert len(p) == 50 and p.order.dtype == torch.int64 and p.jitter.dtype == torch.bool
     for i in range(50):
@@ -320,7 +314,7 @@ def test_constants_are_built_once_per_device_and_dtype(monkeypatch) -> None:
     assert constant((0.5, 0.25), torch.float64, "cpu") is not a and a.tolist() == [0.5, 0.25]
     assert constant(np.array([[1, 2]]), torch.int64, "cpu").tolist() == [[1, 2]]
     spec = MultiCropSpec(jitter_strength=0.25, jitter_p=0.9, grayscale_p=0.3, blur_p=0.5, solarize_p=0.3)
-    p = sample_colour_params(spec, 24, torch.Generator().manual_seed(3))
+    p = sample_colour_params(spec, 24, seed=3)
     x = mid_range(24)
     first = augment_views(x, p, spec)
     built: list[object] = []
@@ -332,7 +326,7 @@ def test_constants_are_built_once_per_device_and_dtype(monkeypatch) -> None:
 
     monkeypatch.setattr(torch, "tensor", counting)
     again = augment_views(x, p, spec)
-    q = sample_colour_params(spec, 24, torch.Generator().manual_seed(3))
+    q = sample_colour_params(spec, 24, seed=3)
     assert built == []
     assert torch.equal(again, first) and torch.equal(q.order, p.order) and torch.equal(q.hue, p.hue)
     ref = np.stack([ref_view(x[i].numpy(), p, i, spec) for i in range(24)])  # the formula's values
@@ -346,7 +340,7 @@ def test_cuda_compiled_matches_cpu_eager() -> None:
 
     spec = MultiCropSpec(solarize_p=0.2, blur_p=0.5)
     for n, size in ((40, 24), (33, 24), (17, 16)):  # varying batch and size: dynamic shapes
-        p = sample_colour_params(spec, n, torch.Generator().manual_seed(n))
+        p = sample_colour_params(spec, n, seed=n)
         x = smooth_crops(n, size)
         cpu = augment_views(x, p, spec)
         gpu = augment_views(x.cuda(), p, spec)  # host params, CUDA crops
@@ -357,10 +351,9 @@ def test_cuda_compiled_matches_cpu_eager() -> None:
 
 
 @pytest.mark.gpu
-def test_cuda_bf16_channels_last_and_generator_on_device() -> None:
+def test_cuda_bf16_channels_last_and_params_on_device() -> None:
     spec = MultiCropSpec(dtype="bfloat16", channels_last=True)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    p = sample_colour_params(spec, 256, g)
+    p = sample_colour_params(spec, 256, seed=0, device="cuda")
     assert p.device.type == "cuda"
     out = augment_views(smooth_crops(256, 32).cuda(), p, spec)
     assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
@@ -374,7 +367,7 @@ def test_compiled_kernels_equal_eager_on_cuda() -> None:
     from pipelines import gpu_aug
 
     spec = MultiCropSpec(blur_p=0.5, solarize_p=0.3)
-    p = sample_colour_params(spec, 64, torch.Generator().manual_seed(9))
+    p = sample_colour_params(spec, 64, seed=9)
     x = smooth_crops(64, 20).cuda()
     eager = augment_views(x, p, spec, kernels=(gpu_aug._plain_path, gpu_aug._blur_path))
     compiled = augment_views(x, p, spec, kernels=compiled_kernels())

@@ -1,9 +1,9 @@
-"""Shared augmentation parameters (statistics) and the PIL reference dataset."""
+"""The PIL reference dataset (the statistics of its parameters, the shared generator's, are tested in
+tests/test_randomness.py)."""
 
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +13,7 @@ from PIL import Image, ImageFile
 
 from pipelines import MultiCropSpec, scan_image_folder
 from pipelines import pil as pil_mod
-from pipelines.params import (
-    JITTER_ORDERS,
-    sample_all_view_params,
-    sample_batch_params,
-    sample_params_for_indices,
-    sample_rng,
-    sample_view_params,
-)
+from pipelines.params import sample_params
 from pipelines.pil import PILMultiCropDataset, decode_rgb
 
 SMALL = MultiCropSpec(num_crops=[2, 2], size_crops=[32, 16])
@@ -41,87 +34,6 @@ def folder(tmp_path: Path) -> Path:
         for k in range(3):
             write_jpeg(tmp_path / f"class{c}" / f"img{k}.jpg", seed=10 * c + k)
     return tmp_path
-
-
-# -- params statistics ---------------------------------------------------------------------------
-def _rate_ok(hits: int, n: int, p: float) -> bool:
-    return abs(hits / n - p) <= 4.5 * math.sqrt(p * (1 - p) / n) + 1e-12
-
-
-@pytest.mark.parametrize("view", [0, 2])  # a global and a local view of the default spec
-def test_param_statistics(view: int) -> None:
-    spec = MultiCropSpec()
-    W, H, n = 500, 375, 4000
-    ps = [sample_view_params(spec, view, W, H, sample_rng(7, 0, i)) for i in range(n)]
-    smin, smax = spec.scale_range(view)
-    area = np.array([p.height * p.width / (W * H) for p in ps])
-    assert area.min() >= smin * 0.97 and area.max() <= smax * 1.03
-    span = smax - smin
-    # the top decile is rarer for global crops: large areas only fit at some aspect ratios (as in torchvision)
-    assert (area < smin + 0.1 * span).sum() > 100 and (area > smax - 0.1 * span).sum() > 10
-    aspect = np.array([p.width / p.height for p in ps])
-    assert aspect.min() >= 0.75 * 0.98 and aspect.max() <= 4 / 3 * 1.02
-    assert np.log(aspect).std() > 0.1  # spread over the log-ratio range
-    for p in ps:
-        assert 0 <= p.top and p.top + p.height <= H and 0 <= p.left and p.left + p.width <= W
-        assert p.size == spec.view_sizes[view]
-    assert _rate_ok(sum(p.flip for p in ps), n, 0.5)
-    assert _rate_ok(sum(p.jitter for p in ps), n, 0.8)
-    assert _rate_ok(sum(p.grayscale for p in ps), n, 0.2)
-    assert _rate_ok(sum(p.blur_sigma > 0 for p in ps), n, 0.5)
-    assert not any(p.solarize for p in ps)
-    sig = np.array([p.blur_sigma for p in ps if p.blur_sigma > 0])
-    assert sig.min() >= 0.1 and sig.max() <= 2.0 and sig.min() < 0.3 and sig.max() > 1.8
-    jit = [p for p in ps if p.jitter]
-    for name in ("brightness", "contrast", "saturation"):
-        f = np.array([getattr(p, name) for p in jit])
-        assert f.min() >= 0.2 and f.max() <= 1.8 and f.min() < 0.3 and f.max() > 1.7
-    hue = np.array([p.hue for p in jit])
-    assert hue.min() >= -0.2 and hue.max() <= 0.2 and abs(hue.mean()) < 0.02
-    assert len({p.jitter_order for p in jit}) == 24
-    off = [p for p in ps if not p.jitter]
-    assert all((p.brightness, p.contrast, p.saturation, p.hue) == (1, 1, 1, 0) for p in off)
-
-
-def test_crop_matches_torchvision_distribution() -> None:
-    from torchvision.transforms import RandomResizedCrop
-
-    spec = MultiCropSpec()
-    img = Image.new("RGB", (500, 375))
-    n = 2000
-    torch.manual_seed(0)
-    tv = np.array([np.prod(RandomResizedCrop.get_params(img, [0.14, 1.0], [3 / 4, 4 / 3])[2:]) for _ in range(n)])
-    ours = np.array([p.height * p.width for p in (sample_view_params(spec, 0, 500, 375, sample_rng(1, 0, i))
-                                                  for i in range(n))])
-    tv, ours = tv / (500 * 375), ours / (500 * 375)
-    assert abs(tv.mean() - ours.mean()) < 5 * math.sqrt((tv.var() + ours.var()) / n)
-
-
-def test_fallback_central_crop_for_extreme_aspect() -> None:
-    spec = MultiCropSpec(min_scale_crops=[1.0, 0.05], max_scale_crops=[1.0, 0.14])
-    p = sample_view_params(spec, 0, 400, 40, sample_rng(0, 0, 0))  # 10:1 image, scale 1 never fits
-    assert (p.height, p.width) == (40, round(40 * 4 / 3)) and p.top == 0 and p.left == (400 - p.width) // 2
-
-
-def test_batch_and_per_index_params() -> None:
-    spec = MultiCropSpec()
-    widths, heights = [500, 300, 64], [375, 400, 48]
-    per_view = sample_params_for_indices(spec, 3, 2, [5, 9, 11], widths, heights)
-    for j, (i, w, h) in enumerate(zip([5, 9, 11], widths, heights)):
-        ref = sample_all_view_params(spec, w, h, sample_rng(3, 2, i))
-        assert [per_view[v].row(j) for v in range(spec.num_views)] == ref
-    b = sample_batch_params(spec, 3, [500] * 4000, [375] * 4000, np.random.default_rng(0))
-    assert len(b) == 4000 and b.jitter_order.shape == (4000, 4)
-    assert _rate_ok(int(b.flip.sum()), 4000, 0.5) and _rate_ok(int(b.grayscale.sum()), 4000, 0.2)
-    frac = b.height * b.width / (500 * 375)
-    assert frac.min() >= 0.05 * 0.97 and frac.max() <= 0.14 * 1.03
-    assert set(map(tuple, b.jitter_order[b.jitter])) == set(map(tuple, JITTER_ORDERS))
-
-
-def test_solarize_rate() -> None:
-    spec = MultiCropSpec(solarize_p=0.2)
-    ps = [sample_view_params(spec, 0, 64, 48, sample_rng(0, 0, i)) for i in range(2000)]
-    assert _rate_ok(sum(p.solarize for p in ps), 2000, 0.2)
 
 
 # -- PIL dataset -----------------------------------------------------------------------------------
@@ -156,7 +68,7 @@ def test_return_params(folder: Path) -> None:
     ds = PILMultiCropDataset(scan_image_folder(folder), SMALL, seed=1, return_params=True)
     views, label, index, ok, params = ds[2]
     assert [p.size for p in params] == SMALL.view_sizes
-    assert params == sample_all_view_params(SMALL, 64, 48, sample_rng(1, 0, 2))
+    assert params == sample_params(SMALL, 1, 0, 2, 64, 48)  # the shared contract's draw
 
 
 def test_flip_is_horizontal(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from PIL import Image
 
 import pipelines.torch_backend as tb
 from pipelines import MultiCropSpec, available_backends, build_loader, scan_image_folder
-from pipelines.params import BatchViewParams
+from pipelines.params import params_equal, sample_params_for_indices
 from pipelines.torch_backend import (
     TorchLoader,
     crop_resize_flip,
@@ -98,10 +98,10 @@ def test_dtype_and_channels_last(folder: Path, dtype: str) -> None:
 
 
 def test_crop_resize_flip_matches_pil_reference(folder: Path) -> None:
-    """Per-sample streams draw the PIL backend's exact crops: pixels agree to ~1/255 (PIL rounds in uint8)."""
+    """The shared draws give the PIL backend's exact crops: pixels agree to ~1/255 (PIL rounds in uint8)."""
     spec = PLAIN.replace(flip_p=0.5)
     pil = build_loader(folder, spec, 4, backend="pil", seed=3)
-    tl = loader(folder, spec, per_sample_params=True, seed=3)
+    tl = loader(folder, spec, seed=3)
     std = torch.tensor(spec.std).view(1, 3, 1, 1)
     for a, b in zip(pil, tl):
         assert torch.equal(a.indices, b.indices)
@@ -116,7 +116,7 @@ def test_full_augmentation_close_to_pil_reference(folder: Path) -> None:
     (on the [0, 1] scale) median < 0.03, 90th percentile < 0.1 -- the hue rotation vs PIL's HSV shift
     and the propagated contrast mean after clipping; crop, flip, grayscale and blur agree to ~1/255."""
     pil = build_loader(folder, SPEC, 8, backend="pil", seed=1)
-    tl = loader(folder, SPEC, batch_size=8, per_sample_params=True, seed=1)
+    tl = loader(folder, SPEC, batch_size=8, seed=1)
     std = torch.tensor(SPEC.std).view(1, 3, 1, 1)
     errs = []
     for epoch in range(2):
@@ -205,29 +205,19 @@ def test_output_rates_flip_grayscale_jitter_blur(folder: Path) -> None:
     assert _rate_ok(blur, n, 0.5 * (2.0 - 0.25) / 1.9)
 
 
-def test_param_statistics_of_the_backend_draws(folder: Path) -> None:
-    """The draws the backend makes per batch (stage 3), over many batches: crop area and aspect within
-    the spec's ranges and spread across them; flip / jitter / grayscale / blur rates."""
-    spec = MultiCropSpec()  # 2 x 224 + 6 x 96, the paper's ranges
+def test_backend_draws_are_the_shared_generators(folder: Path) -> None:
+    """Stage 3 is the one generator of pipelines.params (its statistics: tests/test_randomness.py): per
+    crop group, the views' parameters of each decoded sample, whatever the batch number."""
+    spec = MultiCropSpec()  # 2 x 224 + 6 x 96
     ld = loader(folder, spec, batch_size=16)
-    imgs = [torch.zeros(3, 375, 500, dtype=torch.uint8)] * 16
-    dec = tb.DecodedBatch(imgs, np.arange(16), np.ones(16, bool), [])
-    groups: list[list[BatchViewParams]] = [[], []]
-    for b in range(60):
-        for g, p in enumerate(ld.params(0, b, dec)):
-            groups[g].append(p)
-    for g, ps in enumerate(groups):
-        area = np.concatenate([p.height * p.width for p in ps]) / (500 * 375)
-        aspect = np.concatenate([p.width / p.height for p in ps])
-        smin, smax = spec.min_scale_crops[g], spec.max_scale_crops[g]
-        assert area.min() >= smin * 0.97 and area.max() <= smax * 1.03
-        span = smax - smin
-        assert (area < smin + 0.1 * span).mean() > 0.05 and (area > smax - 0.1 * span).mean() > 0.01
-        assert aspect.min() >= 0.75 * 0.98 and aspect.max() <= 4 / 3 * 1.02 and np.log(aspect).std() > 0.1
-        n = len(area)
-        for name, p in (("flip", 0.5), ("jitter", 0.8), ("grayscale", 0.2)):
-            assert _rate_ok(int(np.concatenate([getattr(q, name) for q in ps]).sum()), n, p), name
-        assert _rate_ok(int((np.concatenate([q.blur_sigma for q in ps]) > 0).sum()), n, 0.5)
+    imgs = [torch.zeros(3, 375 + 5 * (k % 2), 500, dtype=torch.uint8) for k in range(16)]
+    sources = np.arange(16)[::-1].copy()
+    dec = tb.DecodedBatch(imgs, sources, np.ones(16, bool), [])
+    groups = ld.params(3, 7, dec)
+    assert [len(g) for g in groups] == [2 * 16, 6 * 16]
+    assert all(params_equal(a, b) for a, b in zip(groups, ld.params(3, 0, dec)))
+    ref = sample_params_for_indices(spec, 0, 3, sources, [500] * 16, [375 + 5 * (k % 2) for k in range(16)])
+    assert all(params_equal(a, b) for a, b in zip(tb.view_params(spec, groups), ref))
     ld.close()
 
 
