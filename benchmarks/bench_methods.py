@@ -65,8 +65,8 @@ def bench_config(method: str, arch: str, batch: int, crops: list[tuple[int, int]
         "optim": {"batch_size": batch, "epochs": 1},
         "data": {"crops": {"num_crops": [count for count, _ in crops], "size_crops": sizes,
                            "min_scale_crops": [0.14] * len(sizes), "max_scale_crops": [1.0] * len(sizes)}},
-        "swav": {"freeze_prototypes_niters": 1, "queue_length": 0},
-        "methods": {"dino": {"freeze_last_layer_epochs": 0}},
+        "methods": {"swav": {"freeze_prototypes_niters": 1, "queue_length": 0},
+                    "dino": {"freeze_last_layer_epochs": 0}},
     }
     return load_config(extra=extra)
 

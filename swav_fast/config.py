@@ -6,6 +6,7 @@ impossible combinations are rejected by :meth:`Config.validate` before any work 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import re
@@ -20,13 +21,14 @@ import yaml
 from pipelines.options import BUILTIN_OPTIONS, BackendOptions, DaliOptions, FfcvOptions, PilOptions, TorchOptions
 from pipelines.spec import MultiCropSpec
 from swav_fast.errors import ConfigError
-from swav_fast.methods.configs import MethodsConfig
+from swav_fast.methods.configs import MethodsConfig, SwAVConfig  # noqa: F401 (SwAVConfig: old import path)
 
 #: a decimal number written in exponent form without a dot (5e-4), which YAML 1.1 reads as a string
 _FLOAT_TEXT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
-RECIPE_DIR = Path(__file__).parent / "recipes"
 log = logging.getLogger("swav_fast")
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
 #: old dotted key -> the key(s) it moved to: still read (into each new key), with a deprecation message.
 #: A new key given as well wins over the old one.
 RENAMED_KEYS: dict[str, tuple[str, ...]] = {
@@ -47,17 +49,6 @@ class ModelConfig:
     feat_dim: int = 128
     num_prototypes: int = 3000
     sync_bn: bool = False
-
-
-@dataclass
-class SwAVConfig:
-    temperature: float = 0.1
-    epsilon: float = 0.05
-    sinkhorn_iterations: int = 3
-    crops_for_assign: list[int] = field(default_factory=lambda: [0, 1])
-    queue_length: int = 0  # global queue length (split over ranks); 0 = no queue
-    epoch_queue_starts: int = 15
-    freeze_prototypes_niters: int = 313
 
 
 @dataclass
@@ -187,7 +178,6 @@ class DistConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    swav: SwAVConfig = field(default_factory=SwAVConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -210,11 +200,12 @@ class Config:
         if self.optim.batch_size < 1:
             raise ConfigError(f"optim.batch_size={self.optim.batch_size} must be >= 1 (per process)")
         global_batch = self.optim.batch_size * world_size
-        if self.swav.queue_length:
-            if self.swav.queue_length % global_batch:
-                lower = self.swav.queue_length - self.swav.queue_length % global_batch
+        queue = self.methods.swav.queue_length
+        if queue:
+            if queue % global_batch:
+                lower = queue - queue % global_batch
                 raise ConfigError(
-                    f"swav.queue_length={self.swav.queue_length} must be a multiple of the global batch "
+                    f"methods.swav.queue_length={queue} must be a multiple of the global batch "
                     f"{global_batch} (optim.batch_size {self.optim.batch_size} x world size {world_size}); "
                     f"try {lower or global_batch} or {lower + global_batch}")
         if self.optim.epochs < 1:
@@ -222,8 +213,6 @@ class Config:
         if self.optim.warmup_epochs > self.optim.epochs:
             raise ConfigError(f"optim.warmup_epochs={self.optim.warmup_epochs} exceeds optim.epochs="
                               f"{self.optim.epochs}")
-        if self.swav.epsilon <= 0 or self.swav.temperature <= 0:
-            raise ConfigError("swav.epsilon and swav.temperature must be > 0")
         return self
 
     def _resolve_global_batch(self, world_size: int) -> None:
@@ -267,12 +256,8 @@ class Config:
     def _validate_ranges(self) -> None:
         """Counts that must be positive (>= 1) or non-negative (>= 0)."""
         positive = {"model.num_prototypes": self.model.num_prototypes, "model.feat_dim": self.model.feat_dim,
-                    "swav.sinkhorn_iterations": self.swav.sinkhorn_iterations,
                     "train.log_every": self.train.log_every}
-        non_negative = {"swav.queue_length": self.swav.queue_length,
-                        "swav.epoch_queue_starts": self.swav.epoch_queue_starts,
-                        "swav.freeze_prototypes_niters": self.swav.freeze_prototypes_niters,
-                        "data.workers": self.data.workers, "train.max_steps": self.train.max_steps,
+        non_negative = {"data.workers": self.data.workers, "train.max_steps": self.train.max_steps,
                         "train.checkpoint_every_steps": self.train.checkpoint_every_steps,
                         "train.checkpoint_every_epochs": self.train.checkpoint_every_epochs,
                         "train.keep_checkpoints": self.train.keep_checkpoints,
@@ -366,36 +351,83 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _apply_renames(data: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """Move the keys of :data:`RENAMED_KEYS` under ``prefix`` to their new places (with a deprecation
-    message); a new key given explicitly is kept."""
-    out = dict(data)
-    for key in [k for k in data if f"{prefix}{k}" in RENAMED_KEYS]:
-        old = f"{prefix}{key}"
-        value = out.pop(key)
-        targets = RENAMED_KEYS[old]
-        log.warning("config key %s is deprecated; use %s", old, " and ".join(targets))
+#: sections that moved: old top-level name -> new dotted place (read from the old place with a warning)
+MOVED_SECTIONS: dict[str, str] = {"swav": "methods.swav"}
+
+
+def _migrate_renamed_keys(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """``data`` with each key of :data:`RENAMED_KEYS` copied into its new key(s) (where not given) and
+    removed, logging one deprecation line per key."""
+    out = data
+    for old, targets in RENAMED_KEYS.items():
+        *path, leaf = old.split(".")
+        node: Any = out
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        out = copy.deepcopy(out) if out is data else out
+        parent = out
+        for part in path:
+            parent = parent[part]
+        value = parent.pop(leaf)
         for new in targets:
-            node = out
-            parts = new[len(prefix):].split(".")
-            for part in parts[:-1]:
-                child = node.get(part)
-                if child is not None and not isinstance(child, dict):
+            *new_path, new_leaf = new.split(".")
+            dest: Any = out
+            for part in new_path:
+                child = dest.get(part)
+                if child is None:
+                    child = dest[part] = {}
+                if not isinstance(child, dict):
                     break  # not a mapping: its own type error follows
-                node[part] = child = dict(child or {})
-                node = child
+                dest = child
             else:
-                node.setdefault(parts[-1], value)
+                dest.setdefault(new_leaf, value)
+        log.warning("deprecated config key in %s: %s moved to %s; the old name still loads", source, old,
+                    " and ".join(targets))
+    return out
+
+
+def migrate_moved_keys(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """``data`` with the keys of :data:`MOVED_SECTIONS` moved to their new place (``swav.epsilon`` ->
+    ``methods.swav.epsilon``), logging one deprecation line naming ``source`` (a recipe, an override,
+    a checkpoint's saved config), and the single keys of :data:`RENAMED_KEYS` likewise (``data.prefetch``
+    -> ``data.torch.prefetch`` and ``data.dali.prefetch``). Keys given at the new place in the same
+    ``data`` win."""
+    if not isinstance(data, dict):
+        return data
+    data = _migrate_renamed_keys(data, source)
+    if not any(old in data for old in MOVED_SECTIONS):
+        return data
+    out = dict(data)
+    for old, new in MOVED_SECTIONS.items():
+        if old not in out:
+            continue
+        moved = out.pop(old)
+        names = ", ".join(f"{old}.{k}" for k in moved) if isinstance(moved, dict) else old
+        parts = new.split(".")
+        node: dict[str, Any] = out
+        for p in parts[:-1]:
+            node[p] = dict(node.get(p) or {})
+            node = node[p]
+        current = node.get(parts[-1])
+        if isinstance(moved, dict) and isinstance(current, dict):
+            moved = _merge(moved, current)
+        elif current is not None:
+            moved = current
+        node[parts[-1]] = moved
+        log.warning("deprecated config keys in %s: %s moved to %s.* (%s); the old names still load",
+                    source, f"{old}.*", new, names)
     return out
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a (nested) dict; unknown keys raise with the valid ones; renamed keys
-    (:data:`RENAMED_KEYS`) are read into their new places."""
+    """Build dataclass ``cls`` from a (nested) dict; unknown keys raise with the valid ones. For the
+    whole :class:`Config`, keys of moved sections are read from their old place (with a warning)."""
     if data is None:
         data = {}
-    if any(k.startswith(prefix) and k[len(prefix):].count(".") == 0 for k in RENAMED_KEYS):
-        data = _apply_renames(data, prefix)
+    if cls is Config and not prefix:
+        data = migrate_moved_keys(data)
     hints = typing.get_type_hints(cls)
     known = _fields(cls)
     unknown = [k for k in data if k not in known]
@@ -439,6 +471,7 @@ def read_recipe(name_or_path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of sections")
     base = data.pop("base", None)
+    data = migrate_moved_keys(data, f"recipe {path}")
     return _merge(read_recipe(base), data) if base else data
 
 
@@ -474,9 +507,9 @@ def load_config(recipe: str | None = None, overrides: list[str] | None = None,
     """Recipe (or defaults) + dict ``extra`` + ``key=value`` overrides, type-checked."""
     data: dict[str, Any] = read_recipe(recipe) if recipe else {}
     if extra:
-        data = _merge(data, extra)
+        data = _merge(data, migrate_moved_keys(extra))
     for o in overrides or []:
-        data = _merge(data, parse_override(o))
+        data = _merge(data, migrate_moved_keys(parse_override(o), f"override {o!r}"))
     return from_dict(Config, data)
 
 
@@ -503,12 +536,12 @@ KEY_HELP: dict[str, str] = {
     "model.feat_dim": "output size of the projection head (the embedding compared by the loss)",
     "model.num_prototypes": "SwAV: number of prototypes K",
     "model.sync_bn": "batch norm over the global batch under several processes (SyncBatchNorm)",
-    "swav.temperature": "SwAV: softmax temperature of the swapped prediction",
-    "swav.epsilon": "SwAV: entropy regularisation of the Sinkhorn-Knopp assignment",
-    "swav.sinkhorn_iterations": "SwAV: Sinkhorn-Knopp iterations per batch",
-    "swav.crops_for_assign": "SwAV: the views whose codes are computed (and predicted from the others)",
-    "swav.epoch_queue_starts": "SwAV: the epoch from which the feature queue is used",
-    "swav.freeze_prototypes_niters": "SwAV: steps during which the prototypes get no gradient",
+    "methods.swav.temperature": "SwAV: softmax temperature of the swapped prediction",
+    "methods.swav.epsilon": "SwAV: entropy regularisation of the Sinkhorn-Knopp assignment",
+    "methods.swav.sinkhorn_iterations": "SwAV: Sinkhorn-Knopp iterations per batch",
+    "methods.swav.crops_for_assign": "SwAV: the views whose codes are computed (predicted from the others)",
+    "methods.swav.epoch_queue_starts": "SwAV: the epoch from which the feature queue is used",
+    "methods.swav.freeze_prototypes_niters": "SwAV: steps during which the prototypes get no gradient",
     "optim.epochs": "training epochs (the schedule's length)",
     "optim.base_lr": "peak learning rate, reached at the end of the warmup",
     "optim.final_lr": "learning rate at the end of the cosine schedule",

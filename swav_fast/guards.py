@@ -1,4 +1,4 @@
-"""Training health: non-finite steps undone on the device, and SwAV collapse detection.
+"""Training health: non-finite steps undone on the device, and divergence detection.
 
 :class:`NonFiniteGuard` makes a step whose loss (or gradient) is NaN/inf a no-op without a host
 synchronisation: the step runs, then every tensor it may have changed (parameters, buffers such as
@@ -6,25 +6,18 @@ batch-norm statistics and the queue, optimiser state) is put back with ``torch.w
 flag. Counters stay on the device; the trainer reads them only where it syncs anyway (log steps,
 checkpoints).
 
-:func:`collapse_signs` looks for SwAV's known failure: every sample on one prototype, or uniform
-predictions (the loss then sits at ln K).
+A method's own signs of failure (SwAV's collapsed codes) are the method's: :meth:`Method.health
+<swav_fast.methods.base.Method.health>` (e.g. :func:`swav_fast.methods.swav.collapse_signs`).
 """
 from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
 import torch.nn as nn
-
-COLLAPSE_REMEDIES = (
-    "start the queue later or make it shorter (swav.epoch_queue_starts, swav.queue_length)",
-    "use a smaller swav.epsilon (e.g. 0.03)",
-    "freeze the prototypes for longer (swav.freeze_prototypes_niters)",
-)
-
 
 def state_tensors(modules: Iterable[nn.Module], optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """Every tensor a training step may change: parameters, buffers, optimiser state."""
@@ -186,70 +179,6 @@ def _loose(groups: list[_FlatGroup], n: int) -> list[int]:
 def _same_objects(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
     """The same tensor objects in the same order (identity, not values)."""
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
-
-
-# ----------------------------------------------------------------------------------------------
-# collapse
-
-
-@dataclass
-class CollapseSigns:
-    """Collapse indicators of one batch (the assigned views' prototype scores)."""
-    loss: float
-    ln_k: float  # the loss of uniform predictions over K prototypes
-    prototypes_used: int  # distinct argmax prototypes over the batch (the most of any view)
-    samples: int  # batch size
-    prediction_entropy: float  # mean entropy of softmax(scores / T), as a fraction of ln K
-    signs: list[str] = field(default_factory=list)
-
-    @property
-    def collapsed(self) -> bool:
-        return bool(self.signs)
-
-    def message(self) -> str:
-        return (f"SwAV collapse signs: {'; '.join(self.signs)}. Usual remedies: "
-                f"{'; '.join(COLLAPSE_REMEDIES)}")
-
-
-@torch.no_grad()
-def collapse_signs(loss: float, scores: torch.Tensor, temperature: float,
-                   uniform_fraction: float = 0.99) -> CollapseSigns:
-    """Indicators from ``scores`` ``[..., B, K]`` of the assigned views (a host sync)."""
-    k = scores.shape[-1]
-    views = scores.detach().float().reshape(-1, scores.shape[-2], k)  # [A, B, K]
-    log_p = torch.log_softmax(views / temperature, dim=-1)
-    entropy = float(-(log_p.exp() * log_p).sum(-1).mean()) / math.log(k) if k > 1 else 0.0
-    used = max(int(v.argmax(-1).unique().numel()) for v in views)  # per view: the batch's assignments
-    batch = views.shape[1]
-    out = CollapseSigns(loss, math.log(k), used, batch, entropy)
-    if used == 1 and batch > 1 and k > 1:
-        out.signs.append(f"all {batch} samples of a view are assigned to one of {k} prototypes")
-    if entropy >= uniform_fraction:
-        out.signs.append(f"predictions are uniform over the prototypes (loss {loss:.4f}, ln K = "
-                         f"{out.ln_k:.4f})")
-    return out
-
-
-class CollapseMonitor:
-    """Counts consecutive collapsed checks after the prototype freeze; says when to stop."""
-
-    def __init__(self, temperature: float, start_step: int, patience: int = 0):
-        self.temperature = temperature
-        self.start_step = start_step
-        self.patience = patience
-        self.streak = 0
-
-    def check(self, step: int, loss: float, scores: torch.Tensor | None) -> CollapseSigns | None:
-        """The signs when this check looks collapsed (None when healthy or too early)."""
-        if scores is None or step <= self.start_step or not math.isfinite(loss):
-            return None
-        signs = collapse_signs(loss, scores, self.temperature)
-        self.streak = self.streak + 1 if signs.collapsed else 0
-        return signs if signs.collapsed else None
-
-    @property
-    def should_stop(self) -> bool:
-        return self.patience > 0 and self.streak >= self.patience
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,8 +35,7 @@ from swav_fast.config import Config, save_config
 from swav_fast.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from swav_fast.eval.knn import knn_due, knn_eval, periodic_knn
 from swav_fast import faults
-from swav_fast.guards import (COLLAPSE_REMEDIES, CollapseMonitor, DivergenceDetected, DivergenceMonitor,
-                              NonFiniteCounts, weight_norm)
+from swav_fast.guards import DivergenceDetected, DivergenceMonitor, NonFiniteCounts, weight_norm
 from swav_fast.methods import Method, build_method
 from swav_fast.optim import LARS, lars_param_groups, warmup_cosine_lr
 from swav_fast.preemption import StopSignals
@@ -245,7 +244,6 @@ class Trainer:
             self.method.convert_sync_batchnorm_(functools.partial(ddp.convert_sync_batchnorm,
                                                                   device=self.device))
         self.model = self.method.model  # the online network (trunk + heads)
-        s = cfg.swav
         self.optimizer = build_optimizer(cfg, self.method.trainable())
         # Under DDP the step drives the wrapper (gradients averaged over ranks); everything else here
         # (state dicts, trunk, hooks) uses the bare method.
@@ -253,9 +251,7 @@ class Trainer:
                        if self.world > 1 else self.method)
         self.step_fn = TrainStep(step_method, self.optimizer, self.device, t.precision, channels_last,
                                  mode=t.step_mode, debug_nan_steps=t.debug_nan_steps)
-        # SwAV's prototype-usage checks; the other methods expose no assignments to check
-        self.collapse = (CollapseMonitor(s.temperature, s.freeze_prototypes_niters, t.collapse_patience)
-                         if callable(getattr(self.method, "assigned_scores", None)) else None)
+        self.health_streak = 0  # consecutive failed method.health() checks (train.collapse_patience)
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.last_loss = float("nan")  # at the last log step with a finite loss
         self.images = 0  # trained this fit()
@@ -478,25 +474,25 @@ class Trainer:
             raise TrainingDiverged(msg)
         return counts
 
-    def check_collapse(self, loss: float) -> None:
-        """Report SwAV collapse signs; raise TrainingDiverged after ``train.collapse_patience`` checks."""
-        if self.collapse is None:
+    def check_health(self, loss: float) -> None:
+        """The method's own signs of failure (:meth:`Method.health`, e.g. SwAV's collapsed codes): a failed
+        check is logged under the report's kind; TrainingDiverged after ``train.collapse_patience`` failed
+        checks in a row."""
+        report = self.method.health(self.step, loss)
+        if report is None:  # nothing to check at this step
             return
-        scores = self.method.assigned_scores()
-        signs = self.collapse.check(self.step, loss, scores)
-        if signs is None:
+        if report.ok:
+            self.health_streak = 0
             return
-        self.runlog.write("collapse", step=self.step, loss=loss, ln_k=signs.ln_k,
-                          prototypes_used=signs.prototypes_used, samples=signs.samples,
-                          prediction_entropy=round(signs.prediction_entropy, 4), signs=signs.signs,
-                          remedies=list(COLLAPSE_REMEDIES))
-        if self.collapse.streak == 1:
-            log.warning("step %d: %s", self.step, signs.message())
-        if self.collapse.should_stop:
-            msg = (f"stopped at step {self.step} after {self.collapse.streak} consecutive collapsed checks "
-                   f"(train.collapse_patience={self.collapse.patience}); {self._last_checkpoint_note()}. "
-                   f"{signs.message()}")
-            self.runlog.write("diverged", step=self.step, reason="collapse", message=msg)
+        self.health_streak += 1
+        self.runlog.write(report.kind, step=self.step, **report.signals)
+        if self.health_streak == 1:
+            log.warning("step %d: %s", self.step, report.message)
+        patience = self.cfg.train.collapse_patience
+        if patience and self.health_streak >= patience:
+            msg = (f"stopped at step {self.step} after {self.health_streak} consecutive {report.kind} checks "
+                   f"(train.collapse_patience={patience}); {self._last_checkpoint_note()}. {report.message}")
+            self.runlog.write("diverged", step=self.step, reason=report.kind, message=msg)
             raise TrainingDiverged(msg)
 
     def resume(self, how: str) -> bool:
@@ -674,15 +670,13 @@ class Trainer:
                           images_per_s=round(images_per_s, 2), loader_wait_fraction=round(loader_wait, 4),
                           bad_images=self.loader.num_bad,
                           nonfinite_steps=counts.total)
-        if self.collapse is None:
-            return
         if self.world == 1:
-            self.check_collapse(loss)
+            self.check_health(loss)
         elif self.is_main or self.cfg.train.collapse_patience:  # rank 0 checks; its verdict is shared
             verdict = None
             if self.is_main:
                 try:
-                    self.check_collapse(loss)
+                    self.check_health(loss)
                 except TrainingDiverged as exc:
                     verdict = str(exc)
             if self.cfg.train.collapse_patience:

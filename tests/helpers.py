@@ -31,5 +31,5 @@ def tiny_config(data: Path, out: Path, *overrides: str):
         "model.feat_dim=16", "model.num_prototypes=20", "data.crops.num_crops=[2, 2]",
         "data.crops.size_crops=[32, 16]", "data.workers=0", "optim.batch_size=8", "optim.epochs=2",
         "optim.warmup_epochs=0.5", "optim.base_lr=0.5", "optim.final_lr=0.005", "optim.start_warmup=0.1",
-        "swav.freeze_prototypes_niters=2", "train.progress=false", "eval.at_end=false",
+        "methods.swav.freeze_prototypes_niters=2", "train.progress=false", "eval.at_end=false",
         "train.log_every=1", "train.seed=0", *overrides])

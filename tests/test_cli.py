@@ -153,7 +153,7 @@ def test_list_keys_prints_type_default_and_description(capsys):
     assert all(len(r) == 4 and r[3].strip() for r in rows.values()), [k for k, r in rows.items() if len(r) < 4]
     assert rows["optim.base_lr"][1:3] == ["float", "4.8"]
     assert rows["data.path"][1:3] == ["str|null", "null"]
-    assert rows["swav.crops_for_assign"][1:3] == ["list[int]", "[0,1]"]  # as typed on the command line
+    assert rows["methods.swav.crops_for_assign"][1:3] == ["list[int]", "[0,1]"]  # as typed on the command line
     assert rows["data.crops.ratio"][2] == "[0.75,1.333]"
     assert rows["train.threads"][2] == "0" and "auto" in rows["train.threads"][3]
     assert rows["eval.at_end"][1:3] == ["bool", "true"]

@@ -15,18 +15,21 @@ def test_every_recipe_loads_and_validates(name):
 
 def test_paper_recipes():
     big = load_config("swav_800ep_bs4096")
-    assert (big.optim.base_lr, big.optim.final_lr, big.optim.epochs, big.swav.queue_length) == (4.8, 0.0048, 800, 0)
-    assert big.swav.freeze_prototypes_niters == 313 and big.data.crops.size_crops == [224, 96]
+    big_swav, small_swav = big.methods.swav, load_config("swav_400ep_bs256").methods.swav
+    assert (big.optim.base_lr, big.optim.final_lr, big.optim.epochs, big_swav.queue_length) == (4.8, 0.0048, 800, 0)
+    assert big.methods.swav.freeze_prototypes_niters == 313 and big.data.crops.size_crops == [224, 96]
     small = load_config("swav_400ep_bs256")
     assert (small.optim.base_lr, small.optim.final_lr, small.optim.warmup_epochs) == (0.6, 0.0006, 0)
-    assert (small.swav.queue_length, small.swav.epoch_queue_starts, small.swav.freeze_prototypes_niters) == \
+    assert (small_swav.queue_length, small_swav.epoch_queue_starts, small_swav.freeze_prototypes_niters) == \
         (3840, 15, 5005)
     assert load_config("swav_100ep_bs4096").optim.epochs == 100
 
 
 def test_overrides_and_types():
-    cfg = load_config("quick", ["optim.base_lr=0.25", "swav.crops_for_assign=[0]", "data.crops.flip_p=0"])
-    assert cfg.optim.base_lr == 0.25 and cfg.swav.crops_for_assign == [0] and cfg.data.crops.flip_p == 0.0
+    cfg = load_config("quick", ["optim.base_lr=0.25", "methods.swav.crops_for_assign=[0]",
+                                "data.crops.flip_p=0"])
+    assert cfg.optim.base_lr == 0.25 and cfg.methods.swav.crops_for_assign == [0]
+    assert cfg.data.crops.flip_p == 0.0
     assert parse_override("a.b.c=3") == {"a": {"b": {"c": 3}}}
 
 
@@ -42,7 +45,7 @@ def test_unknown_key_lists_valid_keys():
 @pytest.mark.parametrize("override,needle", [
     ("optim.epochs=ten", "optim.epochs must be an integer"),
     ("train.progress=3", "train.progress must be true or false"),
-    ("swav.crops_for_assign=5", "swav.crops_for_assign must be a list"),
+    ("methods.swav.crops_for_assign=5", "methods.swav.crops_for_assign must be a list"),
 ])
 def test_wrong_types(override, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -51,18 +54,18 @@ def test_wrong_types(override, needle):
 
 def test_impossible_combinations():
     with pytest.raises(ConfigError, match="crops_for_assign"):
-        load_config(None, ["swav.crops_for_assign=[0, 8]"]).validate()
+        load_config(None, ["methods.swav.crops_for_assign=[0, 8]"]).validate()
     with pytest.raises(ConfigError, match="multiple of the global batch"):
-        load_config(None, ["swav.queue_length=100", "optim.batch_size=64"]).validate()
-    load_config(None, ["swav.queue_length=3840", "optim.batch_size=64"]).validate(world_size=4)
+        load_config(None, ["methods.swav.queue_length=100", "optim.batch_size=64"]).validate()
+    load_config(None, ["methods.swav.queue_length=3840", "optim.batch_size=64"]).validate(world_size=4)
     with pytest.raises(ConfigError, match="try 3840"):
-        load_config(None, ["swav.queue_length=3900", "optim.batch_size=64"]).validate(world_size=4)
+        load_config(None, ["methods.swav.queue_length=3900", "optim.batch_size=64"]).validate(world_size=4)
 
 
 def test_valid_keys_cover_sections():
     keys = valid_keys()
-    assert "optim.base_lr" in keys and "data.crops.size_crops" in keys and "swav.epsilon" in keys
-    assert Config().swav.epsilon == 0.05
+    assert "optim.base_lr" in keys and "data.crops.size_crops" in keys and "methods.swav.epsilon" in keys
+    assert Config().methods.swav.epsilon == 0.05
 
 
 def test_exponent_without_a_dot_is_a_number():

@@ -484,7 +484,7 @@ def test_train_with_the_dali_loader(tmp_path):
                "data.crops.size_crops=[32, 16]", "data.crops.min_scale_crops=[0.3, 0.1]",
                "data.crops.max_scale_crops=[1.0, 0.3]", "data.workers=1", "optim.batch_size=8",
                "optim.epochs=2",
-               "optim.warmup_epochs=0.5", "swav.freeze_prototypes_niters=2", "eval.at_end=false",
+               "optim.warmup_epochs=0.5", "methods.swav.freeze_prototypes_niters=2", "eval.at_end=false",
                "train.log_every=1"])
     assert rc == 0
     steps = [r for r in read_log(tmp_path / "run") if r["kind"] == "step"]

@@ -44,14 +44,14 @@ from tests.helpers import tiny_config, write_image_folder
 WORLD = 2
 #: 24 images; per rank batch 4 (global 8): 3 steps per epoch, 9 in all; queue of 16 (8 per rank) from
 #: epoch 1, full and used from step 5 on.
-#: ``swav.epsilon=0.2``: at the default 0.05 this tiny run (8 samples, 20 prototypes, lr 0.5 on the
+#: ``methods.swav.epsilon=0.2``: at the default 0.05 this tiny run (8 samples, 20 prototypes, lr 0.5 on the
 #: batch-norm parameters) amplifies float32 rounding chaotically: one process on batch 8 against
 #: itself with only the conv kernels changed (``torch.backends.mkldnn.enabled`` on/off) differs by
 #: 3e-2 (relative to the tensor's largest value) in batch-norm biases after step 2 and by up to 5e-3 in
 #: the loss, as much as 2 ranks against 1 did (0.3%). At 0.2, 2 ranks against 1 stay at <5e-6 relative
 #: in the loss over all 9 steps and ~4e-6 in the parameters up to step 6.
-COMMON = ("model.arch=resnet10_half", "model.sync_bn=true", "optim.epochs=3", "swav.queue_length=16",
-          "swav.epoch_queue_starts=1", "swav.epsilon=0.2", "train.threads=1")
+COMMON = ("model.arch=resnet10_half", "model.sync_bn=true", "optim.epochs=3", "methods.swav.queue_length=16",
+          "methods.swav.epoch_queue_starts=1", "methods.swav.epsilon=0.2", "train.threads=1")
 
 
 def _cfg(data: Path, out: Path, *extra: str):
@@ -410,7 +410,7 @@ def test_trainer_applies_the_lr_factor(tmp_path):
 # -- launch helper ------------------------------------------------------------------------------------
 TINY_RECIPE = """
 model: {arch: resnet10_half, hidden_dim: 32, feat_dim: 16, num_prototypes: 20, sync_bn: true}
-swav: {queue_length: 16, epoch_queue_starts: 1, freeze_prototypes_niters: 2}
+methods: {swav: {queue_length: 16, epoch_queue_starts: 1, freeze_prototypes_niters: 2}}
 optim: {epochs: 1, batch_size: 4, base_lr: 0.5, final_lr: 0.005, warmup_epochs: 0.5, start_warmup: 0.1}
 data:
   workers: 0

@@ -26,7 +26,8 @@ from swav_fast.cli import main
 from swav_fast.config import load_config
 from swav_fast.errors import CheckpointError, ConfigError, TrainingDiverged
 from swav_fast.faults import CHECKPOINT_PAUSE_ENV
-from swav_fast.guards import NonFiniteGuard, collapse_signs, is_finite
+from swav_fast.guards import NonFiniteGuard, is_finite
+from swav_fast.methods.swav import collapse_signs
 from swav_fast.runlog import read_log
 from swav_fast.step import TrainStep
 from swav_fast.train import Trainer, train
@@ -38,7 +39,7 @@ FAST = ("model.arch=resnet10_half",)
 #: The recipe of the CLI runs here (a file, so edits to the shipped recipes do not change these tests).
 TINY_RECIPE = """
 model: {arch: resnet10_half, hidden_dim: 32, feat_dim: 16, num_prototypes: 20}
-swav: {queue_length: 16, epoch_queue_starts: 1, freeze_prototypes_niters: 2}
+methods: {swav: {queue_length: 16, epoch_queue_starts: 1, freeze_prototypes_niters: 2}}
 optim: {epochs: 5, batch_size: 8, base_lr: 0.5, final_lr: 0.005, warmup_epochs: 0.5, start_warmup: 0.1}
 data:
   workers: 0
@@ -83,8 +84,8 @@ def _finite_model(state: dict) -> bool:
 @pytest.mark.parametrize("nan_step", [0, 3])
 def test_nan_step_changes_nothing(data, tmp_path, nan_step):
     """A NaN step leaves parameters, BN statistics, the queue and momentum exactly as they were."""
-    trainer = Trainer(tiny_config(data, tmp_path / "run", *FAST, "swav.queue_length=16",
-                                  "swav.epoch_queue_starts=0", f"train.debug_nan_steps=[{nan_step}]"))
+    trainer = Trainer(tiny_config(data, tmp_path / "run", *FAST, "methods.swav.queue_length=16",
+                                  "methods.swav.epoch_queue_starts=0", f"train.debug_nan_steps=[{nan_step}]"))
     trainer.method.objective.queue_active = True
     batches = []
     for epoch in range(2):
@@ -165,20 +166,20 @@ def test_collapse_signs():
     signs = collapse_signs(3.5, same, 0.1)
     assert signs.prototypes_used == 1 and "one of 16 prototypes" in signs.signs[0]
     uniform = collapse_signs(float(np.log(16)), torch.zeros(2, 32, 16) + 1e-4 * healthy, 0.1)
-    assert any("uniform" in s for s in uniform.signs) and "swav.epsilon" in uniform.message()
+    assert any("uniform" in s for s in uniform.signs) and "methods.swav.epsilon" in uniform.message()
 
 
 def test_collapse_is_reported_and_stops_after_patience(data, tmp_path):
     run = tmp_path / "run"
-    trainer = Trainer(tiny_config(data, run, *FAST, "swav.freeze_prototypes_niters=0", "train.collapse_patience=2",
-                                  "train.checkpoint_every_steps=1"))
+    trainer = Trainer(tiny_config(data, run, *FAST, "methods.swav.freeze_prototypes_niters=0",
+                                  "train.collapse_patience=2", "train.checkpoint_every_steps=1"))
     last = trainer.model.head.mlp[-1]  # constant embeddings: the collapsed solution
     last.weight.data.zero_()
     last.weight.requires_grad_(False)
     with pytest.raises(TrainingDiverged, match="collapse") as e:
         trainer.fit()
     msg = str(e.value)
-    assert "swav.epsilon" in msg and "swav.freeze_prototypes_niters" in msg and "swav.queue_length" in msg
+    assert all(f"methods.swav.{key}" in msg for key in ("epsilon", "freeze_prototypes_niters", "queue_length"))
     records = [r for r in read_log(run) if r["kind"] == "collapse"]
     assert len(records) == 2 and records[0]["prototypes_used"] == 1 and records[0]["remedies"]
     assert ckpt.latest_valid_checkpoint(run) is not None
@@ -350,8 +351,8 @@ def test_leftovers_of_an_interrupted_write_are_removed(data, tmp_path):
     ("train.device=gpu", ["valid: auto, cpu, cuda, cuda:N"]),
     ("train.max_nonfinite_steps=-1", ["train.max_nonfinite_steps=-1 must be >= 0"]),
     ("train.log_every=0", ["train.log_every=0 must be >= 1"]),
-    ("swav.crops_for_assign=[0, 4]", ["crops_for_assign", "[0, 3]", "4 crops"]),
-    ("swav.queue_length=20", ["multiple of the global batch 8", "try 16 or 24"]),
+    ("methods.swav.crops_for_assign=[0, 4]", ["crops_for_assign", "[0, 3]", "4 crops"]),
+    ("methods.swav.queue_length=20", ["multiple of the global batch 8", "try 16 or 24"]),
 ])
 def test_bad_config_rejected_before_any_work(data, tmp_path, override, needles):
     run = tmp_path / "run"
@@ -363,7 +364,7 @@ def test_bad_config_rejected_before_any_work(data, tmp_path, override, needles):
 
 
 def test_queue_must_fit_the_global_batch_of_all_ranks():
-    cfg = load_config(None, ["optim.batch_size=8", "swav.queue_length=16"])
+    cfg = load_config(None, ["optim.batch_size=8", "methods.swav.queue_length=16"])
     cfg.validate(world_size=2)
     with pytest.raises(ConfigError, match="global batch 24 .optim.batch_size 8 x world size 3"):
         cfg.validate(world_size=3)

@@ -107,13 +107,28 @@ def test_old_keys_load_with_a_deprecation_message(caplog: pytest.LogCaptureFixtu
     assert cfg.data.torch.prefetch == 3 and cfg.data.dali.prefetch == 3
     assert cfg.data.dali.hw_decoder_load == 0.25
     text = caplog.text
-    assert "data.prefetch is deprecated; use data.torch.prefetch and data.dali.prefetch" in text
-    assert "data.hw_decoder_load is deprecated; use data.dali.hw_decoder_load" in text
-    # the new key wins over the old one; old keys are checked under their new names
+    assert ("deprecated config key in override 'data.prefetch=3': data.prefetch moved to data.torch.prefetch "
+            "and data.dali.prefetch; the old name still loads") in text
+    assert "data.hw_decoder_load moved to data.dali.hw_decoder_load" in text
+    # sources apply in order (a later old key overrides an earlier new one, and the reverse)
     cfg = load_config(None, ["data.prefetch=3", "data.dali.prefetch=5"])
+    assert cfg.data.dali.prefetch == 5 and cfg.data.torch.prefetch == 3
+    cfg = load_config(None, ["data.dali.prefetch=5", "data.prefetch=3"])
+    assert cfg.data.dali.prefetch == 3
+    # within one source the new key wins; old keys are checked under their new names
+    cfg = load_config(None, extra={"data": {"prefetch": 3, "dali": {"prefetch": 5}}})
     assert cfg.data.dali.prefetch == 5 and cfg.data.torch.prefetch == 3
     with pytest.raises(ConfigError, match=r"data\.dali\.hw_decoder_load: must be in \[0, 1\]"):
         load_config(None, ["data.hw_decoder_load=7"])
+
+
+def test_old_keys_in_a_recipe(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("data:\n  loader: dali\n  hw_decoder_load: 0.4\n  prefetch: 6\n")
+    with caplog.at_level(logging.WARNING, logger="swav_fast"):
+        cfg = load_config(str(recipe), ["data.dali.prefetch=2"])
+    assert cfg.data.loader_options() == DaliOptions(hw_decoder_load=0.4, threads=0, prefetch=2)
+    assert f"recipe {recipe}" in caplog.text
 
 
 def test_config_of_an_old_checkpoint_loads() -> None:

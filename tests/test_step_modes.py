@@ -221,7 +221,8 @@ def test_no_recapture_during_a_trainer_run(tmp_path):
 
     data = write_image_folder(tmp_path / "data")  # 24 images, batch 8: 3 steps per epoch
     trainer = Trainer(tiny_config(data, tmp_path / "run", "train.device=cuda", "train.step_mode=graph",
-                                  "swav.queue_length=16", "swav.epoch_queue_starts=1", "optim.epochs=3",
+                                  "methods.swav.queue_length=16", "methods.swav.epoch_queue_starts=1",
+                                  "optim.epochs=3",
                                   "train.debug_nan_steps=[4]", "train.checkpoint_every_steps=2"))
     result = trainer.fit()
     stats = trainer.step_fn.stats

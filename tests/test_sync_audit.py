@@ -113,7 +113,7 @@ def _trainer(tmp_path, loader: str, mode: str):
     data = write_image_folder(tmp_path / "data", classes=2, per_class=40, size=(48, 40))  # 10 batches of 8
     cfg = tiny_config(data, tmp_path / "run", "train.device=cuda", f"train.step_mode={mode}",
                       f"data.loader={loader}", "train.precision=bf16", "train.channels_last=true",
-                      "data.workers=2", "swav.queue_length=16", "swav.epoch_queue_starts=0")
+                      "data.workers=2", "methods.swav.queue_length=16", "methods.swav.epoch_queue_starts=0")
     trainer = Trainer(cfg)
     trainer.method.on_epoch_start(0)
     return trainer

@@ -16,7 +16,8 @@ def _params(model):
 
 def test_prototypes_unit_norm_and_frozen(tmp_path):
     data = write_image_folder(tmp_path / "data", per_class=16)
-    trainer = Trainer(tiny_config(data, tmp_path / "run", "swav.freeze_prototypes_niters=3", "optim.epochs=1"))
+    trainer = Trainer(tiny_config(data, tmp_path / "run", "methods.swav.freeze_prototypes_niters=3",
+                                  "optim.epochs=1"))
     protos = trainer.model.prototypes.weight
     before = protos.detach().clone()
     trunk_before = trainer.model.trunk.conv1.weight.detach().clone()
@@ -34,7 +35,7 @@ def test_prototypes_unit_norm_and_frozen(tmp_path):
 def test_resume_is_exact(tmp_path):
     """N steps straight == k steps, stop, resume, N-k more (crossing an epoch boundary)."""
     data = write_image_folder(tmp_path / "data")  # 24 images, batch 8: 3 steps per epoch
-    common = ("optim.epochs=3", "swav.queue_length=16", "swav.epoch_queue_starts=1")
+    common = ("optim.epochs=3", "methods.swav.queue_length=16", "methods.swav.epoch_queue_starts=1")
     straight = Trainer(tiny_config(data, tmp_path / "a", *common))
     straight.fit()
     assert straight.step == 9

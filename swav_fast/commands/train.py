@@ -10,12 +10,12 @@ from swav_fast.config import available_recipes, describe_keys, load_config
 from swav_fast.methods.configs import METHOD_SECTIONS
 
 #: the registered method names (``swav_fast.methods.available_methods()``), known without importing torch
-METHOD_NAMES = sorted(("swav", *METHOD_SECTIONS))
+METHOD_NAMES = sorted(METHOD_SECTIONS)
 
 EPILOG = """examples:
   swav-fast train                                  # short CPU run on the built-in synthetic data
   swav-fast train --recipe swav_400ep_bs256 --data /data/imagenet/train --output runs/r50
-  swav-fast train --recipe quick optim.base_lr=0.3 swav.queue_length=0
+  swav-fast train --recipe quick optim.base_lr=0.3 methods.swav.queue_length=0
   swav-fast train --data D eval.at_end=false --no-progress train.log_every=1   # KEY=VALUE anywhere
   swav-fast train --output runs/r50 --resume auto  # continue after a crash or preemption
 """

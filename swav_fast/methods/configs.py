@@ -31,6 +31,25 @@ def _check(section: str, obj: Any, positive: tuple[str, ...] = (), unit: tuple[s
 
 
 @dataclass
+class SwAVConfig:
+    """Caron et al. 2020 (ResNet-50, batch 4096): swapped prediction at T 0.1, Sinkhorn-Knopp with
+    epsilon 0.05 and 3 iterations on the two global crops, no queue, prototypes frozen for the first
+    epoch (313 iterations at batch 4096); ``model.num_prototypes`` K = 3000. Was the top-level
+    ``swav`` section (still read, with a deprecation warning)."""
+    temperature: float = 0.1
+    epsilon: float = 0.05
+    sinkhorn_iterations: int = 3
+    crops_for_assign: list[int] = field(default_factory=lambda: [0, 1])
+    queue_length: int = 0  # global queue length (split over ranks); 0 = no queue
+    epoch_queue_starts: int = 15
+    freeze_prototypes_niters: int = 313
+
+    def __post_init__(self) -> None:
+        _check("swav", self, positive=("temperature", "epsilon"), at_least_one=("sinkhorn_iterations",),
+               non_negative=("queue_length", "epoch_queue_starts", "freeze_prototypes_niters"))
+
+
+@dataclass
 class InstDiscConfig:
     """Wu et al. 2018: linear projection to ``feat_dim`` (128), NCE with 4096 noise samples."""
     temperature: float = 0.07
@@ -151,7 +170,8 @@ class DINOConfig:
 
 @dataclass
 class MethodsConfig:
-    """``methods.<name>``: one section per method of the family (SwAV keeps its ``swav`` section)."""
+    """``methods.<name>``: one section per method of the family."""
+    swav: SwAVConfig = field(default_factory=SwAVConfig)
     instdisc: InstDiscConfig = field(default_factory=InstDiscConfig)
     moco_v2: MoCoV2Config = field(default_factory=MoCoV2Config)
     moco_v3: MoCoV3Config = field(default_factory=MoCoV3Config)

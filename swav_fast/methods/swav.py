@@ -1,6 +1,8 @@
 """The SwAV objective: codes by Sinkhorn on the assigned crops, swapped prediction by all crops."""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -10,9 +12,57 @@ import torch.nn.functional as F
 from swav_fast.errors import ConfigError
 from swav_fast.losses import sinkhorn_knopp, swapped_prediction_loss
 from swav_fast.losses.fused import fused_swav_loss
-from swav_fast.methods.base import Method, register_method
+from swav_fast.methods.base import HealthReport, Method, register_method
+from swav_fast.methods.configs import method_config
 from swav_fast.models import SwAVModel
 from swav_fast.queue import FeatureQueue
+
+
+COLLAPSE_REMEDIES = (
+    "start the queue later or make it shorter (methods.swav.epoch_queue_starts, methods.swav.queue_length)",
+    "use a smaller methods.swav.epsilon (e.g. 0.03)",
+    "freeze the prototypes for longer (methods.swav.freeze_prototypes_niters)",
+)
+
+
+@dataclass
+class CollapseSigns:
+    """Collapse indicators of one batch (the assigned views' prototype scores)."""
+    loss: float
+    ln_k: float  # the loss of uniform predictions over K prototypes
+    prototypes_used: int  # distinct argmax prototypes over the batch (the most of any view)
+    samples: int  # batch size
+    prediction_entropy: float  # mean entropy of softmax(scores / T), as a fraction of ln K
+    signs: list[str] = field(default_factory=list)
+
+    @property
+    def collapsed(self) -> bool:
+        return bool(self.signs)
+
+    def message(self) -> str:
+        return (f"SwAV collapse signs: {'; '.join(self.signs)}. Usual remedies: "
+                f"{'; '.join(COLLAPSE_REMEDIES)}")
+
+
+@torch.no_grad()
+def collapse_signs(loss: float, scores: torch.Tensor, temperature: float,
+                   uniform_fraction: float = 0.99) -> CollapseSigns:
+    r"""SwAV's known failures, from ``scores`` ``[..., B, K]`` of the assigned views (a host sync):
+    every sample of a view on one prototype (``argmax`` takes one value over the batch), or uniform
+    predictions, :math:`\bar H(\mathrm{softmax}(s / T)) \ge 0.99 \ln K` (the loss then sits at ln K)."""
+    k = scores.shape[-1]
+    views = scores.detach().float().reshape(-1, scores.shape[-2], k)  # [A, B, K]
+    log_p = torch.log_softmax(views / temperature, dim=-1)
+    entropy = float(-(log_p.exp() * log_p).sum(-1).mean()) / math.log(k) if k > 1 else 0.0
+    used = max(int(v.argmax(-1).unique().numel()) for v in views)  # per view: the batch's assignments
+    batch = views.shape[1]
+    out = CollapseSigns(loss, math.log(k), used, batch, entropy)
+    if used == 1 and batch > 1 and k > 1:
+        out.signs.append(f"all {batch} samples of a view are assigned to one of {k} prototypes")
+    if entropy >= uniform_fraction:
+        out.signs.append(f"predictions are uniform over the prototypes (loss {loss:.4f}, ln K = "
+                         f"{out.ln_k:.4f})")
+    return out
 
 
 class SwAVObjective(nn.Module):
@@ -138,6 +188,20 @@ class SwAVMethod(Method):
         captured step sees it without re-capture."""
         self.objective.queue_active = self.objective.queue is not None and epoch >= self.epoch_queue_starts
 
+    def health(self, step: int, loss: float) -> HealthReport | None:
+        """Collapse of the codes (:func:`collapse_signs` on the last step's assigned scores), checked once
+        the prototypes train (after ``freeze_prototypes_niters``); ``None`` before, or with no scores or
+        a non-finite loss (the non-finite guard reports those)."""
+        scores = self.assigned_scores()
+        if scores is None or step <= self.freeze_prototypes_niters or not math.isfinite(loss):
+            return None
+        signs = collapse_signs(loss, scores, self.objective.temperature)
+        signals = {"loss": loss, "ln_k": signs.ln_k, "prototypes_used": signs.prototypes_used,
+                   "samples": signs.samples, "prediction_entropy": round(signs.prediction_entropy, 4),
+                   "signs": signs.signs, "remedies": list(COLLAPSE_REMEDIES)}
+        message = signs.message() if signs.collapsed else ""
+        return HealthReport(not signs.collapsed, signals, message, kind="collapse")
+
     def assigned_scores(self) -> torch.Tensor | None:
         """Scores ``[A, B, K]`` of the code-assigned views of the last step."""
         if self.last_scores is None:
@@ -147,20 +211,20 @@ class SwAVMethod(Method):
 
 
 def check_swav(cfg: Any) -> None:
-    """``swav.crops_for_assign`` must name existing views."""
+    """``methods.swav.crops_for_assign`` must name existing views."""
     num_views = sum(cfg.data.crops.num_crops)
-    assign = list(cfg.swav.crops_for_assign)
+    assign = list(method_config(cfg, "swav").crops_for_assign)
     if not assign or any(not 0 <= i < num_views for i in assign):
-        raise ConfigError(f"swav.crops_for_assign={assign} must be non-empty view indices in "
+        raise ConfigError(f"methods.swav.crops_for_assign={assign} must be non-empty view indices in "
                           f"[0, {num_views - 1}] (there are {num_views} crops)")
 
 
 @register_method("swav", check=check_swav)
 def build_swav(cfg: Any) -> SwAVMethod:
-    """SwAV from a :class:`swav_fast.config.Config` (``model`` and ``swav`` sections)."""
+    """SwAV from a :class:`swav_fast.config.Config` (``model`` and ``methods.swav`` sections)."""
     from swav_fast.distributed import world_size
 
-    m, s = cfg.model, cfg.swav
+    m, s = cfg.model, method_config(cfg, "swav")
     model = SwAVModel(m.arch, m.hidden_dim, m.feat_dim, m.num_prototypes)
     objective = SwAVObjective(sum(cfg.data.crops.num_crops), s.crops_for_assign, s.temperature, s.epsilon,
                               s.sinkhorn_iterations, s.queue_length // world_size(), m.feat_dim)
