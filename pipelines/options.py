@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from pipelines.badsamples import POLICIES as BAD_SAMPLE_POLICIES
 from pipelines.errors import ConfigError
 
 #: ``data.torch.decoder``: ``auto`` = TorchCodec when installed, else torchvision.io (see pipelines.decode)
@@ -35,14 +36,21 @@ def _at_least(name: str, value: int, low: int) -> None:
         raise ConfigError(f"{name}: must be >= {low}, got {value}")
 
 
+def _one_of(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{name}: must be one of {', '.join(valid)}, got {value!r}")
+
+
 @dataclass
 class PilOptions(BackendOptions):
     """``pil``: PIL decode + augment in DataLoader worker processes."""
 
     prefetch_factor: int = 4  # batches each worker process prepares ahead (DataLoader prefetch_factor)
+    bad_samples: str = "replace"  # an unreadable sample: replace (by the next readable one) | skip
 
     def __post_init__(self) -> None:
         _at_least("prefetch_factor", self.prefetch_factor, 1)
+        _one_of("bad_samples", self.bad_samples, BAD_SAMPLE_POLICIES)
 
 
 @dataclass
@@ -51,11 +59,12 @@ class TorchOptions(BackendOptions):
 
     prefetch: int = 2  # batches produced ahead of the training step by the loader's thread
     decoder: str = "auto"  # JPEG decoder: auto (torchcodec if installed, else torchvision) | torchcodec | torchvision | nvimgcodec
+    bad_samples: str = "replace"  # an unreadable sample: replace (by the next readable one) | skip
 
     def __post_init__(self) -> None:
         _at_least("prefetch", self.prefetch, 1)
-        if self.decoder not in DECODERS:
-            raise ConfigError(f"decoder: must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
+        _one_of("decoder", self.decoder, DECODERS)
+        _one_of("bad_samples", self.bad_samples, BAD_SAMPLE_POLICIES)
 
 
 @dataclass
@@ -65,8 +74,10 @@ class DaliOptions(BackendOptions):
     hw_decoder_load: float = 0.9  # GPU mode: share of JPEGs sent to the hardware JPEG decoder
     threads: int = 0  # DALI CPU threads; 0 = data.workers (at least 1)
     prefetch: int = 2  # DALI prefetch queue depth (batches in flight)
+    bad_samples: str = "replace"  # an unreadable sample: replace (by the next readable one) | skip
 
     def __post_init__(self) -> None:
+        _one_of("bad_samples", self.bad_samples, BAD_SAMPLE_POLICIES)
         if not 0.0 <= self.hw_decoder_load <= 1.0:
             raise ConfigError(f"hw_decoder_load: must be in [0, 1], got {self.hw_decoder_load}")
         _at_least("threads", self.threads, 0)

@@ -36,8 +36,8 @@ def folder(tmp_path: Path) -> Path:
 
 
 def test_defaults_live_in_the_options_classes() -> None:
-    assert TorchOptions() == TorchOptions(prefetch=2, decoder="auto")
-    assert DaliOptions() == DaliOptions(hw_decoder_load=0.9, threads=0, prefetch=2)
+    assert TorchOptions() == TorchOptions(prefetch=2, decoder="auto", bad_samples="replace")
+    assert DaliOptions() == DaliOptions(hw_decoder_load=0.9, threads=0, prefetch=2, bad_samples="replace")
     assert PilOptions().prefetch_factor == 4 and FfcvOptions() == FfcvOptions(os_cache=True, batches_ahead=2)
     # the config's sections are those defaults, and so are the backends' keyword defaults
     cfg = Config()
@@ -55,10 +55,9 @@ def test_defaults_live_in_the_options_classes() -> None:
             assert params[f.name].default == f.default, (factory.__name__, f.name)
 
 
-def test_registry_records_options_and_formats() -> None:
-    assert BACKENDS.meta("dali")["formats"] == ("folder", "tfrecord", "wds")
-    assert BACKENDS.meta("ffcv") == {"options": FfcvOptions, "formats": ("beton",)}
-    assert "folder" in BACKENDS.meta("torch")["formats"] and "folder" in BACKENDS.meta("pil")["formats"]
+def test_registry_records_each_backends_options() -> None:
+    assert [BACKENDS.meta(n)["options"] for n in ("pil", "torch", "dali", "ffcv")] == \
+        [PilOptions, TorchOptions, DaliOptions, FfcvOptions]
 
 
 def test_sections_parse_and_save(tmp_path: Path) -> None:
@@ -75,9 +74,10 @@ def test_sections_parse_and_save(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("override, message", [
     ("data.dali.hw_decoder_loads=1", "unknown config key(s) data.dali.hw_decoder_loads; valid keys under "
-                                     "'data.dali': hw_decoder_load, threads, prefetch"),
+                                     "'data.dali': hw_decoder_load, threads, prefetch, bad_samples"),
     ("data.torch.fetch=1", "unknown config key(s) data.torch.fetch; valid keys under 'data.torch': prefetch, "
-                           "decoder"),
+                           "decoder, bad_samples"),
+    ("data.torch.bad_samples=drop", "data.torch.bad_samples: must be one of replace, skip, got 'drop'"),
     ("data.torch.prefetch=many", "data.torch.prefetch must be an integer, got 'many'"),
     ("data.ffcv.os_cache=2", "data.ffcv.os_cache must be true or false, got 2"),
     ("data.dali.hw_decoder_load=1.5", "data.dali.hw_decoder_load: must be in [0, 1], got 1.5"),
@@ -177,7 +177,7 @@ def test_build_loader_takes_the_backends_options(folder: Path) -> None:
     assert pil._loader.prefetch_factor == 2
     with pytest.raises(ConfigError, match="loader backend 'torch' takes TorchOptions, got DaliOptions"):
         build_loader(folder, SPEC, 4, backend="torch", options=DaliOptions())
-    with pytest.raises(ConfigError, match="unknown option.*hw_decoder_load.*valid: prefetch, decoder"):
+    with pytest.raises(ConfigError, match="unknown option.*hw_decoder_load.*valid: prefetch, decoder, bad_samples"):
         build_loader(folder, SPEC, 4, backend="torch", hw_decoder_load=0.5)
 
 
