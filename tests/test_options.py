@@ -148,7 +148,11 @@ def test_loader_options_is_the_chosen_backends(backend: str, cls: type) -> None:
     assert loader_options(cfg) is opts  # the trainer does no per-backend dispatch
 
 
-def test_plugin_backend_options(folder: Path) -> None:
+def test_plugin_backend_options(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    BACKENDS.names()  # the built-in ones registered; the test's own are removed afterwards
+    monkeypatch.setattr(BACKENDS, "_entries", dict(BACKENDS._entries))
+    monkeypatch.setattr(BACKENDS, "_meta", dict(BACKENDS._meta))
+
     @dataclasses.dataclass
     class EchoOptions(PilOptions):
         pass
