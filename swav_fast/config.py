@@ -679,8 +679,11 @@ def _comments(cls: type) -> dict[str, str]:
     import inspect
 
     try:
-        lines = inspect.getsource(cls).splitlines()
-    except (OSError, TypeError):  # no source (e.g. a zipped install)
+        try:
+            lines = inspect.getsource(cls).splitlines()
+        except SystemError:  # CPython 3.11's ast.parse may fail once with a spurious "AST constructor
+            lines = inspect.getsource(cls).splitlines()  # recursion depth mismatch" (seen after DALI / numba)
+    except (OSError, TypeError, SystemError):  # no source (e.g. a zipped install)
         return {}
     out: dict[str, str] = {}
     above: list[str] = []
