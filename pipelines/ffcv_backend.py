@@ -29,122 +29,15 @@ import torch
 from pipelines.errors import ConfigError, DataError
 
 from .folder import ImageFolderIndex
+from .formats.beton import BetonIndex, BetonSource, open_beton_index
 from .loader import MultiCropBatch, MultiCropLoader, register_backend
 from .params import BatchViewParams, crop_boxes_for_indices, sample_params_for_indices
 from .spec import MultiCropSpec
 
+#: What this backend reads (:mod:`pipelines.formats`); the README's backend table lists it.
+FORMATS = ("beton",)
 #: Luma weights of torchvision's rgb_to_grayscale (ITU-R 601, as PIL's convert("L") up to rounding).
 _LUMA = (0.2989, 0.587, 0.114)
-
-
-# ----------------------------------------------------------------------------- the beton "index"
-class _BetonSamples(Sequence):
-    """``(pseudo path, label)`` per sample, built on demand (no million-entry list)."""
-
-    def __init__(self, beton: str, labels: np.ndarray) -> None:
-        self.beton, self.labels = beton, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(len(self)))]
-        return f"{self.beton}#{int(i)}", int(self.labels[i])
-
-
-@dataclass
-class BetonIndex(ImageFolderIndex):
-    """An :class:`ImageFolderIndex` over a ``.beton``: ``root`` is the split folder, labels from metadata."""
-
-    beton: str = ""
-    labels: np.ndarray | None = None
-    widths: np.ndarray | None = None
-    heights: np.ndarray | None = None
-
-    def path(self, i: int) -> str:
-        return f"{self.beton}#{int(i)}"
-
-    def label(self, i: int) -> int:
-        return int(self.labels[i])  # type: ignore[index]
-
-
-def open_beton_index(source: str | os.PathLike[str]) -> BetonIndex:
-    """A :class:`BetonIndex` for a prepared beton split folder, its ``manifest.json`` or the ``.beton``."""
-    from swav_fast.prepare.beton import read_beton_tables
-    from swav_fast.prepare.manifest import MANIFEST_NAME, read_manifest, shard_paths
-
-    p = Path(source)
-    classes: list[str] | None = None
-    if p.suffix == ".beton":
-        beton = p
-        if (p.parent / MANIFEST_NAME).exists():
-            classes = read_manifest(p.parent)["classes"]
-    else:
-        m = read_manifest(p)
-        if m["format"] != "beton":
-            raise DataError(
-                f"{p} holds a {m['format']} dataset; the ffcv backend reads beton "
-                "(swav-fast prepare --format beton)"
-            )
-        beton = Path(shard_paths(p, m)[0][0])
-        classes = m["classes"]
-    if not beton.is_file():
-        raise DataError(f"beton file not found: {beton}")
-    try:
-        _, _, meta, _ = read_beton_tables(beton)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{beton} is not a readable beton: {exc}") from None
-    labels = meta["f1"].astype(np.int64)
-    if classes is None:
-        classes = [str(k) for k in range(int(labels.max(initial=-1)) + 1)]
-    if len(labels) == 0:
-        raise DataError(f"{beton} holds no samples")
-    return BetonIndex(
-        root=str(beton.parent),
-        classes=list(classes),
-        samples=_BetonSamples(str(beton), labels),
-        beton=str(beton),
-        labels=labels,
-        widths=meta["f0"]["width"].astype(np.int64),
-        heights=meta["f0"]["height"].astype(np.int64),
-    )
-
-
-class BetonSource:
-    """Random access to ``(JPEG bytes, label)`` of a prepared beton (the ``SampleSource`` protocol of
-    :mod:`pipelines.dali_backend`), without ffcv: the evaluation readers use it."""
-
-    def __init__(self, source: str | os.PathLike[str]) -> None:
-        from swav_fast.prepare.beton import read_beton_tables
-
-        self.index = open_beton_index(source)
-        self.root, self.classes = self.index.root, list(self.index.classes)
-        _, _, _, alloc = read_beton_tables(self.index.beton)
-        order = np.argsort(alloc["sample_id"], kind="stable")
-        self._ptr = alloc["ptr"][order].astype(np.int64)
-        self._size = alloc["size"][order].astype(np.int64)
-        if len(self._ptr) != len(self.index.labels):  # type: ignore[arg-type]
-            raise DataError(f"{self.index.beton}: the allocation table does not list every sample once")
-        self._f: Any = None
-
-    def __len__(self) -> int:
-        return len(self._ptr)
-
-    def read(self, i: int) -> tuple[bytes, int]:
-        if self._f is None:
-            self._f = open(self.index.beton, "rb")
-        self._f.seek(int(self._ptr[i]))
-        data = self._f.read(int(self._size[i]))
-        if len(data) != int(self._size[i]):
-            raise DataError(f"{self.index.beton} is truncated at sample {i}")
-        return data, self.index.label(i)
-
-    def name(self, i: int) -> str:
-        return self.index.path(i)
-
-    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers open their own file
-        return {**self.__dict__, "_f": None}
 
 
 # ----------------------------------------------------------------------------- batched torch ops

@@ -13,10 +13,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipelines.errors import ConfigError, SwavFastError
+from pipelines.errors import ConfigError, DataError, SwavFastError
 
 from .folder import ImageFolderIndex, scan_image_folder
 from .params import BatchViewParams, stack_rows
+from .pil import FORMATS as PIL_FORMATS
 from .pil import PILMultiCropDataset, Sample
 from .spec import MultiCropSpec
 
@@ -223,28 +224,43 @@ class Collate:
         failed = next((s for s in samples if isinstance(s, _WorkerFailure)), None)
         if failed is not None:
             return failed
+        skipped = sum(not s.views for s in samples)
+        bad_paths = [p for s in samples for p in s.bad_paths]
+        samples = [s for s in samples if s.views]  # the bad-sample policy "skip" left these out
+        if not samples:
+            return _WorkerFailure(DataError, f"every sample of a batch of {skipped} is unreadable; "
+                                  "is the dataset corrupt?")
         views = [torch.stack([s.views[v] for s in samples]).to(self.dtype).contiguous(memory_format=self.fmt)
                  for v in range(self.num_views)]
         return MultiCropBatch(
             views=views,
             labels=torch.tensor([s.label for s in samples], dtype=torch.int64),
             indices=torch.tensor([s.index for s in samples], dtype=torch.int64),
-            num_bad=sum(not s.ok for s in samples),
-            bad_paths=[p for s in samples for p in s.bad_paths],
+            num_bad=sum(not s.ok for s in samples) + skipped,
+            bad_paths=bad_paths,
             params=([stack_rows([s.params[v] for s in samples]) for v in range(self.num_views)]
                     if samples and samples[0].params else None))
 
 
 class PILLoader(MultiCropLoader):
-    """PIL decode + augment in DataLoader worker processes (the official-style reference)."""
+    """PIL decode + augment in DataLoader worker processes (the official-style reference).
 
-    def __init__(self, index: ImageFolderIndex, spec: MultiCropSpec, batch_size: int, device: Any = "cpu",
+    ``index``: an ImageFolder (path or index) or a prepared TFRecord / webdataset split folder.
+    """
+
+    #: ``build_loader`` hands over the path itself: prepared TFRecord / webdataset folders are read too.
+    accepts_path = True
+    formats = PIL_FORMATS
+
+    def __init__(self, index: Any, spec: MultiCropSpec, batch_size: int, device: Any = "cpu",
                  rank: int = 0, world_size: int = 1, seed: int = 0, num_workers: int = 0,
-                 drop_last: bool = True, prefetch_factor: int = 4) -> None:
-        super().__init__(index, spec, batch_size, device, rank, world_size, seed, drop_last)
+                 drop_last: bool = True, prefetch_factor: int = 4, bad_samples: str = "replace") -> None:
         if num_workers < 0:
             raise ConfigError(f"num_workers: must be >= 0, got {num_workers}")
-        self.dataset = PILMultiCropDataset(index, spec, seed)
+        self.dataset = PILMultiCropDataset(index, spec, seed, bad_samples=bad_samples)
+        # the base class needs only len(index) and index.classes, which every source has
+        super().__init__(self.dataset.source, spec, batch_size, device, rank, world_size, seed,  # type: ignore
+                         drop_last)
         self._sampler = _BatchList()
         extra: dict[str, Any] = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if num_workers else {}
         self._loader = DataLoader(_EpochItems(self.dataset), batch_sampler=self._sampler, num_workers=num_workers,
@@ -267,6 +283,7 @@ class PILLoader(MultiCropLoader):
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
         self._loader._iterator = None
+        self.dataset.source.close()
 
 
 # -- registry ------------------------------------------------------------------------------------
@@ -289,16 +306,31 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
+def backend_formats(name: str) -> tuple[str, ...]:
+    """The stored formats (:data:`pipelines.formats.sources.ALL_FORMATS`) backend ``name`` reads: its
+    module's ``FORMATS`` (an ImageFolder only when it declares none)."""
+    _import_builtin_backends()
+    factory = _BACKENDS[name]
+    module = sys.modules.get(getattr(factory, "__module__", ""), None)
+    return tuple(getattr(factory, "formats", None) or getattr(module, "FORMATS", None) or ("folder",))
+
+
+def backends_reading(fmt: str) -> list[str]:
+    """The registered backends that read format ``fmt``."""
+    return [name for name in available_backends() if fmt in backend_formats(name)]
+
+
 register_backend("pil", PILLoader)
 
 
 def build_loader(source: str | os.PathLike[str] | ImageFolderIndex, spec: MultiCropSpec, batch_size: int,
                  backend: str = "pil", device: Any = "cpu", rank: int = 0, world_size: int = 1, seed: int = 0,
                  num_workers: int = 0, drop_last: bool = True, **backend_options: Any) -> MultiCropLoader:
-    """A multi-crop loader over an ImageFolder path (or a pre-scanned :class:`ImageFolderIndex`).
+    """A multi-crop loader over a dataset path (or a pre-scanned :class:`ImageFolderIndex`).
 
     Backends whose factory has ``accepts_path = True`` get the path itself, so that they can also read
-    prepared datasets (``swav-fast prepare`` TFRecord / webdataset / beton folders).
+    prepared datasets (``swav-fast prepare`` TFRecord / webdataset / beton folders; which backend reads
+    which format: :func:`backend_formats`, the README's backend table).
     ``backend_options`` go to the backend (e.g. ``hw_decoder_load`` for ``dali``).
     """
     _import_builtin_backends()

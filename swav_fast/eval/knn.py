@@ -60,9 +60,10 @@ def open_split(split: str | Path | ImageFolderIndex | Any) -> Any:
     """A random-access sample source (``read(i) -> (bytes, label)``, ``classes``, ``root``) for a split:
     an ImageFolder, or a folder that ``swav-fast prepare`` wrote (TFRecord, webdataset or beton).
 
-    The readers are the loaders' own (:mod:`pipelines.dali_backend`, :mod:`pipelines.ffcv_backend`).
+    The readers are the loaders' own (:mod:`pipelines.formats`).
     """
-    from pipelines.dali_backend import ImageFolderSource, open_source
+    from pipelines.formats.folder import ImageFolderSource
+    from pipelines.formats.sources import open_source
 
     if isinstance(split, ImageFolderIndex):
         return ImageFolderSource(split)
@@ -70,10 +71,6 @@ def open_split(split: str | Path | ImageFolderIndex | Any) -> Any:
         return split  # already a source
     path = Path(split)
     fmt = _prepared_format(path)
-    if fmt == "beton":
-        from pipelines.ffcv_backend import BetonSource
-
-        return BetonSource(path)
     if fmt is not None:
         return open_source(path)
     return ImageFolderSource(scan_image_folder(path))
