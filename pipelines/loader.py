@@ -24,7 +24,7 @@ from .pil import FORMATS as PIL_FORMATS
 from .pil import PILMultiCropDataset, Sample
 from .spec import MultiCropSpec
 
-#: Extra stream tag so the shuffle generator never coincides with a per-sample generator.
+#: Stream tag of the epoch shuffle (the augmentation parameters come from pipelines.params, another generator).
 _SHUFFLE_TAG = 0x5357_4156
 
 
