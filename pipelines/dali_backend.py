@@ -58,6 +58,7 @@ from .exif import jpeg_orientation, oriented_size
 from .formats.probe import image_size
 from .formats.sources import open_source
 from .loader import MultiCropBatch, MultiCropLoader, register_backend
+from .options import DaliOptions
 from .params import BatchViewParams, concat_params, sample_params_for_indices
 from .prefetch import Prefetcher
 from .spec import MultiCropSpec
@@ -65,7 +66,7 @@ from .spec import MultiCropSpec
 log = logging.getLogger("pipelines")
 
 #: Default share of JPEG decoding given to the hardware decoder (A100/H100) in ``mixed`` mode.
-DEFAULT_HW_DECODER_LOAD = 0.9
+DEFAULT_HW_DECODER_LOAD = DaliOptions.hw_decoder_load
 #: How many times one pass may rebuild the pipeline after a decode failure before giving up (each
 #: rebuild follows at least one newly found bad file; the host-side check catches the usual ones).
 MAX_RECOVERIES = 256
@@ -211,8 +212,8 @@ class DALILoader(MultiCropLoader):
     """Multi-crop loader on NVIDIA DALI; ``device="cuda"`` decodes with nvJPEG (+ HW decoder), CPU otherwise.
 
     ``source``: an ImageFolder (path or :class:`ImageFolderIndex`) or a prepared split folder
-    (``manifest.json`` with ``format`` ``tfrecord`` or ``wds``).  ``num_workers`` is DALI's CPU thread
-    count; ``prefetch`` its queue depth; ``hw_decoder_load`` the share of JPEGs sent to the hardware
+    (``manifest.json`` with ``format`` ``tfrecord`` or ``wds``).  ``threads`` is DALI's CPU thread
+    count (0: ``num_workers``, at least 1); ``prefetch`` its queue depth; ``hw_decoder_load`` the share of JPEGs sent to the hardware
     JPEG decoder (GPU mode only).  Outputs stay on ``device``.
     """
 
@@ -221,8 +222,9 @@ class DALILoader(MultiCropLoader):
 
     def __init__(self, source: Any, spec: MultiCropSpec, batch_size: int, device: Any = "cpu",
                  rank: int = 0, world_size: int = 1, seed: int = 0, num_workers: int = 4,
-                 drop_last: bool = True, prefetch: int = 2,
-                 hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD, bad_samples: str = "replace") -> None:
+                 drop_last: bool = True, prefetch: int = DaliOptions.prefetch,
+                 hw_decoder_load: float = DaliOptions.hw_decoder_load, threads: int = DaliOptions.threads,
+                 bad_samples: str = DaliOptions.bad_samples) -> None:
         import_dali()
         self.bad = BadSamples(bad_samples, remember=True)
         self.source = open_source(source, formats=FORMATS)
@@ -231,10 +233,8 @@ class DALILoader(MultiCropLoader):
                          drop_last)
         if num_workers < 0:
             raise ConfigError(f"num_workers: must be >= 0, got {num_workers}")
-        if prefetch < 1:
-            raise ConfigError(f"prefetch: must be >= 1, got {prefetch}")
-        if not 0.0 <= hw_decoder_load <= 1.0:
-            raise ConfigError(f"hw_decoder_load: must be in [0, 1], got {hw_decoder_load}")
+        DaliOptions(hw_decoder_load=hw_decoder_load, threads=threads, prefetch=prefetch,
+                    bad_samples=bad_samples)  # the values' checks
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
                 raise ConfigError(f"dali loader: device {self.device} requested but CUDA is not available")
@@ -245,7 +245,7 @@ class DALILoader(MultiCropLoader):
             device_id = None
         else:
             raise ConfigError(f"dali loader: device must be cpu or cuda, got {self.device}")
-        self.opts = DecodeOptions(device_id=device_id, num_threads=max(1, int(num_workers)),
+        self.opts = DecodeOptions(device_id=device_id, num_threads=max(1, int(threads or num_workers)),
                                   prefetch=int(prefetch), hw_decoder_load=float(hw_decoder_load),
                                   sizes=tuple(spec.view_sizes))
         self._pipe: Any = None
@@ -504,4 +504,4 @@ def _view_groups(spec: MultiCropSpec) -> list[list[int]]:
     return list(groups.values())
 
 
-register_backend("dali", DALILoader)
+register_backend("dali", DALILoader, options=DaliOptions)

@@ -31,6 +31,7 @@ from pipelines.errors import ConfigError, DataError
 from .folder import ImageFolderIndex
 from .formats.beton import BetonIndex, BetonSource, open_beton_index
 from .loader import MultiCropBatch, MultiCropLoader, register_backend
+from .options import FfcvOptions
 from .params import BatchViewParams, crop_boxes_for_indices, sample_params_for_indices
 from .spec import MultiCropSpec
 
@@ -289,8 +290,8 @@ class FFCVLoader(MultiCropLoader):
         seed: int = 0,
         num_workers: int = 0,
         drop_last: bool = True,
-        os_cache: bool = True,
-        batches_ahead: int = 2,
+        os_cache: bool = FfcvOptions.os_cache,
+        batches_ahead: int = FfcvOptions.batches_ahead,
     ) -> None:
         if not isinstance(index, BetonIndex):
             if isinstance(index, ImageFolderIndex):
@@ -303,6 +304,7 @@ class FFCVLoader(MultiCropLoader):
         super().__init__(index, spec, batch_size, device, rank, world_size, seed, drop_last)
         if num_workers < 0:
             raise ConfigError(f"num_workers: must be >= 0, got {num_workers}")
+        FfcvOptions(os_cache=os_cache, batches_ahead=batches_ahead)  # checks the values
         ffcv_loader = _import_ffcv()
         from ffcv.fields.basics import IntDecoder
         from ffcv.pipeline import PipelineSpec
@@ -382,4 +384,4 @@ def build_ffcv_loader(
 
 
 build_ffcv_loader.accepts_path = True  # type: ignore[attr-defined]  # a prepared folder or .beton path
-register_backend("ffcv", build_ffcv_loader)
+register_backend("ffcv", build_ffcv_loader, options=FfcvOptions)

@@ -9,9 +9,11 @@ view ``v`` of sample ``i`` in ``epoch`` is
 with ``mix`` the splitmix64 finaliser (``z = x + 0x9E3779B97F4A7C15``;
 ``z = (z ^ z >> 30) * 0xBF58476D1CE4E5B9``; ``z = (z ^ z >> 27) * 0x94D049BB133111EB``;
 ``z ^ z >> 31``, all mod 2**64), so ``u`` is uniform on the 2**53 multiples of 2**-53 in [0, 1).
-Nothing depends on batch composition, worker count, rank or the order of draws: the PIL backend
-(per sample), the torch and DALI backends (vectorised per batch) and FFCV (a crop table per epoch)
-get identical parameters, and a resumed epoch draws exactly what the uninterrupted one did.
+The sample index is that of the sample actually decoded (a replacement for an unreadable file draws
+its own parameters).  Nothing depends on batch composition, worker count, rank, world size or the
+order of draws: the PIL backend (per sample), the torch and DALI backends (vectorised per batch) and
+FFCV (a crop table per epoch) get identical parameters, and a resumed epoch draws exactly what the
+uninterrupted one did.
 
 Every view uses one block of ``NUM_UNIFORMS`` slots; :func:`params_from_uniforms` maps them to the
 parameters following torchvision (RandomResizedCrop with its 10 attempts and central fallback,

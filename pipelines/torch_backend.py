@@ -4,9 +4,10 @@ Per batch:
 
 1. **read** the encoded samples with a thread pool, from any format :func:`pipelines.formats.open_source`
    opens here (an ImageFolder, TFRecord or webdataset shards);
-2. **decode** all JPEGs of the batch in one ``torchvision.io.decode_jpeg(list, device=...)`` call (nvJPEG
-   batched on CUDA; libjpeg-turbo on CPU); other formats, and JPEGs the batched call rejects, go
-   one by one through torchvision / PIL.  Unreadable files (truncated, corrupt, not an image,
+2. **decode** all JPEGs of the batch in one :func:`pipelines.decode.decode_jpegs_each` call (TorchCodec's
+   ``decode_jpeg(list, device=...)``: nvJPEG batched on CUDA, libjpeg-turbo on CPU; torchvision.io only
+   when TorchCodec is missing; ``decoder`` chooses); other formats, and JPEGs the batched call
+   rejects, go one by one through PIL.  Unreadable files (truncated, corrupt, not an image,
    decompression bombs; :mod:`pipelines.formats.probe` checks each JPEG header first) go through the
    loader's :class:`~pipelines.badsamples.BadSamples` policy (replaced by the next readable sample, or
    skipped) and are counted, as in every backend;
@@ -30,35 +31,29 @@ from __future__ import annotations
 import io
 import logging
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipelines.errors import ConfigError, DataError
 
 from .badsamples import BadSamples
+from .decode import decode_jpegs_each, resolve_decoder
 from .folder import ImageFolderIndex
 from .formats.probe import BadImage, is_jpeg, jpeg_size
 from .formats.sources import open_source
 from .gpu_aug import augment_views, colour_params_from_batch
 from .loader import MultiCropBatch, MultiCropLoader, register_backend
+from .options import TorchOptions
 from .params import BatchViewParams, concat_params, sample_params_for_indices, split_params
-from .exif import jpeg_orientation, orient_chw
 from .pil import decode_rgb
 from .prefetch import Prefetcher
 from .spec import MultiCropSpec
 
 log = logging.getLogger("pipelines")
-
-# torchvision 0.29 marks its image codecs deprecated (in favour of torchcodec); they are what this
-# backend is about, so keep the per-call warning out of the logs.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
 
 #: A chunk of images shares one zero-padded canvas while canvas pixels <= this factor x image pixels.
 CANVAS_WASTE = 1.5
@@ -74,12 +69,14 @@ def _decode_other(data: bytes | bytearray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
 
 
-def decode_images(datas: Sequence[bytes | bytearray | BaseException], device: Any
+def decode_images(datas: Sequence[bytes | bytearray | BaseException], device: Any, decoder: str = "auto"
                   ) -> tuple[list[torch.Tensor | None], list[str | None]]:
     """Decode a batch: ``(images [3, H, W] uint8 on device, or None; error message per item, or None)``.
 
-    All JPEGs that pass :func:`pipelines.formats.probe.jpeg_size` go through one batched ``decode_jpeg`` call; when that
-    call fails, each is retried alone and then with PIL, so one bad file never costs the batch.
+    All JPEGs that pass :func:`pipelines.formats.probe.jpeg_size` go through one batched
+    :func:`pipelines.decode.decode_jpegs_each` call (``decoder``: TorchCodec by default, torchvision.io
+    when it is missing); JPEGs it rejects and other formats go one by one through PIL, so one bad file
+    never costs the batch.
     """
     dev = torch.device(device)
     n = len(datas)
@@ -99,21 +96,12 @@ def decode_images(datas: Sequence[bytes | bytearray | BaseException], device: An
         else:
             others.append(i)
     if jpegs:
-        buffers = [torch.frombuffer(datas[i], dtype=torch.uint8) for i in jpegs]  # type: ignore[arg-type]
-        try:
-            decoded = decode_jpeg(buffers, mode=ImageReadMode.RGB, device=dev)
-        except RuntimeError:
-            decoded = None
-        if decoded is not None:
-            for i, img in zip(jpegs, decoded):
-                images[i] = orient_chw(img, jpeg_orientation(datas[i]))  # type: ignore[arg-type]
-        else:
-            for i, buf in zip(jpegs, buffers):
-                try:
-                    images[i] = orient_chw(decode_jpeg(buf, mode=ImageReadMode.RGB, device=dev),
-                                           jpeg_orientation(datas[i]))  # type: ignore[arg-type]
-                except RuntimeError:
-                    others.append(i)
+        decoded, _ = decode_jpegs_each([datas[i] for i in jpegs], dev, decoder)  # type: ignore[misc]
+        for i, img in zip(jpegs, decoded):
+            if img is None:
+                others.append(i)  # e.g. CMYK: PIL reads it
+            else:
+                images[i] = img
     for i in others:
         try:
             images[i] = _decode_other(datas[i]).to(dev)  # type: ignore[arg-type]
@@ -268,7 +256,7 @@ class DecodedBatch:
 
 
 class TorchLoader(MultiCropLoader):
-    """Batched torchvision decode + torch augmentation on ``device`` (CUDA: nvJPEG, side stream).
+    """Batched TorchCodec decode + torch augmentation on ``device`` (CUDA: nvJPEG, side stream).
 
     ``num_workers``: file-reading threads (0: ``min(8, cpu_count)``).  ``prefetch``: batches produced
     ahead.  Augmentation parameters are those of every backend (:mod:`pipelines.params`): identical
@@ -280,15 +268,15 @@ class TorchLoader(MultiCropLoader):
 
     def __init__(self, index: Any, spec: MultiCropSpec, batch_size: int, device: Any = "cpu",
                  rank: int = 0, world_size: int = 1, seed: int = 0, num_workers: int = 0,
-                 drop_last: bool = True, prefetch: int = 2, bad_samples: str = "replace") -> None:
+                 drop_last: bool = True, prefetch: int = TorchOptions.prefetch,
+                 decoder: str = TorchOptions.decoder, bad_samples: str = TorchOptions.bad_samples) -> None:
         self.bad = BadSamples(bad_samples)
         self.source = open_source(index, formats=FORMATS)
         # the base class needs only len(index) and index.classes, which every source has
         super().__init__(self.source, spec, batch_size, device, rank, world_size, seed, drop_last)  # type: ignore
         if num_workers < 0:
             raise ConfigError(f"num_workers: must be >= 0, got {num_workers}")
-        if prefetch < 1:
-            raise ConfigError(f"prefetch: must be >= 1, got {prefetch}")
+        TorchOptions(prefetch=prefetch, decoder=decoder, bad_samples=bad_samples)  # the values' checks
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
                 raise ConfigError(f"loader device {self.device} requested but CUDA is not available")
@@ -297,6 +285,7 @@ class TorchLoader(MultiCropLoader):
         elif self.device.type != "cpu":
             raise ConfigError(f"torch loader backend runs on cpu or cuda, not {self.device}")
         self.prefetch = int(prefetch)
+        self.decoder = resolve_decoder(decoder)  # auto -> torchcodec when installed, else torchvision
         self.read_threads = num_workers or min(8, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="swav-read")
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -323,7 +312,7 @@ class TorchLoader(MultiCropLoader):
         """Stage 2: decode on the loader's device; unreadable samples go through the loader's
         :class:`~pipelines.badsamples.BadSamples` policy (replaced by the next readable one, or skipped)."""
         images, errors = decode_images([d if isinstance(d, BaseException) else d[0] for d in datas],
-                                       self.device)
+                                       self.device, self.decoder)
         n = len(self.source)
         sources = np.array([int(i) for i in indices], dtype=np.int64)
         labels = np.array([-1 if isinstance(d, BaseException) else d[1] for d in datas], dtype=np.int64)
@@ -335,7 +324,7 @@ class TorchLoader(MultiCropLoader):
             (d,) = self.read([j])
             if isinstance(d, BaseException):
                 raise d
-            (img,), (err,) = decode_images([d[0]], self.device)
+            (img,), (err,) = decode_images([d[0]], self.device, self.decoder)
             if err is not None:
                 raise BadImage(err)
             return img, d[1]  # type: ignore[return-value]
@@ -439,4 +428,4 @@ class TorchLoader(MultiCropLoader):
         self.source.close()
 
 
-register_backend("torch", TorchLoader)
+register_backend("torch", TorchLoader, options=TorchOptions)

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from pipelines import build_loader
+from pipelines.options import BackendOptions
 from pipelines.spec import spec_for_step
 from swav_fast import checkpoint as ckpt
 from swav_fast import ddp
@@ -77,14 +78,9 @@ def synthetic_root(cfg: Config) -> Path:
     return root
 
 
-def loader_options(cfg: Config) -> dict[str, Any]:
-    """Backend-specific loader settings from ``cfg.data``."""
-    d = cfg.data
-    if d.loader == "dali":
-        return {"prefetch": d.prefetch, "hw_decoder_load": d.hw_decoder_load}
-    if d.loader == "torch":
-        return {"prefetch": d.prefetch}
-    return {}
+def loader_options(cfg: Config) -> BackendOptions | None:
+    """The chosen loader backend's options (``data.<backend>.*``)."""
+    return cfg.data.loader_options()
 
 
 def check_writable(folder: Path) -> None:
@@ -225,7 +221,7 @@ class Trainer:
                                     t.channels_last and self.device.type == "cuda")
         self.loader = build_loader(data_path, loader_spec, cfg.optim.batch_size, backend=cfg.data.loader,
                                    device=self.device, rank=self.rank, world_size=self.world, seed=t.seed,
-                                   num_workers=cfg.data.workers, **loader_options(cfg))
+                                   num_workers=cfg.data.workers, options=loader_options(cfg))
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
             raise DataError(f"{data_path} has fewer images ({self.loader.num_samples}) than one batch "

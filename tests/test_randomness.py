@@ -324,3 +324,23 @@ def test_exact_resume_ffcv(beton: Path) -> None:
         idx = b.indices.numpy()
         ref = sample_params_for_indices(SMALL, 2, 1, idx, index.widths[idx], index.heights[idx])
         assert all(params_equal(p, q) for p, q in zip(b.params, ref))
+
+
+def test_parameters_do_not_depend_on_rank_world_size_or_workers(folder: Path) -> None:
+    """A sample's parameters are its own: the same on rank 1 of 2 (torch) and in a single process with
+    DataLoader workers (pil), so changing the world size or the worker count keeps every sample's views."""
+    single = _loader("pil", folder, SMALL, 2, seed=6, num_workers=1)
+    by_index = {}
+    for b in _pass(single, 3):
+        for j, i in enumerate(b.indices.tolist()):
+            by_index[i] = [p.row(j) for p in b.params]
+    single.close()
+    assert len(by_index) == 12
+    rank1 = _loader("torch", folder, SMALL, 2, seed=6, rank=1, world_size=2)
+    seen = 0
+    for b in _pass(rank1, 3):
+        for j, i in enumerate(b.indices.tolist()):
+            assert [p.row(j) for p in b.params] == by_index[i]
+            seen += 1
+    rank1.close()
+    assert seen == 6
