@@ -207,6 +207,14 @@ def cmd_bench_loader(ctx: Context) -> list[str]:
     return _bench("bench_loader", ctx, "bench-loader", [*args, "--data", str(ctx.data)])
 
 
+def cmd_bench_decode(ctx: Context) -> list[str]:
+    if ctx.tiny:
+        args = ["--device", "cpu", "--images", "4", "--batch", "2", "--repeats", "1", "--warmup", "0"]
+    else:  # the check's ImageFolder: 500x375 JPEGs
+        args = ["--images", "512", "--batch", "256", "--repeats", "5", "--warmup", "1"]
+    return _bench("bench_decode", ctx, "bench-decode", [*args, "--data", str(ctx.data)])
+
+
 def cmd_bench_methods(ctx: Context) -> list[str]:
     if ctx.tiny:
         args = ["--device", "cpu", "--methods", "swav,byol", "--batch", "4", "--crops", "2x32,2x16",
@@ -314,6 +322,20 @@ def head_loader(ctx: Context, o: Outcome) -> str:
     return ", ".join(parts)
 
 
+def head_decode(ctx: Context, o: Outcome) -> str:
+    rows = _rows(ctx, o)
+    if rows is None:
+        return last_line(ctx, o)
+    parts = []
+    for r in rows:
+        if not r.get("images_per_s"):
+            parts.append(f"{r['decoder']}: n/a")
+            continue
+        ratio = f" ({r['x_pil']:.2f}x pil)" if r.get("x_pil") and r["decoder"] != "pil" else ""
+        parts.append(f"{r['decoder']} {_n(r['images_per_s'])} img/s{ratio}")
+    return ", ".join(parts)
+
+
 def head_methods(ctx: Context, o: Outcome) -> str:
     rows = _rows(ctx, o)
     if rows is None:
@@ -342,6 +364,8 @@ PARTS: list[Part] = [
          cmd_bench_e2e, head_e2e, needs_data=True),
     Part("bench-loader", "loader throughput per backend and stage", 45, 150, 15, 90, cmd_bench_loader,
          head_loader, needs_data=True),
+    Part("bench-decode", "JPEG decode images/s: torchcodec, torchvision.io, nvimgcodec, PIL", 30, 120, 10, 60,
+         cmd_bench_decode, head_decode, needs_data=True),
     Part("gpu-tests", "pytest -m gpu on every other test file", 60, 180, 20, 120, cmd_gpu_tests, head_pytest),
     Part("bench-methods", "every method's step, eager bf16", 80, 200, 15, 120, cmd_bench_methods,
          head_methods),

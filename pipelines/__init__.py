@@ -12,8 +12,8 @@ from .spec import MultiCropSpec
 #: names of the loader API -> the submodule that defines them (imported on first access)
 _LAZY = {"MultiCropBatch": "loader", "MultiCropLoader": "loader", "available_backends": "loader",
          "build_loader": "loader", "register_backend": "loader", "ViewParams": "params",
-         "sample_batch_params": "params", "sample_params_for_indices": "params", "sample_rng": "params",
-         "sample_view_params": "params"}
+         "sample_params": "params", "sample_params_for_indices": "params", "sample_uniforms": "params",
+         "view_uniforms": "params"}
 
 
 def __getattr__(name: str):
@@ -35,9 +35,9 @@ __all__ = [
     "available_backends",
     "build_loader",
     "register_backend",
-    "sample_batch_params",
+    "sample_params",
     "sample_params_for_indices",
-    "sample_rng",
-    "sample_view_params",
+    "sample_uniforms",
     "scan_image_folder",
+    "view_uniforms",
 ]

@@ -6,6 +6,7 @@ impossible combinations are rejected by :meth:`Config.validate` before any work 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import re
@@ -17,6 +18,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from pipelines.options import BUILTIN_OPTIONS, BackendOptions, DaliOptions, FfcvOptions, PilOptions, TorchOptions
 from pipelines.spec import MultiCropSpec
 from swav_fast.errors import ConfigError
 from swav_fast.methods.configs import MethodsConfig, SwAVConfig  # noqa: F401 (SwAVConfig: old import path)
@@ -27,6 +29,12 @@ _FLOAT_TEXT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 log = logging.getLogger("swav_fast")
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
+#: old dotted key -> the key(s) it moved to: still read (into each new key), with a deprecation message.
+#: A new key given as well wins over the old one.
+RENAMED_KEYS: dict[str, tuple[str, ...]] = {
+    "data.prefetch": ("data.torch.prefetch", "data.dali.prefetch"),
+    "data.hw_decoder_load": ("data.dali.hw_decoder_load",),
+}
 #: ``train.on_checkpoint_error``: what a failed checkpoint write does (the previous one stays intact).
 CHECKPOINT_ERROR_POLICIES = ("stop", "continue")
 DIVERGENCE_POLICIES = ("stop", "rollback")
@@ -85,13 +93,35 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
+    """The data: where, which loader backend, its views; ``data.<backend>.*`` are each backend's own
+    options (:mod:`pipelines.options`, where their defaults live); only the chosen one is used."""
     path: Optional[str] = None  # ImageFolder; None = built-in synthetic dataset
     loader: str = "pil"
     workers: int = 8
-    prefetch: int = 2  # batches decoded ahead (torch, dali backends)
-    hw_decoder_load: float = 0.9  # dali on GPU: share of JPEGs sent to the hardware decoder
     crops: MultiCropSpec = field(default_factory=MultiCropSpec)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    pil: PilOptions = field(default_factory=PilOptions)
+    torch: TorchOptions = field(default_factory=TorchOptions)
+    dali: DaliOptions = field(default_factory=DaliOptions)
+    ffcv: FfcvOptions = field(default_factory=FfcvOptions)
+
+    def loader_options(self) -> BackendOptions | None:
+        """The chosen backend's options object (``data.<loader>``); for a plug-in backend without a
+        section, its registered options class's defaults (None when it takes no options)."""
+        if self.loader in BUILTIN_OPTIONS:
+            return getattr(self, self.loader)
+        from pipelines.loader import backend_options_class
+
+        cls = backend_options_class(self.loader)
+        return cls() if cls is not None else None
+
+    def validate_options(self) -> None:
+        """Check every backend section's values again (they may have been set after parsing)."""
+        for name in BUILTIN_OPTIONS:
+            try:
+                dataclasses.replace(getattr(self, name))
+            except ConfigError as exc:
+                raise ConfigError(f"data.{name}.{exc}") from None
 
 
 @dataclass
@@ -168,6 +198,7 @@ class Config:
         and step modes are checked where the run is composed: :func:`swav_fast.run.check_config`)."""
         self._validate_choices()
         self._validate_ranges()
+        self.data.validate_options()  # each backend section's values
         batch = per_process_batch(self, world_size)
         if batch < 1:
             raise ConfigError(f"optim.batch_size={batch} must be >= 1 (per process)")
@@ -336,11 +367,49 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 MOVED_SECTIONS: dict[str, str] = {"swav": "methods.swav"}
 
 
+def _migrate_renamed_keys(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """``data`` with each key of :data:`RENAMED_KEYS` copied into its new key(s) (where not given) and
+    removed, logging one deprecation line per key."""
+    out = data
+    for old, targets in RENAMED_KEYS.items():
+        *path, leaf = old.split(".")
+        node: Any = out
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        out = copy.deepcopy(out) if out is data else out
+        parent = out
+        for part in path:
+            parent = parent[part]
+        value = parent.pop(leaf)
+        for new in targets:
+            *new_path, new_leaf = new.split(".")
+            dest: Any = out
+            for part in new_path:
+                child = dest.get(part)
+                if child is None:
+                    child = dest[part] = {}
+                if not isinstance(child, dict):
+                    break  # not a mapping: its own type error follows
+                dest = child
+            else:
+                dest.setdefault(new_leaf, value)
+        log.warning("deprecated config key in %s: %s moved to %s; the old name still loads", source, old,
+                    " and ".join(targets))
+    return out
+
+
 def migrate_moved_keys(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """``data`` with the keys of :data:`MOVED_SECTIONS` moved to their new place (``swav.epsilon`` ->
     ``methods.swav.epsilon``), logging one deprecation line naming ``source`` (a recipe, an override,
-    a checkpoint's saved config). Keys given at the new place in the same ``data`` win."""
-    if not isinstance(data, dict) or not any(old in data for old in MOVED_SECTIONS):
+    a checkpoint's saved config), and the single keys of :data:`RENAMED_KEYS` likewise (``data.prefetch``
+    -> ``data.torch.prefetch`` and ``data.dali.prefetch``). Keys given at the new place in the same
+    ``data`` win."""
+    if not isinstance(data, dict):
+        return data
+    data = _migrate_renamed_keys(data, source)
+    if not any(old in data for old in MOVED_SECTIONS):
         return data
     out = dict(data)
     for old, new in MOVED_SECTIONS.items():
@@ -380,7 +449,9 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except ConfigError:
+    except ConfigError as exc:  # the class's own checks name the field; add where it is
+        if prefix:
+            raise ConfigError(f"{prefix}{exc}") from None
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from exc
@@ -620,8 +691,11 @@ def _comments(cls: type) -> dict[str, str]:
     import inspect
 
     try:
-        lines = inspect.getsource(cls).splitlines()
-    except (OSError, TypeError):  # no source (e.g. a zipped install)
+        try:
+            lines = inspect.getsource(cls).splitlines()
+        except SystemError:  # CPython 3.11's ast.parse may fail once with a spurious "AST constructor
+            lines = inspect.getsource(cls).splitlines()  # recursion depth mismatch" (seen after DALI / numba)
+    except (OSError, TypeError, SystemError):  # no source (e.g. a zipped install)
         return {}
     out: dict[str, str] = {}
     above: list[str] = []

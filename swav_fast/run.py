@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.options import BackendOptions
 from swav_fast.config import Config, check_choice, per_process_batch, resolve_batch
 from swav_fast.errors import ConfigError, DataError
 from swav_fast.step_modes import STEP_MODES
@@ -67,14 +68,9 @@ def synthetic_root(cfg: Config) -> Path:
     return root
 
 
-def loader_options(cfg: Config) -> dict[str, Any]:
-    """Backend-specific loader settings from ``cfg.data`` (keyword arguments of ``build_loader``)."""
-    d = cfg.data
-    if d.loader == "dali":
-        return {"prefetch": d.prefetch, "hw_decoder_load": d.hw_decoder_load}
-    if d.loader == "torch":
-        return {"prefetch": d.prefetch}
-    return {}
+def loader_options(cfg: Config) -> BackendOptions | None:
+    """The chosen loader backend's options (``data.<backend>.*``)."""
+    return cfg.data.loader_options()
 
 
 def build_model(cfg: Config) -> torch.nn.Module:
@@ -204,7 +200,7 @@ def build_run(cfg: Config, device: torch.device | str | None = None, world: int 
     channels_last = t.channels_last and device.type == "cuda"
     spec = spec_for_step(cfg.data.crops, device, t.precision, channels_last)
     loader = build_loader(data_path, spec, o.batch_size, backend=cfg.data.loader, device=device, rank=rank,
-                          world_size=world, seed=t.seed, num_workers=cfg.data.workers, **loader_options(cfg))
+                          world_size=world, seed=t.seed, num_workers=cfg.data.workers, options=loader_options(cfg))
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise DataError(f"{data_path} has fewer images ({loader.num_samples}) than one batch "
