@@ -200,7 +200,8 @@ def build_run(cfg: Config, device: torch.device | str | None = None, world: int 
     channels_last = t.channels_last and device.type == "cuda"
     spec = spec_for_step(cfg.data.crops, device, t.precision, channels_last)
     loader = build_loader(data_path, spec, o.batch_size, backend=cfg.data.loader, device=device, rank=rank,
-                          world_size=world, seed=t.seed, num_workers=cfg.data.workers, options=loader_options(cfg))
+                          world_size=world, seed=t.seed, num_workers=cfg.data.workers,
+                          options=loader_options(cfg))
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise DataError(f"{data_path} has fewer images ({loader.num_samples}) than one batch "
