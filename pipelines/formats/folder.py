@@ -110,6 +110,7 @@ class ImageFolderSource:
 
         self.root = index.root
         self.classes = list(index.classes)
+        self.index = index  # the listing (reads use the arrays below)
         # numpy arrays, not Python lists: forked DataLoader workers then do not copy them page by page
         self._paths = np.array([p.encode("utf-8") for p, _ in index.samples])
         self._labels = np.array([c for _, c in index.samples], dtype=np.int64)

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
+from pipelines.badsamples import BadSamples
 from pipelines.folder import ImageFolderIndex, scan_image_folder
 from swav_fast.errors import DataError
 
@@ -94,23 +95,24 @@ def _prepared_format(path: Path) -> str | None:
 
 
 class _EvalSource(Dataset):
-    """Centre-cropped images of a sample source; unreadable samples give ``None`` (dropped, counted)."""
+    """Centre-cropped images of a sample source; unreadable samples give ``None`` (dropped and logged by
+    the loaders' bad-sample policy, :class:`pipelines.badsamples.BadSamples` ``skip``)."""
 
     def __init__(self, source: Any, image_size: int):
         self.source = source
         self.transform = eval_transform(image_size)
+        self.bad = BadSamples("skip")
 
     def __len__(self) -> int:
         return len(self.source)
 
+    def _load(self, i: int) -> tuple[torch.Tensor, int]:
+        data, label = self.source.read(i)
+        with Image.open(io.BytesIO(data)) as img:
+            return self.transform(img.convert("RGB")), label
+
     def __getitem__(self, i: int):
-        try:
-            data, label = self.source.read(i)
-            with Image.open(io.BytesIO(data)) as img:
-                return self.transform(img.convert("RGB")), label
-        except Exception as exc:  # corrupt / truncated / not an image
-            log.warning("skipping unreadable image %s: %s", self.source.name(i), exc)
-            return None
+        return self.bad.resolve(i, len(self.source), self._load, self.source.name)[1]
 
 
 def _collate(items):
