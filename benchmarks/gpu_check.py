@@ -364,11 +364,11 @@ PARTS: list[Part] = [
          cmd_bench_e2e, head_e2e, needs_data=True),
     Part("bench-loader", "loader throughput per backend and stage", 45, 150, 15, 90, cmd_bench_loader,
          head_loader, needs_data=True),
-    Part("bench-decode", "JPEG decode images/s: torchcodec, torchvision.io, nvimgcodec, PIL", 30, 120, 10, 60,
-         cmd_bench_decode, head_decode, needs_data=True),
     Part("gpu-tests", "pytest -m gpu on every other test file", 60, 180, 20, 120, cmd_gpu_tests, head_pytest),
     Part("bench-methods", "every method's step, eager bf16", 80, 200, 15, 120, cmd_bench_methods,
          head_methods),
+    Part("bench-decode", "JPEG decode images/s: torchcodec, torchvision.io, nvimgcodec, PIL", 30, 120, 10, 60,
+         cmd_bench_decode, head_decode, needs_data=True),
 ]
 PART_NAMES = [p.name for p in PARTS]
 

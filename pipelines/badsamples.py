@@ -97,4 +97,10 @@ class BadSamples:
 def _reason(e: BaseException) -> str:
     from pipelines.formats.probe import BadImage
 
-    return str(e) if isinstance(e, BadImage) else f"{type(e).__name__}: {e}"
+    if isinstance(e, BadImage):
+        return str(e)
+    from PIL import UnidentifiedImageError
+
+    if isinstance(e, UnidentifiedImageError):  # its message names a BytesIO object, not the file
+        return "not a readable image (unrecognised format)"
+    return f"{type(e).__name__}: {e}"

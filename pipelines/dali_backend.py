@@ -454,7 +454,7 @@ class DALILoader(MultiCropLoader):
             views=views,
             labels=torch.from_numpy(issued.labels).to(self.device, non_blocking=non_blocking),
             indices=torch.from_numpy(issued.indices).to(self.device, non_blocking=non_blocking),
-            num_bad=int((~issued.ok).sum()),
+            num_bad=int((~issued.ok).sum()) + len(issued.plan.indices) - len(issued.labels),  # + skipped
             bad_paths=list(issued.bad_paths),
             params=list(issued.params) if self.record_params else None)
 

@@ -23,7 +23,8 @@ import torch
 
 from pipelines.errors import ConfigError, DataError
 
-from .exif import jpeg_orientation, orient_chw
+from .exif import orient_chw
+from .formats.probe import jpeg_orientation
 
 Encoded = bytes | bytearray | memoryview | torch.Tensor
 #: a batch decoder: (1-D uint8 CPU tensors, their bytes, device) -> images; raises on any bad item
@@ -99,11 +100,12 @@ def _nvimgcodec(buffers: list[torch.Tensor], datas: list[bytes | bytearray], dev
         dec = _NVIMG_DECODERS.get(dev_id)
         if dec is None:
             dec = _NVIMG_DECODERS[dev_id] = nv.Decoder(device_id=dev_id)
-    params = nv.DecodeParams(color_spec=nv.ColorSpec.RGB, apply_exif_orientation=True)
+    params = nv.DecodeParams(apply_exif_orientation=True, color_spec=nv.ColorSpec.SRGB,
+                             sample_format=nv.SampleFormat.I_RGB)  # HWC uint8 RGB, as displayed
     kwargs: dict[str, Any] = {}
     if device.type == "cuda":
         kwargs["cuda_stream"] = torch.cuda.current_stream(device).cuda_stream
-    images = dec.decode([bytes(d) for d in datas], params=params, **kwargs)
+    images = dec.decode([nv.CodeStream(bytes(d)) for d in datas], params=params, **kwargs)
     out = []
     for k, img in enumerate(images):
         if img is None:
@@ -113,6 +115,8 @@ def _nvimgcodec(buffers: list[torch.Tensor], datas: list[bytes | bytearray], dev
         else:
             hwc = torch.from_numpy(np.asarray(img.cpu()))
         out.append(hwc.permute(2, 0, 1).contiguous())
+    if device.type == "cuda":  # the copies read nvImageCodec's buffers, freed with `images`: let them finish
+        torch.cuda.current_stream(device).synchronize()
     return out
 
 

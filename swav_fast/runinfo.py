@@ -41,6 +41,26 @@ def knn_result_line(knn: dict[str, Any]) -> str:
             "already beats chance, so the gain over random init is what training learned)")
 
 
+#: percentage points of kNN top-1 over random init below which a run has not *clearly* learned
+#: (the family learning tests' margin, tests/test_family_learning.py)
+CLEAR_GAIN = 5.0
+
+
+def learning_hint(knn: dict[str, Any], margin: float = CLEAR_GAIN) -> str | None:
+    """A one-line warning when ``gain = trained - random init < margin`` points, with what to try; None
+    when training clearly learned. The quick recipes are fragile across seeds at their CPU budget
+    (docs/methods.md, "Learning across seeds"): one seed can land below random init."""
+    gain = float(knn["trained_top1"]) - float(knn["random_init_top1"])
+    if not math.isfinite(gain) or gain >= margin:
+        return None
+    verdict = ("did WORSE than" if gain < 0 else "was not clearly better than")
+    return (f"hint: the trained trunk {verdict} its random initialisation ({gain:+.2f} points, "
+            f"a clear gain is >= {margin:g}): the quick recipes are fragile across seeds at this budget. "
+            "Try another train.seed, 'swav-fast bench learning --seeds 0,1,2,3,4' to see the spread, "
+            "or a longer schedule (optim.epochs) and a lower optim.base_lr (docs/methods.md, "
+            "'Learning across seeds')")
+
+
 def progress_desc(epoch: int, epochs: int) -> str:
     """Progress bar label of the (0-based) ``epoch``: ``epoch 3/24``."""
     return f"epoch {epoch + 1}/{epochs}"

@@ -44,6 +44,7 @@ from pipelines.formats.wds import (
 )
 from pipelines.prefetch import Prefetcher
 from tests.helpers import write_image_folder
+from tests.test_dali_copy import needs_dali
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -246,6 +247,23 @@ def test_loaders_skip_policy(tmp_path: Path) -> None:
             assert batch.views[0].shape[0] == sizes[0] and len(batch.indices) == sizes[0]
             assert ld.bad_paths == [str(root / "class_0" / "img_1.jpg")]
             ld.close()
+
+
+@needs_dali
+def test_dali_skip_policy(tmp_path: Path) -> None:
+    from pipelines import MultiCropSpec, build_loader
+
+    root = write_image_folder(tmp_path / "data", classes=2, per_class=8)
+    (root / "class_0" / "img_1.jpg").write_bytes(b"broken")
+    spec = MultiCropSpec(num_crops=[2], size_crops=[16], min_scale_crops=[0.14], max_scale_crops=[1.0],
+                         dtype="float32")
+    for policy, sizes in (("replace", [8, 8]), ("skip", [7, 8])):
+        ld = build_loader(root, spec, 8, backend="dali", bad_samples=policy, num_workers=1)
+        batches = list(ld)
+        assert sorted(len(b) for b in batches) == sizes and ld.num_bad == 1, policy
+        assert all(b.views[0].shape[0] == len(b) == len(b.indices) for b in batches)
+        assert ld.bad_paths == [str(root / "class_0" / "img_1.jpg")]
+        ld.close()
 
 
 # ----------------------------------------------------------------------------- prefetch

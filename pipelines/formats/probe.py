@@ -153,10 +153,12 @@ def image_size(buf: bytes | bytearray | memoryview) -> tuple[int, int]:
 
 
 def _other_size(buf: bytes | bytearray | memoryview) -> tuple[int, int]:
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(bytes(buf))) as im:
             return int(im.width), int(im.height)
+    except UnidentifiedImageError:
+        raise BadImage("not a readable image (unrecognised format)") from None
     except Exception as e:  # noqa: BLE001 - PIL raises many types for broken headers
         raise BadImage(f"not a readable image ({type(e).__name__}: {e})") from e

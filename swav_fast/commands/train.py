@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     if args.no_progress:
         extra.setdefault("train", {})["progress"] = False
     cfg = load_config(args.recipe, args.overrides, extra)
-    from swav_fast.runinfo import knn_plan, knn_result_line  # torch: only once the config is read
+    from swav_fast.runinfo import knn_plan, knn_result_line, learning_hint  # torch: only once the config is read
     from swav_fast.train import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -153,6 +153,9 @@ def run(args: argparse.Namespace) -> int:
         return 128 + result.signal  # the shell's code for death by this signal (143 TERM, 130 INT)
     if result.knn:
         print(knn_result_line(result.knn))
+        hint = learning_hint(result.knn)
+        if hint:
+            print(hint)
     elif cfg.eval.at_end and cfg.data.path and not cfg.eval.knn_data:
         print("end-of-run kNN " + knn_plan(True, None, True))
     return 0
