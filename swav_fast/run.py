@@ -97,11 +97,11 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
 # -- checks that need the registries ---------------------------------------------------------------------
 def registry_names() -> dict[str, list[str]]:
     """The config keys that name a registered implementation, and the names registered for each."""
-    from pipelines.loader import available_backends
+    from pipelines.loader import BACKENDS
     from swav_fast.methods import available_methods
     from swav_fast.models.trunks import TRUNKS
 
-    return {"model.arch": TRUNKS.names(), "data.loader": available_backends(),
+    return {"model.arch": TRUNKS.names(), "data.loader": BACKENDS.names(),
             "train.method": available_methods(), "train.step_mode": STEP_MODES.names()}
 
 

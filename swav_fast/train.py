@@ -178,11 +178,30 @@ class Trainer:
         self.rollbacks, self.lr_scale = 0, 1.0  # rollbacks lower the learning rate by lr_scale
         self._blowup_steps = frozenset(t.debug_blowup_steps)  # testing only
 
-    # the position in the run (saved in checkpoints)
-    epoch = property(lambda self: self.pos.epoch, lambda self, v: setattr(self.pos, "epoch", v))
-    step = property(lambda self: self.pos.step, lambda self, v: setattr(self.pos, "step", v))
-    batch_in_epoch = property(lambda self: self.pos.batch_in_epoch,
-                              lambda self, v: setattr(self.pos, "batch_in_epoch", v))
+    # -- the position in the run (``self.pos``, saved in checkpoints) ---------------------------------
+    @property
+    def epoch(self) -> int:
+        return self.pos.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.pos.epoch = value
+
+    @property
+    def step(self) -> int:
+        return self.pos.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.pos.step = value
+
+    @property
+    def batch_in_epoch(self) -> int:
+        return self.pos.batch_in_epoch
+
+    @batch_in_epoch.setter
+    def batch_in_epoch(self, value: int) -> None:
+        self.pos.batch_in_epoch = value
 
     def close(self, barrier: bool = False) -> None:
         """End the process group if this trainer created it (from the launcher's environment); with

@@ -69,9 +69,9 @@ def trunk_names() -> list[str]:
 
 
 def loader_names() -> list[str]:
-    from pipelines.loader import available_backends  # torch: only once --loader is given
+    from pipelines.loader import BACKENDS  # torch: only once --loader is given
 
-    return available_backends()
+    return BACKENDS.names()
 
 
 def registered(names: Callable[[], list[str]], kind: str) -> Callable[[str], str]:
