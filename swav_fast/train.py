@@ -35,7 +35,7 @@ from swav_fast.errors import CheckpointError, ConfigError, DataError, TrainingDi
 from swav_fast.eval.knn import knn_due, knn_eval, periodic_knn
 from swav_fast import faults
 from swav_fast.guards import DivergenceDetected, DivergenceMonitor, NonFiniteCounts, weight_norm
-from swav_fast.methods import Method, build_method
+from swav_fast.methods import Method, build_method, exclude_bias_and_norm
 from swav_fast.optim import LARS, lars_param_groups, warmup_cosine_lr
 from swav_fast.preemption import StopSignals
 from swav_fast.runinfo import describe_run, distinct_bad_files, eta_text, progress_desc
@@ -145,7 +145,7 @@ def build_model(cfg: Config) -> torch.nn.Module:
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
-    groups = lars_param_groups(model, o.exclude_bias_and_norm)
+    groups = lars_param_groups(model, exclude_bias_and_norm(cfg))  # auto: the method's own convention
     if o.lars:
         return LARS(groups, lr=o.base_lr, momentum=o.momentum, weight_decay=o.weight_decay,
                     trust_coefficient=o.trust_coefficient)
