@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from pipelines.errors import DataError
 
 from .badsamples import MAX_REPLACEMENTS, BadSamples
-from .formats.probe import MAX_PIXELS
+from .formats.probe import MAX_PIXELS, ORIENTATION_TAG
 from .formats.sources import open_source
 from .params import ViewParams, sample_params
 from .spec import MultiCropSpec
@@ -29,7 +29,7 @@ FORMATS = ("folder", "tfrecord", "wds")
 __all__ = ["FORMATS", "MAX_PIXELS", "MAX_REPLACEMENTS", "PILMultiCropDataset", "Sample", "augment_view",
            "decode_rgb"]
 #: EXIF orientation tag: every loader applies it (``pipelines.exif``), as ``swav-fast prepare`` does.
-EXIF_ORIENTATION = 0x0112
+EXIF_ORIENTATION = ORIENTATION_TAG
 _JITTER_FNS = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
 
 
