@@ -32,7 +32,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from typing import Any, Callable, Sequence
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipelines.atomic import atomic_write  # noqa: E402 - light: no torch
 from swav_fast.errors import ConfigError  # noqa: E402 - light: no torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -207,6 +207,14 @@ def cmd_bench_loader(ctx: Context) -> list[str]:
     return _bench("bench_loader", ctx, "bench-loader", [*args, "--data", str(ctx.data)])
 
 
+def cmd_bench_decode(ctx: Context) -> list[str]:
+    if ctx.tiny:
+        args = ["--device", "cpu", "--images", "4", "--batch", "2", "--repeats", "1", "--warmup", "0"]
+    else:  # the check's ImageFolder: 500x375 JPEGs
+        args = ["--images", "512", "--batch", "256", "--repeats", "5", "--warmup", "1"]
+    return _bench("bench_decode", ctx, "bench-decode", [*args, "--data", str(ctx.data)])
+
+
 def cmd_bench_methods(ctx: Context) -> list[str]:
     if ctx.tiny:
         args = ["--device", "cpu", "--methods", "swav,byol", "--batch", "4", "--crops", "2x32,2x16",
@@ -314,6 +322,20 @@ def head_loader(ctx: Context, o: Outcome) -> str:
     return ", ".join(parts)
 
 
+def head_decode(ctx: Context, o: Outcome) -> str:
+    rows = _rows(ctx, o)
+    if rows is None:
+        return last_line(ctx, o)
+    parts = []
+    for r in rows:
+        if not r.get("images_per_s"):
+            parts.append(f"{r['decoder']}: n/a")
+            continue
+        ratio = f" ({r['x_pil']:.2f}x pil)" if r.get("x_pil") and r["decoder"] != "pil" else ""
+        parts.append(f"{r['decoder']} {_n(r['images_per_s'])} img/s{ratio}")
+    return ", ".join(parts)
+
+
 def head_methods(ctx: Context, o: Outcome) -> str:
     rows = _rows(ctx, o)
     if rows is None:
@@ -345,6 +367,8 @@ PARTS: list[Part] = [
     Part("gpu-tests", "pytest -m gpu on every other test file", 60, 180, 20, 120, cmd_gpu_tests, head_pytest),
     Part("bench-methods", "every method's step, eager bf16", 80, 200, 15, 120, cmd_bench_methods,
          head_methods),
+    Part("bench-decode", "JPEG decode images/s: torchcodec, torchvision.io, nvimgcodec, PIL", 30, 120, 10, 60,
+         cmd_bench_decode, head_decode, needs_data=True),
 ]
 PART_NAMES = [p.name for p in PARTS]
 
@@ -605,21 +629,15 @@ def verdict(ctx: Context) -> list[str]:
 
 
 def write_tarball(stage: Path, dest: Path) -> None:
-    """``dest`` (a .tar.gz of ``stage``), written atomically."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            with tarfile.open(fileobj=raw, mode="w:gz") as tar:
-                for path in sorted(stage.rglob("*")):
-                    if path.is_file() and not path.name.startswith("."):
-                        tar.add(path, arcname=f"check/{path.relative_to(stage)}", recursive=False)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``dest`` (a .tar.gz of ``stage``), written atomically (:func:`pipelines.atomic.atomic_write`)."""
+
+    def write(raw) -> None:
+        with tarfile.open(fileobj=raw, mode="w:gz") as tar:
+            for path in sorted(stage.rglob("*")):
+                if path.is_file() and not path.name.startswith("."):
+                    tar.add(path, arcname=f"check/{path.relative_to(stage)}", recursive=False)
+
+    atomic_write(dest, write, make_parents=False)
 
 
 # -- the check ------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 MARK = "<!-- swav-fast-check run {run_id} -->"
 #: part -> benchmark module whose COLUMNS give the table
 BENCH_MODULES = {"bench-step": "bench_step", "bench-sinkhorn": "bench_sinkhorn", "bench-e2e": "bench_e2e",
-                 "bench-loader": "bench_loader", "bench-methods": "bench_methods"}
+                 "bench-loader": "bench_loader", "bench-decode": "bench_decode", "bench-methods": "bench_methods"}
 
 
 def cell(v: Any) -> str:

@@ -12,8 +12,10 @@ from .spec import MultiCropSpec
 #: names of the loader API -> the submodule that defines them (imported on first access)
 _LAZY = {"MultiCropBatch": "loader", "MultiCropLoader": "loader", "available_backends": "loader",
          "build_loader": "loader", "register_backend": "loader", "ViewParams": "params",
-         "sample_batch_params": "params", "sample_params_for_indices": "params", "sample_rng": "params",
-         "sample_view_params": "params"}
+         "sample_params": "params", "sample_params_for_indices": "params", "sample_uniforms": "params",
+         "view_uniforms": "params", "BACKENDS": "loader", "decode_jpegs": "decode",
+         "BackendOptions": "options", "PilOptions": "options", "TorchOptions": "options",
+         "DaliOptions": "options", "FfcvOptions": "options"}
 
 
 def __getattr__(name: str):
@@ -26,18 +28,25 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "BACKENDS",
+    "BackendOptions",
+    "DaliOptions",
+    "FfcvOptions",
     "IMAGE_EXTENSIONS",
     "ImageFolderIndex",
     "MultiCropBatch",
     "MultiCropLoader",
     "MultiCropSpec",
+    "PilOptions",
+    "TorchOptions",
     "ViewParams",
     "available_backends",
     "build_loader",
+    "decode_jpegs",
     "register_backend",
-    "sample_batch_params",
+    "sample_params",
     "sample_params_for_indices",
-    "sample_rng",
-    "sample_view_params",
+    "sample_uniforms",
     "scan_image_folder",
+    "view_uniforms",
 ]

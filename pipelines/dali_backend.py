@@ -15,7 +15,8 @@ One batch of ``B`` samples and ``V`` views goes through three stages:
 order (:meth:`MultiCropLoader.batch_indices`): the same ``(seed, epoch)`` permutation, rank striding,
 ``set_epoch(epoch, start_batch)`` resume and bad-sample accounting as the ``pil`` backend, for an
 ImageFolder, TFRecord shards and webdataset tars alike.  The sample bytes are read by random access
-(files; TFRecord records and tar members located through their DALI index files), so DALI's own
+through :func:`pipelines.formats.open_source` (files; TFRecord records and tar members located
+through their DALI index files), so DALI's own
 readers, whose shuffle is a bounded buffer and whose shards are contiguous ranges that cannot resume
 mid-epoch, are not needed.  Crop boxes, flips and colour parameters are drawn on the host by
 :func:`pipelines.params.sample_params_for_indices` (torchvision ``RandomResizedCrop`` semantics: area
@@ -26,30 +27,25 @@ used).  A flip is a reversed ROI in
 ``fn.resize`` (``roi_start.x > roi_end.x``), so crop, resize and flip are one DALI operator per view.
 
 *Bad files.*  DALI fails a whole batch (and its pipeline) on one undecodable file, so every file is
-checked on the host first (known format, dimensions in the header, JPEG end-of-image / PNG ``IEND``
-present, under :data:`pipelines.pil.MAX_PIXELS`); a failing file is replaced by the next good
-sample, logged once and counted (``num_bad``, ``bad_paths``) exactly as in the ``pil`` backend.  A
+checked on the host first by :func:`pipelines.formats.probe.image_size` (known format, dimensions in
+the header, JPEG end-of-image / PNG ``IEND`` present, under ``MAX_PIXELS``); a failing file goes
+through the loader's :class:`~pipelines.badsamples.BadSamples` policy (replaced by the next good
+sample, or skipped), logged once and counted (``num_bad``, ``bad_paths``) as in every backend.  A
 file that passes the check but still fails in DALI is found by decoding the in-flight batches one
 image at a time, marked bad, and the pipeline is rebuilt and re-fed from the failed batch.
 
 ``nvidia.dali`` is imported lazily: ``import pipelines`` works without it; building a ``dali``
-loader without it raises :class:`~swav_fast.errors.ConfigError` naming the ``dali`` extra.
+loader without it raises :class:`~pipelines.errors.ConfigError` naming the ``dali`` extra.  The
+host-side preparation runs in a :class:`pipelines.prefetch.Prefetcher` thread.
 """
 
 from __future__ import annotations
 
 import ctypes
-import io
-import json
 import logging
-import mmap
-import os
-import queue
-import tarfile
-import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -57,25 +53,25 @@ import torch
 from pipelines.errors import ConfigError, DataError, SwavFastError
 
 from . import gpu_aug
+from .badsamples import BadSamples
 from .exif import jpeg_orientation, oriented_size
-from .folder import MANIFEST_NAME, ImageFolderIndex, is_prepared_manifest, scan_image_folder
+from .formats.probe import image_size
+from .formats.sources import open_source
 from .loader import MultiCropBatch, MultiCropLoader, register_backend
+from .options import DaliOptions
 from .params import BatchViewParams, concat_params, sample_params_for_indices
-from .pil import MAX_PIXELS, MAX_REPLACEMENTS
+from .prefetch import Prefetcher
 from .spec import MultiCropSpec
 
 log = logging.getLogger("pipelines")
 
 #: Default share of JPEG decoding given to the hardware decoder (A100/H100) in ``mixed`` mode.
-DEFAULT_HW_DECODER_LOAD = 0.9
+DEFAULT_HW_DECODER_LOAD = DaliOptions.hw_decoder_load
 #: How many times one pass may rebuild the pipeline after a decode failure before giving up (each
 #: rebuild follows at least one newly found bad file; the host-side check catches the usual ones).
 MAX_RECOVERIES = 256
-#: A JPEG's end-of-image marker is looked for in this many trailing bytes (some writers pad files).
-_JPEG_TAIL = 4096
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-#: JPEG start-of-frame markers (they carry the image size): C0-CF except DHT (C4), JPG (C8), DAC (CC).
-_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+#: What this backend reads (:mod:`pipelines.formats`); the README's backend table lists it.
+FORMATS = ("folder", "tfrecord", "wds")
 
 
 # -- optional dependency -------------------------------------------------------------------------
@@ -101,481 +97,6 @@ def dali_available() -> bool:
     return True
 
 
-# -- encoded-image check -------------------------------------------------------------------------
-class BadImage(ValueError):
-    """An encoded image that must not reach the decoder (the message names the reason)."""
-
-
-def image_size(buf: bytes) -> tuple[int, int]:
-    """``(width, height)`` from the header of an encoded image, after cheap integrity checks.
-
-    JPEG: the first start-of-frame segment, found by walking the marker segments from SOI, and an
-    end-of-image marker within the last 4 KB (a truncated file has none).  PNG: the IHDR chunk and
-    a final IEND chunk.  Other formats: PIL's header parser.  Raises :class:`BadImage`.
-    """
-    n = len(buf)
-    if n == 0:
-        raise BadImage("empty file")
-    if buf[:2] == b"\xff\xd8":
-        w, h = _jpeg_size(buf)
-    elif buf[:8] == _PNG_SIGNATURE:
-        if n < 33 or buf[12:16] != b"IHDR":
-            raise BadImage("PNG without an IHDR chunk")
-        if buf.rfind(b"IEND", max(0, n - 16)) < 0:
-            raise BadImage("truncated PNG (no IEND chunk)")
-        w, h = int.from_bytes(buf[16:20], "big"), int.from_bytes(buf[20:24], "big")
-    else:
-        w, h = _other_size(buf)
-    if w <= 0 or h <= 0:
-        raise BadImage(f"invalid image size {w}x{h}")
-    if w * h > MAX_PIXELS:
-        raise BadImage(f"{w}x{h} pixels exceeds the {MAX_PIXELS} pixel limit")
-    return w, h
-
-
-def _jpeg_size(buf: bytes) -> tuple[int, int]:
-    n = len(buf)
-    if buf.rfind(b"\xff\xd9", max(0, n - _JPEG_TAIL)) < 0:
-        raise BadImage("truncated JPEG (no end-of-image marker)")
-    i = 2
-    while i + 4 <= n:
-        if buf[i] != 0xFF:
-            raise BadImage(f"corrupt JPEG header (no marker at byte {i})")
-        marker = buf[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # segments without a length
-            i += 2
-            continue
-        length = (buf[i + 2] << 8) | buf[i + 3]
-        if length < 2:
-            raise BadImage(f"corrupt JPEG header (segment length {length} at byte {i})")
-        if marker in _JPEG_SOF:
-            if i + 9 > n:
-                break
-            return (buf[i + 7] << 8) | buf[i + 8], (buf[i + 5] << 8) | buf[i + 6]
-        if marker == 0xDA:
-            raise BadImage("JPEG scan before any frame header")
-        i += 2 + length
-    raise BadImage("JPEG without a frame header")
-
-
-def _other_size(buf: bytes) -> tuple[int, int]:
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(buf)) as im:
-            return int(im.width), int(im.height)
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken headers
-        raise BadImage(f"not a readable image ({type(e).__name__}: {e})") from e
-
-
-# -- random-access sample sources ----------------------------------------------------------------
-class SampleSource(Protocol):
-    """Random access to ``(encoded image bytes, label)`` by global sample index."""
-
-    root: str
-    classes: list[str]
-
-    def __len__(self) -> int: ...
-
-    def read(self, i: int) -> tuple[bytes, int]:
-        """Encoded bytes and label of sample ``i``; raises :class:`BadImage` for an unreadable record."""
-        ...
-
-    def name(self, i: int) -> str:
-        """A human-readable location of sample ``i`` (file path, or ``shard#key``) for logs and reports."""
-        ...
-
-
-class ImageFolderSource:
-    """An ImageFolder (from :func:`pipelines.folder.scan_image_folder`): one file per sample."""
-
-    def __init__(self, index: ImageFolderIndex) -> None:
-        self.root = index.root
-        self.classes = list(index.classes)
-        self._index = index
-        self._labels = np.array([c for _, c in index.samples], dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self._labels)
-
-    def read(self, i: int) -> tuple[bytes, int]:
-        path = self._index.path(i)
-        try:
-            with open(path, "rb") as f:
-                return f.read(), int(self._labels[i])
-        except OSError as e:
-            raise BadImage(f"cannot read file ({e.strerror or e})") from e
-
-    def name(self, i: int) -> str:
-        return self._index.path(i)
-
-
-class _ShardedSource:
-    """Shared by the TFRecord and webdataset sources: memory-mapped shards and per-sample locations."""
-
-    root: str
-    classes: list[str]
-    #: per sample: shard number, and (offset, size) of the payload(s) inside the shard
-    _shard: np.ndarray
-    _paths: list[str]
-
-    def __init__(self, root: str, manifest: dict[str, Any]) -> None:
-        self.root = root
-        self.classes = [str(c) for c in manifest.get("classes", [])]
-        self._maps: dict[int, mmap.mmap] = {}
-
-    def __len__(self) -> int:
-        return len(self._shard)
-
-    def _view(self, shard: int) -> mmap.mmap:
-        mm = self._maps.get(shard)
-        if mm is None:
-            path = self._paths[shard]
-            try:
-                with open(path, "rb") as f:
-                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except (OSError, ValueError) as e:
-                raise DataError(f"cannot open shard {path}: {e}") from e
-            self._maps[shard] = mm
-        return mm
-
-    def _check_label(self, label: int) -> int:
-        if self.classes and not 0 <= label < len(self.classes):
-            raise BadImage(f"label {label} outside the manifest's {len(self.classes)} classes")
-        return label
-
-    def close(self) -> None:
-        for mm in self._maps.values():
-            mm.close()
-        self._maps.clear()
-
-
-class TFRecordSource(_ShardedSource):
-    """TFRecord shards of ``tf.train.Example`` records (``image/encoded``, ``image/class/label``).
-
-    Records are located through DALI's ``tfrecord2idx`` index files (``offset size`` per line, ``size``
-    the whole framed record: 8-byte length, 4-byte CRC, payload, 4-byte CRC).  A missing index is
-    rebuilt in memory by walking the record headers.
-    """
-
-    def __init__(self, root: str, manifest: dict[str, Any]) -> None:
-        super().__init__(root, manifest)
-        shards, offsets, sizes, paths = [], [], [], []
-        for k, sh in enumerate(_manifest_shards(manifest, root)):
-            path = os.path.join(root, sh["path"])
-            idx = os.path.join(root, sh["index"]) if sh.get("index") else None
-            table = _read_tfrecord_index(idx) if idx and os.path.exists(idx) else _scan_tfrecord(path, idx)
-            _check_count(path, len(table), sh.get("num_samples"))
-            paths.append(path)
-            shards.append(np.full(len(table), k, dtype=np.int64))
-            offsets.append(table[:, 0])
-            sizes.append(table[:, 1])
-        self._paths = paths
-        self._shard = np.concatenate(shards) if shards else np.zeros(0, np.int64)
-        self._offset = np.concatenate(offsets) if offsets else np.zeros(0, np.int64)
-        self._size = np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
-
-    def read(self, i: int) -> tuple[bytes, int]:
-        mm = self._view(int(self._shard[i]))
-        off, size = int(self._offset[i]), int(self._size[i])
-        if off + size > len(mm) or size < 16:
-            raise BadImage(f"record {off}+{size} lies outside the shard ({len(mm)} bytes): truncated shard?")
-        length = int.from_bytes(mm[off:off + 8], "little")
-        if length + 16 != size:
-            raise BadImage(f"record length {length} does not match the index entry ({size} bytes framed)")
-        features = parse_example(mm[off + 12:off + 12 + length])
-        image = features.get("image/encoded")
-        label = features.get("image/class/label")
-        if not isinstance(image, list) or not image or not isinstance(image[0], bytes):
-            raise BadImage("record has no image/encoded bytes")
-        if not isinstance(label, list) or not label or not isinstance(label[0], int):
-            raise BadImage("record has no image/class/label int64")
-        return image[0], self._check_label(label[0])
-
-    def name(self, i: int) -> str:
-        shard = int(self._shard[i])
-        first = int(np.searchsorted(self._shard, shard))
-        return f"{self._paths[shard]}#{i - first}"
-
-
-class WebDatasetSource(_ShardedSource):
-    """webdataset tars with ``<key>.jpg`` (image) and ``<key>.cls`` (ASCII decimal label) per sample.
-
-    Members are located through DALI's ``wds2idx`` index (v1.2: a ``v1.2 <count>`` line, then one
-    line per sample of ``ext offset size name`` groups); a missing index is rebuilt by reading the
-    tar headers.
-    """
-
-    IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
-    def __init__(self, root: str, manifest: dict[str, Any]) -> None:
-        super().__init__(root, manifest)
-        shards, tables, keys, paths = [], [], [], []
-        for k, sh in enumerate(_manifest_shards(manifest, root)):
-            path = os.path.join(root, sh["path"])
-            idx = os.path.join(root, sh["index"]) if sh.get("index") else None
-            members = _read_wds_index(idx) if idx and os.path.exists(idx) else _scan_tar(path, idx)
-            table, names = _wds_table(members, path)
-            _check_count(path, len(table), sh.get("num_samples"))
-            paths.append(path)
-            shards.append(np.full(len(table), k, dtype=np.int64))
-            tables.append(table)
-            keys.extend(names)
-        self._paths = paths
-        self._keys = keys
-        self._shard = np.concatenate(shards) if shards else np.zeros(0, np.int64)
-        self._table = np.concatenate(tables) if tables else np.zeros((0, 4), np.int64)
-
-    def read(self, i: int) -> tuple[bytes, int]:
-        mm = self._view(int(self._shard[i]))
-        img_off, img_size, cls_off, cls_size = (int(x) for x in self._table[i])
-        if max(img_off + img_size, cls_off + cls_size) > len(mm):
-            raise BadImage("tar member lies outside the shard: truncated shard?")
-        text = mm[cls_off:cls_off + cls_size].strip()
-        try:
-            label = int(text)
-        except ValueError as e:
-            raise BadImage(f"label {text[:20]!r} is not an ASCII integer") from e
-        return mm[img_off:img_off + img_size], self._check_label(label)
-
-    def name(self, i: int) -> str:
-        return f"{self._paths[int(self._shard[i])]}#{self._keys[i]}"
-
-
-def _manifest_shards(manifest: dict[str, Any], root: str) -> list[dict[str, Any]]:
-    shards = manifest.get("shards")
-    if not isinstance(shards, list) or not shards:
-        raise DataError(f"manifest in {root} lists no shards")
-    for sh in shards:
-        if not isinstance(sh, dict) or not isinstance(sh.get("path"), str):
-            raise DataError(f"manifest in {root} has a shard entry without a path: {sh!r}")
-        if not os.path.exists(os.path.join(root, sh["path"])):
-            raise DataError(f"shard {os.path.join(root, sh['path'])} listed in the manifest is missing")
-    return shards
-
-
-def _check_count(path: str, found: int, expected: Any) -> None:
-    if expected is not None and int(expected) != found:
-        raise DataError(f"shard {path} holds {found} samples but the manifest says {expected}")
-
-
-def _read_tfrecord_index(path: str) -> np.ndarray:
-    try:
-        with open(path, "rb") as f:
-            values = np.array(f.read().split(), dtype=np.int64)
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot parse TFRecord index {path}: {e}") from e
-    if len(values) % 2:
-        raise DataError(f"TFRecord index {path} is malformed (odd number of fields)")
-    return values.reshape(-1, 2)
-
-
-def _scan_tfrecord(path: str, idx: str | None) -> np.ndarray:
-    log.warning("TFRecord index %s is missing; scanning %s (run tfrecord2idx to avoid this)", idx, path)
-    rows = []
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        pos = 0
-        while pos + 12 <= size:
-            f.seek(pos)
-            length = int.from_bytes(f.read(8), "little")
-            framed = length + 16
-            if pos + framed > size:
-                log.warning("%s ends in a truncated record at byte %d; ignoring it", path, pos)
-                break
-            rows.append((pos, framed))
-            pos += framed
-    return np.array(rows, dtype=np.int64).reshape(-1, 2)
-
-
-def _read_wds_index(path: str) -> list[list[tuple[str, int, int, str]]]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise DataError(f"cannot read webdataset index {path}: {e}") from e
-    head = lines[0].split() if lines else []
-    if len(head) != 2 or not head[0].startswith("v1."):
-        raise DataError(f"webdataset index {path}: unsupported header {lines[:1]} (expected 'v1.2 <count>')")
-    out = []
-    for ln, line in enumerate(lines[1:], start=2):
-        parts = line.split()
-        if len(parts) % 4:
-            raise DataError(f"webdataset index {path}, line {ln}: expected 'ext offset size name' groups")
-        out.append([(parts[k], int(parts[k + 1]), int(parts[k + 2]), parts[k + 3])
-                    for k in range(0, len(parts), 4)])
-    if len(out) != int(head[1]):
-        raise DataError(f"webdataset index {path} announces {head[1]} samples but lists {len(out)}")
-    return out
-
-
-def _scan_tar(path: str, idx: str | None) -> list[list[tuple[str, int, int, str]]]:
-    log.warning("webdataset index %s is missing; reading the headers of %s (run wds2idx to avoid this)",
-                idx, path)
-    samples: list[list[tuple[str, int, int, str]]] = []
-    last = None
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for m in tar:
-                if not m.isreg():
-                    continue
-                dot = m.name.find(".", m.name.rfind("/") + 1)
-                if dot <= 0:
-                    continue
-                stem, ext = m.name[:dot], m.name[dot + 1:]
-                if stem != last:
-                    samples.append([])
-                    last = stem
-                samples[-1].append((ext, m.offset_data, m.size, m.name))
-    except (tarfile.TarError, OSError) as e:
-        raise DataError(f"cannot read webdataset shard {path}: {e}") from e
-    return samples
-
-
-def _wds_table(members: list[list[tuple[str, int, int, str]]], path: str) -> tuple[np.ndarray, list[str]]:
-    table = np.zeros((len(members), 4), dtype=np.int64)
-    keys = []
-    for k, sample in enumerate(members):
-        parts = {ext.lower(): (off, size, name) for ext, off, size, name in sample}
-        img = next((parts[e] for e in WebDatasetSource.IMAGE_EXTS if e in parts), None)
-        cls = parts.get("cls")
-        if img is None or cls is None:
-            name = sample[0][3] if sample else f"#{k}"
-            raise DataError(f"webdataset shard {path}: sample {name} lacks a .jpg or .cls member")
-        table[k] = (img[0], img[1], cls[0], cls[1])
-        keys.append(img[2].rsplit(".", 1)[0])
-    return table, keys
-
-
-def read_prepared_manifest(root: str) -> dict[str, Any]:
-    """The manifest of a prepared split folder (``swav_fast.prepare.read_manifest`` when present)."""
-    try:
-        from swav_fast.prepare import read_manifest  # type: ignore[attr-defined]
-    except ImportError:
-        path = os.path.join(root, "manifest.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                return json.load(f)
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot read {path}: {e}") from e
-    return read_manifest(root)
-
-
-def open_source(source: str | os.PathLike[str] | ImageFolderIndex | SampleSource) -> SampleSource:
-    """A sample source for an ImageFolder (path or index) or a prepared TFRecord / webdataset split folder."""
-    if isinstance(source, ImageFolderIndex):
-        return ImageFolderSource(source)
-    if not isinstance(source, (str, os.PathLike)):
-        return source
-    root = os.path.abspath(os.fspath(source))
-    # a prepare manifest is recognised by its content: an ImageFolder may hold a foreign manifest.json
-    prepared = [os.path.join(root, *sub, MANIFEST_NAME) for sub in ((), ("train",), ("val",))]
-    if not any(is_prepared_manifest(p) for p in prepared):
-        return ImageFolderSource(scan_image_folder(root))
-    manifest = read_prepared_manifest(root)
-    fmt = manifest.get("format")
-    if fmt == "tfrecord":
-        src: SampleSource = TFRecordSource(root, manifest)
-    elif fmt == "wds":
-        src = WebDatasetSource(root, manifest)
-    elif fmt == "beton":
-        raise ConfigError(f"{root} holds an FFCV .beton dataset; read it with data.loader=ffcv")
-    else:
-        raise DataError(f"{root}/manifest.json: unknown format {fmt!r} (expected tfrecord or wds)")
-    if manifest.get("num_samples") is not None and int(manifest["num_samples"]) != len(src):
-        raise DataError(f"{root}: the shards hold {len(src)} samples but the manifest says "
-                        f"{manifest['num_samples']}")
-    if not len(src):
-        raise DataError(f"{root}: the prepared dataset holds no samples")
-    return src
-
-
-# -- minimal protobuf (tf.train.Example) reader --------------------------------------------------
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if i >= len(buf):
-            raise BadImage("truncated protobuf varint")
-        b = buf[i]
-        value |= (b & 0x7F) << shift
-        i += 1
-        if not b & 0x80:
-            return value, i
-        shift += 7
-        if shift > 63:
-            raise BadImage("protobuf varint too long")
-
-
-def _fields(buf: bytes) -> Iterator[tuple[int, int, Any]]:
-    """``(field number, wire type, value)`` of a protobuf message: ints for varints, bytes for LEN."""
-    i, n = 0, len(buf)
-    while i < n:
-        key, i = _varint(buf, i)
-        num, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-        elif wire == 2:
-            size, i = _varint(buf, i)
-            if i + size > n:
-                raise BadImage("truncated protobuf field")
-            value, i = buf[i:i + size], i + size
-        elif wire == 1:
-            value, i = int.from_bytes(buf[i:i + 8], "little"), i + 8
-        elif wire == 5:
-            value, i = int.from_bytes(buf[i:i + 4], "little"), i + 4
-        else:
-            raise BadImage(f"unsupported protobuf wire type {wire}")
-        yield num, wire, value
-
-
-def _int64(v: int) -> int:
-    return v - (1 << 64) if v >= 1 << 63 else v
-
-
-def parse_example(buf: bytes) -> dict[str, list[Any]]:
-    """The ``bytes_list`` and ``int64_list`` features of a serialized ``tf.train.Example``.
-
-    ``Example{1: Features{1: map<string, Feature>}}``, ``Feature{1: BytesList, 2: FloatList,
-    3: Int64List}``; packed and unpacked int64 lists are both read; float lists are skipped.
-    """
-    out: dict[str, list[Any]] = {}
-    for num, wire, features in _fields(buf):
-        if num != 1 or wire != 2:
-            continue
-        for enum, ewire, entry in _fields(features):
-            if enum != 1 or ewire != 2:
-                continue
-            key, feature = None, b""
-            for knum, kwire, kval in _fields(entry):
-                if knum == 1 and kwire == 2:
-                    key = bytes(kval).decode("utf-8", "replace")
-                elif knum == 2 and kwire == 2:
-                    feature = kval
-            if key is None:
-                continue
-            values: list[Any] = []
-            for fnum, fwire, lst in _fields(feature):
-                if fwire != 2 or fnum not in (1, 3):
-                    continue
-                for vnum, vwire, v in _fields(lst):
-                    if vnum != 1:
-                        continue
-                    if fnum == 1 and vwire == 2:
-                        values.append(bytes(v))
-                    elif fnum == 3 and vwire == 0:
-                        values.append(_int64(v))
-                    elif fnum == 3 and vwire == 2:  # packed
-                        j = 0
-                        while j < len(v):
-                            x, j = _varint(v, j)
-                            values.append(_int64(x))
-            out[key] = values
-    return out
-
-
 # -- host-side batch preparation -----------------------------------------------------------------
 @dataclass
 class _Planned:
@@ -599,6 +120,8 @@ class _Issued:
     params: list[BatchViewParams]
     rois: list[np.ndarray] = field(repr=False, default_factory=list)  # per sample [V, 4], see crop_rois
     encoded: list[np.ndarray] = field(repr=False, default_factory=list)
+    #: the requested indices of the samples in the batch (all of ``plan.indices`` unless some were skipped)
+    indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def crop_rois(p: BatchViewParams) -> np.ndarray:
@@ -608,68 +131,6 @@ def crop_rois(p: BatchViewParams) -> np.ndarray:
     y0 = p.top.astype(np.float32)
     y1 = (p.top + p.height).astype(np.float32)
     return np.stack([y0, np.where(p.flip, x1, x0), y1, np.where(p.flip, x0, x1)], axis=1)
-
-
-class _End:
-    """End-of-pass marker in the feeder queue."""
-
-
-class _Feeder:
-    """Prepares planned batches (read, check, draw) in a background thread, in order, ``depth`` ahead.
-
-    File reads release the GIL, so this overlaps with the training step and with DALI's own work.
-    :meth:`get` returns the next batch, raises StopIteration at the end of the plans, and re-raises
-    an error of the preparing thread.
-    """
-
-    def __init__(self, prepare: Callable[[_Planned], _Issued], plans: Sequence[_Planned], depth: int) -> None:
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
-        self._stop = threading.Event()
-        self._done = False
-        self._thread = threading.Thread(target=self._run, args=(prepare, list(plans)), daemon=True,
-                                        name="dali-loader-feeder")
-        self._thread.start()
-
-    def _run(self, prepare: Callable[[_Planned], _Issued], plans: list[_Planned]) -> None:
-        try:
-            for plan in plans:
-                if self._stop.is_set():
-                    return
-                self._put(prepare(plan))
-            self._put(_End())
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
-            self._put(e)
-
-    def _put(self, item: Any) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.05)
-                return
-            except queue.Full:
-                continue
-
-    def get(self) -> _Issued:
-        if self._done:
-            raise StopIteration
-        item = self._queue.get()
-        if isinstance(item, _End):
-            self._done = True
-            raise StopIteration
-        if isinstance(item, BaseException):
-            self._done = True
-            raise item
-        return item
-
-    def stop(self) -> None:
-        """Stop preparing and discard what was prepared."""
-        self._stop.set()
-        self._done = True
-        while self._thread.is_alive():
-            try:
-                self._queue.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        self._thread.join()
 
 
 # -- the DALI graph ------------------------------------------------------------------------------
@@ -751,8 +212,8 @@ class DALILoader(MultiCropLoader):
     """Multi-crop loader on NVIDIA DALI; ``device="cuda"`` decodes with nvJPEG (+ HW decoder), CPU otherwise.
 
     ``source``: an ImageFolder (path or :class:`ImageFolderIndex`) or a prepared split folder
-    (``manifest.json`` with ``format`` ``tfrecord`` or ``wds``).  ``num_workers`` is DALI's CPU thread
-    count; ``prefetch`` its queue depth; ``hw_decoder_load`` the share of JPEGs sent to the hardware
+    (``manifest.json`` with ``format`` ``tfrecord`` or ``wds``).  ``threads`` is DALI's CPU thread
+    count (0: ``num_workers``, at least 1); ``prefetch`` its queue depth; ``hw_decoder_load`` the share of JPEGs sent to the hardware
     JPEG decoder (GPU mode only).  Outputs stay on ``device``.
     """
 
@@ -761,19 +222,19 @@ class DALILoader(MultiCropLoader):
 
     def __init__(self, source: Any, spec: MultiCropSpec, batch_size: int, device: Any = "cpu",
                  rank: int = 0, world_size: int = 1, seed: int = 0, num_workers: int = 4,
-                 drop_last: bool = True, prefetch: int = 2,
-                 hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD) -> None:
+                 drop_last: bool = True, prefetch: int = DaliOptions.prefetch,
+                 hw_decoder_load: float = DaliOptions.hw_decoder_load, threads: int = DaliOptions.threads,
+                 bad_samples: str = DaliOptions.bad_samples) -> None:
         import_dali()
-        self.source = open_source(source)
+        self.bad = BadSamples(bad_samples, remember=True)
+        self.source = open_source(source, formats=FORMATS)
         # the base class needs only len(index) and index.classes, which every source has
         super().__init__(self.source, spec, batch_size, device, rank, world_size, seed,  # type: ignore
                          drop_last)
         if num_workers < 0:
             raise ConfigError(f"num_workers: must be >= 0, got {num_workers}")
-        if prefetch < 1:
-            raise ConfigError(f"prefetch: must be >= 1, got {prefetch}")
-        if not 0.0 <= hw_decoder_load <= 1.0:
-            raise ConfigError(f"hw_decoder_load: must be in [0, 1], got {hw_decoder_load}")
+        DaliOptions(hw_decoder_load=hw_decoder_load, threads=threads, prefetch=prefetch,
+                    bad_samples=bad_samples)  # the values' checks
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
                 raise ConfigError(f"dali loader: device {self.device} requested but CUDA is not available")
@@ -784,18 +245,16 @@ class DALILoader(MultiCropLoader):
             device_id = None
         else:
             raise ConfigError(f"dali loader: device must be cpu or cuda, got {self.device}")
-        self.opts = DecodeOptions(device_id=device_id, num_threads=max(1, int(num_workers)),
+        self.opts = DecodeOptions(device_id=device_id, num_threads=max(1, int(threads or num_workers)),
                                   prefetch=int(prefetch), hw_decoder_load=float(hw_decoder_load),
                                   sizes=tuple(spec.view_sizes))
         self._pipe: Any = None
         self._checker = _DecodeChecker(self.opts)
         self._plans: list[_Planned] = []  # this pass's batches
-        self._feeder: _Feeder | None = None
+        self._feeder: Prefetcher[_Issued] | None = None
         self._issued: deque[_Issued] = deque()  # handed to DALI, outputs not yet returned
         self._serial = 0
         self._active = False
-        self._known_bad: set[int] = set()
-        self._warned: set[int] = set()
         self._groups = _view_groups(spec)
         #: view v -> (its group, its position in the group)
         self._view_slots = [next((g, m.index(v)) for g, m in enumerate(self._groups) if v in m)
@@ -812,42 +271,41 @@ class DALILoader(MultiCropLoader):
         return issued.encoded, issued.rois, [serial] * len(issued.encoded)
 
     def _prepare(self, plan: _Planned) -> _Issued:
-        """Read, check (replacing bad files) and draw the augmentation parameters of one batch."""
+        """Read, check (bad files per the :class:`~pipelines.badsamples.BadSamples` policy) and draw the
+        augmentation parameters of one batch."""
         n = len(self.source)
+
+        def load(j: int) -> tuple[Any, int, tuple[int, int]]:
+            buf, label = self.source.read(j)
+            return buf, label, oriented_size(*image_size(buf), jpeg_orientation(buf))  # as decoded
+
         encoded: list[np.ndarray] = []
-        sizes = np.zeros((len(plan.indices), 2), dtype=np.int64)
-        sources = np.zeros(len(plan.indices), dtype=np.int64)
-        labels = np.zeros(len(plan.indices), dtype=np.int64)
-        ok = np.ones(len(plan.indices), dtype=bool)
+        kept: list[int] = []
+        sizes, sources, labels, ok = [], [], [], []
         bad_paths: list[str] = []
         for b, i in enumerate(plan.indices):
-            for k in range(min(MAX_REPLACEMENTS, n)):
-                j = (int(i) + k) % n
-                if j not in self._known_bad:
-                    try:
-                        buf, label = self.source.read(j)
-                        sizes[b] = oriented_size(*image_size(buf), jpeg_orientation(buf))  # as decoded
-                        break
-                    except BadImage as e:
-                        self._mark_bad(j, str(e))
-                bad_paths.append(self.source.name(j))
-                ok[b] = False
-            else:
-                raise DataError(f"{min(MAX_REPLACEMENTS, n)} consecutive unreadable images from "
-                                f"{self.source.name(int(i))}; is the dataset corrupt?")
+            j, got, bad = self.bad.resolve(int(i), n, load, self.source.name)
+            bad_paths.extend(bad)
+            if got is None:  # skipped
+                continue
+            buf, label, size = got
             encoded.append(np.frombuffer(buf, dtype=np.uint8))
-            sources[b], labels[b] = j, label
-        params = sample_params_for_indices(self.spec, self.seed, plan.epoch, sources,
-                                           sizes[:, 0], sizes[:, 1])
+            kept.append(b)
+            sizes.append(size)
+            sources.append(j)
+            labels.append(label)
+            ok.append(not bad)
+        if not encoded:
+            raise DataError(f"every sample of batch {plan.number} (epoch {plan.epoch}) is unreadable; "
+                            "is the dataset corrupt?")
+        wh = np.array(sizes, dtype=np.int64).reshape(-1, 2)
+        params = sample_params_for_indices(self.spec, self.seed, plan.epoch, np.array(sources, dtype=np.int64),
+                                           wh[:, 0], wh[:, 1])
         rois = list(np.stack([crop_rois(p) for p in params], axis=1))  # B x [V, 4]
         self._serial += 1
-        return _Issued(plan, self._serial, sources, labels, ok, bad_paths, params, rois, encoded)
-
-    def _mark_bad(self, j: int, reason: str) -> None:
-        self._known_bad.add(j)
-        if j not in self._warned:
-            self._warned.add(j)
-            log.warning("skipping unreadable image %s (%s)", self.source.name(j), reason)
+        return _Issued(plan, self._serial, np.array(sources, dtype=np.int64), np.array(labels, dtype=np.int64),
+                       np.array(ok, dtype=bool), bad_paths, params, rois, encoded,
+                       indices=np.asarray(plan.indices, dtype=np.int64)[kept])
 
     # -- iteration -----------------------------------------------------------------------------
     def _pipeline(self) -> Any:
@@ -857,12 +315,13 @@ class DALILoader(MultiCropLoader):
 
     def _start_feeder(self, position: int) -> None:
         if self._feeder is not None:
-            self._feeder.stop()
-        self._feeder = _Feeder(self._prepare, self._plans[position:], depth=self.opts.prefetch + 2)
+            self._feeder.close()
+        self._feeder = Prefetcher((self._prepare(p) for p in self._plans[position:]),
+                                  depth=self.opts.prefetch + 2, name="dali-loader-feeder")
 
     def _stop_feeder(self) -> None:
         if self._feeder is not None:
-            self._feeder.stop()
+            self._feeder.close()
             self._feeder = None
 
     def _finish_pass(self) -> None:
@@ -949,7 +408,7 @@ class DALILoader(MultiCropLoader):
         for issued in suspects:
             for j, buf in zip(issued.sources, issued.encoded):
                 if not self._checker.decodes(buf):
-                    self._mark_bad(int(j), "DALI could not decode it")
+                    self.bad.mark(self.source.name(int(j)), "DALI could not decode it", int(j))
                     found += 1
         self._pipe = None
         if not found:
@@ -994,9 +453,8 @@ class DALILoader(MultiCropLoader):
         return MultiCropBatch(
             views=views,
             labels=torch.from_numpy(issued.labels).to(self.device, non_blocking=non_blocking),
-            indices=torch.from_numpy(issued.plan.indices.astype(np.int64)).to(self.device,
-                                                                              non_blocking=non_blocking),
-            num_bad=int((~issued.ok).sum()),
+            indices=torch.from_numpy(issued.indices).to(self.device, non_blocking=non_blocking),
+            num_bad=int((~issued.ok).sum()) + len(issued.plan.indices) - len(issued.labels),  # + skipped
             bad_paths=list(issued.bad_paths),
             params=list(issued.params) if self.record_params else None)
 
@@ -1006,8 +464,7 @@ class DALILoader(MultiCropLoader):
         self._pipe = None
         self._checker = _DecodeChecker(self.opts)
         self._active = False
-        if isinstance(self.source, _ShardedSource):
-            self.source.close()
+        self.source.close()
 
 
 def copy_dali_output(tl: Any, dst: torch.Tensor, stream: ctypes.c_void_p | None = None) -> None:
@@ -1047,4 +504,4 @@ def _view_groups(spec: MultiCropSpec) -> list[list[int]]:
     return list(groups.values())
 
 
-register_backend("dali", DALILoader)
+register_backend("dali", DALILoader, options=DaliOptions)

@@ -1,16 +1,18 @@
 """FFCV backend: multi-crop from a prepared ``.beton`` (``swav-fast prepare --format beton``).
 
-Each view is its own FFCV pipeline on the same ``image`` field: JPEG decode + RandomResizedCrop
-(the view's scale range and the spec's ratio) + resize in FFCV's compiled (numba, multi-threaded)
-code, then ``ToTensor`` (``ToDevice`` on CUDA) and ``ToTorchImage``.  Flip, colour jitter (random
-order), grayscale, Gaussian blur, solarize and normalisation run batched in torch, on the GPU when
-the loader's device is CUDA and on the CPU otherwise.  FFCV's ``NormalizeImage`` is not used
-(placed after ``ToTensor`` it hangs, libffcv/ffcv#396).
+Each view is its own FFCV pipeline on the same ``image`` field: JPEG decode + crop + resize in
+FFCV's compiled (numba, multi-threaded) code, then ``ToTensor`` (``ToDevice`` on CUDA) and
+``ToTorchImage``.  The crop is not FFCV's RandomResizedCrop: the decoder (:func:`table_crop_decoder`)
+reads each sample's box from a per-view crop table that the loader fills before every pass from
+:func:`~pipelines.params.crop_boxes_for_indices` (the contract every backend shares).  Flip,
+colour jitter (random order), grayscale, Gaussian blur, solarize and normalisation run batched in
+torch, on the GPU when the loader's device is CUDA and on the CPU otherwise.  FFCV's
+``NormalizeImage`` is not used (placed after ``ToTensor`` it hangs, libffcv/ffcv#396).
 
 Sample order, rank sharding and ``start_batch`` resume are the base :class:`MultiCropLoader`'s
-(fed to FFCV as a fixed traversal order).  Flip/colour/blur parameters come from
-:func:`~pipelines.params.sample_params_for_indices`, so they depend only on ``(seed, epoch,
-index)``; crop boxes are drawn by FFCV's own generator and are not reproducible across runs.
+(fed to FFCV as a fixed traversal order).  Crop boxes, flips and colour/blur parameters all come
+from :func:`~pipelines.params.sample_params_for_indices`, so they depend only on ``(seed, epoch,
+index, view)``: the same boxes as the other backends for the same seed, and resume is exact.
 """
 
 from __future__ import annotations
@@ -27,122 +29,16 @@ import torch
 from pipelines.errors import ConfigError, DataError
 
 from .folder import ImageFolderIndex
+from .formats.beton import BetonIndex, BetonSource, open_beton_index
 from .loader import MultiCropBatch, MultiCropLoader, register_backend
-from .params import BatchViewParams, sample_params_for_indices
+from .options import FfcvOptions
+from .params import BatchViewParams, crop_boxes_for_indices, sample_params_for_indices
 from .spec import MultiCropSpec
 
+#: What this backend reads (:mod:`pipelines.formats`); the README's backend table lists it.
+FORMATS = ("beton",)
 #: Luma weights of torchvision's rgb_to_grayscale (ITU-R 601, as PIL's convert("L") up to rounding).
 _LUMA = (0.2989, 0.587, 0.114)
-
-
-# ----------------------------------------------------------------------------- the beton "index"
-class _BetonSamples(Sequence):
-    """``(pseudo path, label)`` per sample, built on demand (no million-entry list)."""
-
-    def __init__(self, beton: str, labels: np.ndarray) -> None:
-        self.beton, self.labels = beton, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(len(self)))]
-        return f"{self.beton}#{int(i)}", int(self.labels[i])
-
-
-@dataclass
-class BetonIndex(ImageFolderIndex):
-    """An :class:`ImageFolderIndex` over a ``.beton``: ``root`` is the split folder, labels from metadata."""
-
-    beton: str = ""
-    labels: np.ndarray | None = None
-    widths: np.ndarray | None = None
-    heights: np.ndarray | None = None
-
-    def path(self, i: int) -> str:
-        return f"{self.beton}#{int(i)}"
-
-    def label(self, i: int) -> int:
-        return int(self.labels[i])  # type: ignore[index]
-
-
-def open_beton_index(source: str | os.PathLike[str]) -> BetonIndex:
-    """A :class:`BetonIndex` for a prepared beton split folder, its ``manifest.json`` or the ``.beton``."""
-    from swav_fast.prepare.beton import read_beton_tables
-    from swav_fast.prepare.manifest import MANIFEST_NAME, read_manifest, shard_paths
-
-    p = Path(source)
-    classes: list[str] | None = None
-    if p.suffix == ".beton":
-        beton = p
-        if (p.parent / MANIFEST_NAME).exists():
-            classes = read_manifest(p.parent)["classes"]
-    else:
-        m = read_manifest(p)
-        if m["format"] != "beton":
-            raise DataError(
-                f"{p} holds a {m['format']} dataset; the ffcv backend reads beton "
-                "(swav-fast prepare --format beton)"
-            )
-        beton = Path(shard_paths(p, m)[0][0])
-        classes = m["classes"]
-    if not beton.is_file():
-        raise DataError(f"beton file not found: {beton}")
-    try:
-        _, _, meta, _ = read_beton_tables(beton)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{beton} is not a readable beton: {exc}") from None
-    labels = meta["f1"].astype(np.int64)
-    if classes is None:
-        classes = [str(k) for k in range(int(labels.max(initial=-1)) + 1)]
-    if len(labels) == 0:
-        raise DataError(f"{beton} holds no samples")
-    return BetonIndex(
-        root=str(beton.parent),
-        classes=list(classes),
-        samples=_BetonSamples(str(beton), labels),
-        beton=str(beton),
-        labels=labels,
-        widths=meta["f0"]["width"].astype(np.int64),
-        heights=meta["f0"]["height"].astype(np.int64),
-    )
-
-
-class BetonSource:
-    """Random access to ``(JPEG bytes, label)`` of a prepared beton (the ``SampleSource`` protocol of
-    :mod:`pipelines.dali_backend`), without ffcv: the evaluation readers use it."""
-
-    def __init__(self, source: str | os.PathLike[str]) -> None:
-        from swav_fast.prepare.beton import read_beton_tables
-
-        self.index = open_beton_index(source)
-        self.root, self.classes = self.index.root, list(self.index.classes)
-        _, _, _, alloc = read_beton_tables(self.index.beton)
-        order = np.argsort(alloc["sample_id"], kind="stable")
-        self._ptr = alloc["ptr"][order].astype(np.int64)
-        self._size = alloc["size"][order].astype(np.int64)
-        if len(self._ptr) != len(self.index.labels):  # type: ignore[arg-type]
-            raise DataError(f"{self.index.beton}: the allocation table does not list every sample once")
-        self._f: Any = None
-
-    def __len__(self) -> int:
-        return len(self._ptr)
-
-    def read(self, i: int) -> tuple[bytes, int]:
-        if self._f is None:
-            self._f = open(self.index.beton, "rb")
-        self._f.seek(int(self._ptr[i]))
-        data = self._f.read(int(self._size[i]))
-        if len(data) != int(self._size[i]):
-            raise DataError(f"{self.index.beton} is truncated at sample {i}")
-        return data, self.index.label(i)
-
-    def name(self, i: int) -> str:
-        return self.index.path(i)
-
-    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers open their own file
-        return {**self.__dict__, "_f": None}
 
 
 # ----------------------------------------------------------------------------- batched torch ops
@@ -268,6 +164,99 @@ def _import_ffcv() -> Any:
     return ffcv_loader
 
 
+def table_crop_decoder(output_size: tuple[int, int], num_samples: int) -> Any:
+    """An FFCV RGB decoder that crops sample ``i`` to ``table[i] = (top, left, height, width)`` (source
+    pixels) and resizes it to ``output_size``; ``decoder.table`` (int32 [num_samples, 4]) is filled in
+    place before a pass and read by the compiled code at run time.
+
+    numba freezes arrays captured by a compiled function, so the compiled decoder reads the table through
+    its address (the array is never reallocated, and the decoder holds it alive).
+    """
+    from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.pipeline.compiler import Compiler
+
+    class TableCropDecoder(ResizedCropRGBImageDecoder):
+        def __init__(self) -> None:
+            super().__init__(output_size)
+            self.table = np.zeros((num_samples, 4), dtype=np.int32)
+
+        @property
+        def get_crop_generator(self) -> Any:  # the abstract hook of the base class; the table replaces it
+            raise NotImplementedError
+
+        def generate_code(self) -> Any:
+            jpg = IMAGE_MODES["jpg"]
+            mem_read = self.memory_read
+            my_range = Compiler.get_iterator()
+            imdecode_c = Compiler.compile(imdecode)
+            resize_crop_c = Compiler.compile(resize_crop)
+            read_table = _table_reader(self.table, Compiler.is_enabled)
+
+            def decode(batch_indices, my_storage, metadata, storage_state):  # noqa: ANN001 - numba
+                destination, temp_storage = my_storage
+                table = read_table()
+                for dst_ix in my_range(len(batch_indices)):
+                    source_ix = batch_indices[dst_ix]
+                    field = metadata[source_ix]
+                    image_data = mem_read(field["data_ptr"], storage_state)
+                    height = np.uint32(field["height"])
+                    width = np.uint32(field["width"])
+                    if field["mode"] == jpg:
+                        temp_buffer = temp_storage[dst_ix]
+                        imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1,
+                                   False, False)
+                        temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                    else:
+                        temp_buffer = image_data.reshape(height, width, 3)
+                    i, j = table[source_ix, 0], table[source_ix, 1]
+                    h, w = table[source_ix, 2], table[source_ix, 3]
+                    resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
+                return destination[:len(batch_indices)]
+
+            decode.is_parallel = True
+            return decode
+
+    return TableCropDecoder()
+
+
+def _table_reader(table: np.ndarray, compiled: bool) -> Any:
+    """A function returning ``table``, callable from FFCV's compiled code (which would freeze a captured
+    array): it rebuilds the array from its address and shape on every call."""
+    if not compiled:
+        return lambda: table
+    import numba
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def as_pointer(typingctx: Any, address: Any) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.inttoptr(args[0], cgutils.voidptr_t)
+        return types.voidptr(address), codegen
+
+    address, shape = int(table.ctypes.data), table.shape
+
+    @numba.njit(nogil=True)
+    def read() -> Any:
+        return numba.carray(as_pointer(address), shape, np.int32)
+
+    return read
+
+
+def fill_crop_tables(tables: Sequence[np.ndarray], spec: MultiCropSpec, seed: int, epoch: int,
+                     indices: np.ndarray, widths: np.ndarray, heights: np.ndarray) -> None:
+    """Write the crop boxes ``(top, left, height, width)`` of views ``0..V-1`` of samples ``indices`` in
+    ``epoch`` into ``tables[v][i]`` (the shared draw: :func:`~pipelines.params.crop_boxes_for_indices`)."""
+    idx = np.unique(np.asarray(indices, dtype=np.int64))
+    for start in range(0, len(idx), 1 << 16):  # bounded host memory for any dataset size
+        part = idx[start:start + (1 << 16)]
+        boxes = crop_boxes_for_indices(spec, seed, epoch, part, widths[part], heights[part])
+        for table, b in zip(tables, boxes):
+            table[part] = b
+
+
 def _external_order_class() -> type:
     from ffcv.traversal_order.base import TraversalOrder
 
@@ -301,8 +290,8 @@ class FFCVLoader(MultiCropLoader):
         seed: int = 0,
         num_workers: int = 0,
         drop_last: bool = True,
-        os_cache: bool = True,
-        batches_ahead: int = 2,
+        os_cache: bool = FfcvOptions.os_cache,
+        batches_ahead: int = FfcvOptions.batches_ahead,
     ) -> None:
         if not isinstance(index, BetonIndex):
             if isinstance(index, ImageFolderIndex):
@@ -315,9 +304,9 @@ class FFCVLoader(MultiCropLoader):
         super().__init__(index, spec, batch_size, device, rank, world_size, seed, drop_last)
         if num_workers < 0:
             raise ConfigError(f"num_workers: must be >= 0, got {num_workers}")
+        FfcvOptions(os_cache=os_cache, batches_ahead=batches_ahead)  # checks the values
         ffcv_loader = _import_ffcv()
         from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
         from ffcv.pipeline import PipelineSpec
         from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
@@ -326,11 +315,11 @@ class FFCVLoader(MultiCropLoader):
         to_dev = [ToDevice(self.device, non_blocking=True)] if on_gpu else []
         pipelines: dict[str, Any] = {"label": [IntDecoder(), ToTensor(), Squeeze(), *to_dev]}
         self._view_names = []
+        self._tables: list[np.ndarray] = []
         for v, size in enumerate(spec.view_sizes):
             name = "image" if v == 0 else f"image_{v}"
-            decoder = RandomResizedCropRGBImageDecoder(
-                (size, size), scale=spec.scale_range(v), ratio=tuple(spec.ratio)
-            )
+            decoder = table_crop_decoder((size, size), len(index))
+            self._tables.append(decoder.table)
             ops = [ToTensor(), *to_dev, ToTorchImage(channels_last=False)]
             pipelines[name] = (
                 [decoder, *ops] if v == 0 else PipelineSpec("image", decoder=decoder, transforms=ops)
@@ -358,7 +347,9 @@ class FFCVLoader(MultiCropLoader):
     def _iterate(self, epoch: int, batches: list[np.ndarray]) -> Iterator[MultiCropBatch]:
         if not batches:
             return
-        self._order.order = np.concatenate(batches).astype(np.uint64)
+        order = np.concatenate(batches)
+        fill_crop_tables(self._tables, self.spec, self.seed, epoch, order, self._widths, self._heights)
+        self._order.order = order.astype(np.uint64)
         dtype = self.spec.torch_dtype
         it = iter(self._ffcv)
         try:
@@ -374,7 +365,8 @@ class FFCVLoader(MultiCropLoader):
                     for v, s in enumerate(self._slots)
                 ]
                 labels = out[self._label_slot].to(torch.int64).reshape(-1).clone()
-                yield MultiCropBatch(views=views, labels=labels, indices=torch.as_tensor(idx), num_bad=0)
+                yield MultiCropBatch(views=views, labels=labels, indices=torch.as_tensor(idx), num_bad=0,
+                                     params=params if self.record_params else None)
         finally:
             close = getattr(it, "close", None)
             if close is not None:
@@ -392,4 +384,4 @@ def build_ffcv_loader(
 
 
 build_ffcv_loader.accepts_path = True  # type: ignore[attr-defined]  # a prepared folder or .beton path
-register_backend("ffcv", build_ffcv_loader)
+register_backend("ffcv", build_ffcv_loader, options=FfcvOptions)

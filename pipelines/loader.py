@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import signal
 import sys
@@ -13,14 +14,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipelines.errors import ConfigError, SwavFastError
+from pipelines.errors import ConfigError, DataError, SwavFastError
+from pipelines.registry import Registry
 
 from .folder import ImageFolderIndex, scan_image_folder
+from .options import BackendOptions, PilOptions
 from .params import BatchViewParams, stack_rows
+from .pil import FORMATS as PIL_FORMATS
 from .pil import PILMultiCropDataset, Sample
 from .spec import MultiCropSpec
 
-#: Extra stream tag so the shuffle generator never coincides with a per-sample generator.
+#: Stream tag of the epoch shuffle (the augmentation parameters come from pipelines.params, another generator).
 _SHUFFLE_TAG = 0x5357_4156
 
 
@@ -223,28 +227,45 @@ class Collate:
         failed = next((s for s in samples if isinstance(s, _WorkerFailure)), None)
         if failed is not None:
             return failed
+        skipped = sum(not s.views for s in samples)
+        bad_paths = [p for s in samples for p in s.bad_paths]
+        samples = [s for s in samples if s.views]  # the bad-sample policy "skip" left these out
+        if not samples:
+            return _WorkerFailure(DataError, f"every sample of a batch of {skipped} is unreadable; "
+                                  "is the dataset corrupt?")
         views = [torch.stack([s.views[v] for s in samples]).to(self.dtype).contiguous(memory_format=self.fmt)
                  for v in range(self.num_views)]
         return MultiCropBatch(
             views=views,
             labels=torch.tensor([s.label for s in samples], dtype=torch.int64),
             indices=torch.tensor([s.index for s in samples], dtype=torch.int64),
-            num_bad=sum(not s.ok for s in samples),
-            bad_paths=[p for s in samples for p in s.bad_paths],
+            num_bad=sum(not s.ok for s in samples) + skipped,
+            bad_paths=bad_paths,
             params=([stack_rows([s.params[v] for s in samples]) for v in range(self.num_views)]
                     if samples and samples[0].params else None))
 
 
 class PILLoader(MultiCropLoader):
-    """PIL decode + augment in DataLoader worker processes (the official-style reference)."""
+    """PIL decode + augment in DataLoader worker processes (the official-style reference).
 
-    def __init__(self, index: ImageFolderIndex, spec: MultiCropSpec, batch_size: int, device: Any = "cpu",
+    ``index``: an ImageFolder (path or index) or a prepared TFRecord / webdataset split folder.
+    """
+
+    #: ``build_loader`` hands over the path itself: prepared TFRecord / webdataset folders are read too.
+    accepts_path = True
+    formats = PIL_FORMATS
+
+    def __init__(self, index: Any, spec: MultiCropSpec, batch_size: int, device: Any = "cpu",
                  rank: int = 0, world_size: int = 1, seed: int = 0, num_workers: int = 0,
-                 drop_last: bool = True, prefetch_factor: int = 4) -> None:
-        super().__init__(index, spec, batch_size, device, rank, world_size, seed, drop_last)
+                 drop_last: bool = True, prefetch_factor: int = PilOptions.prefetch_factor,
+                 bad_samples: str = PilOptions.bad_samples) -> None:
         if num_workers < 0:
             raise ConfigError(f"num_workers: must be >= 0, got {num_workers}")
-        self.dataset = PILMultiCropDataset(index, spec, seed)
+        PilOptions(prefetch_factor=prefetch_factor, bad_samples=bad_samples)  # the values' checks
+        self.dataset = PILMultiCropDataset(index, spec, seed, bad_samples=bad_samples)
+        # the base class needs only len(index) and index.classes, which every source has
+        super().__init__(self.dataset.source, spec, batch_size, device, rank, world_size, seed,  # type: ignore
+                         drop_last)
         self._sampler = _BatchList()
         extra: dict[str, Any] = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if num_workers else {}
         self._loader = DataLoader(_EpochItems(self.dataset), batch_sampler=self._sampler, num_workers=num_workers,
@@ -267,16 +288,11 @@ class PILLoader(MultiCropLoader):
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
         self._loader._iterator = None
+        self.dataset.source.close()
 
 
 # -- registry ------------------------------------------------------------------------------------
 LoaderFactory = Callable[..., MultiCropLoader]
-_BACKENDS: dict[str, LoaderFactory] = {}
-
-
-def register_backend(name: str, factory: LoaderFactory) -> None:
-    """Register ``factory(index, spec, batch_size, device=, rank=, world_size=, seed=, num_workers=, drop_last=)``."""
-    _BACKENDS[name] = factory
 
 
 def _import_builtin_backends() -> None:
@@ -284,30 +300,83 @@ def _import_builtin_backends() -> None:
     from . import dali_backend, ffcv_backend, torch_backend  # noqa: F401
 
 
+#: name -> factory, with metadata ``options``: the backend's options class (None: it takes none)
+BACKENDS: Registry[LoaderFactory] = Registry("loader backend", loader=_import_builtin_backends)
+
+
+def register_backend(name: str, factory: LoaderFactory, options: type[BackendOptions] | None = None) -> None:
+    """Register ``factory(index, spec, batch_size, device=, rank=, world_size=, seed=, num_workers=,
+    drop_last=, **options.kwargs())``; ``options``: the backend's options dataclass
+    (:mod:`pipelines.options`), whose fields are keywords of the factory (None: it takes none)."""
+    BACKENDS.register(name, factory, options=options)
+
+
 def available_backends() -> list[str]:
-    _import_builtin_backends()
-    return sorted(_BACKENDS)
+    return BACKENDS.names()
 
 
-register_backend("pil", PILLoader)
+def backend_options_class(backend: str) -> type[BackendOptions] | None:
+    """The options class ``backend`` registered (None when it takes none)."""
+    return BACKENDS.meta(backend)["options"]
+
+
+def backend_formats(name: str) -> tuple[str, ...]:
+    """The stored formats (:data:`pipelines.formats.sources.ALL_FORMATS`) backend ``name`` reads: its
+    module's ``FORMATS`` (an ImageFolder only when it declares none)."""
+    factory = BACKENDS.get(name)
+    module = sys.modules.get(getattr(factory, "__module__", ""), None)
+    return tuple(getattr(factory, "formats", None) or getattr(module, "FORMATS", None) or ("folder",))
+
+
+def backends_reading(fmt: str) -> list[str]:
+    """The registered backends that read format ``fmt``."""
+    return [name for name in available_backends() if fmt in backend_formats(name)]
+
+
+register_backend("pil", PILLoader, options=PilOptions)
+
+
+def resolve_options(backend: str, options: BackendOptions | None = None, **overrides: Any
+                    ) -> BackendOptions | None:
+    """``backend``'s options object: ``options`` (default: the class's defaults) with keyword
+    ``overrides``; :class:`ConfigError` for options of another backend or an unknown keyword."""
+    cls = backend_options_class(backend)
+    if cls is None:
+        if options is not None:
+            raise ConfigError(f"loader backend {backend!r} takes no options object, got {type(options).__name__}")
+        return None
+    if options is None:
+        options = cls()
+    elif not isinstance(options, cls):
+        raise ConfigError(f"loader backend {backend!r} takes {cls.__name__}, got {type(options).__name__}")
+    if overrides:
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(overrides) - set(valid))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)} for loader backend {backend!r}; "
+                              f"valid: {', '.join(valid)}")
+        options = dataclasses.replace(options, **overrides)
+    return options
 
 
 def build_loader(source: str | os.PathLike[str] | ImageFolderIndex, spec: MultiCropSpec, batch_size: int,
                  backend: str = "pil", device: Any = "cpu", rank: int = 0, world_size: int = 1, seed: int = 0,
-                 num_workers: int = 0, drop_last: bool = True, **backend_options: Any) -> MultiCropLoader:
-    """A multi-crop loader over an ImageFolder path (or a pre-scanned :class:`ImageFolderIndex`).
+                 num_workers: int = 0, drop_last: bool = True, options: BackendOptions | None = None,
+                 **backend_options: Any) -> MultiCropLoader:
+    """A multi-crop loader over a dataset path (or a pre-scanned :class:`ImageFolderIndex`).
 
     Backends whose factory has ``accepts_path = True`` get the path itself, so that they can also read
-    prepared datasets (``swav-fast prepare`` TFRecord / webdataset / beton folders).
-    ``backend_options`` go to the backend (e.g. ``hw_decoder_load`` for ``dali``).
+    prepared datasets (``swav-fast prepare`` TFRecord / webdataset / beton folders; which backend reads
+    which format: :func:`backend_formats`, the README's backend table).
+    ``options``: the backend's options object (e.g. :class:`~pipelines.options.DaliOptions`; default:
+    its defaults); ``backend_options``: single fields of it by keyword (e.g. ``prefetch=1``).
     """
-    _import_builtin_backends()
-    if backend not in _BACKENDS:
-        raise ConfigError(f"unknown loader backend {backend!r}; valid: {', '.join(available_backends())}")
-    factory = _BACKENDS[backend]
+    factory = BACKENDS.get(backend)
+    opts = resolve_options(backend, options, **backend_options)
+    kwargs = opts.kwargs() if opts is not None else backend_options
     if isinstance(source, ImageFolderIndex) or getattr(factory, "accepts_path", False):
         index = source
     else:
         index = scan_image_folder(source)
     return factory(index, spec, batch_size, device=device, rank=rank, world_size=world_size,
-                   seed=seed, num_workers=num_workers, drop_last=drop_last, **backend_options)
+                   seed=seed, num_workers=num_workers, drop_last=drop_last, **kwargs)

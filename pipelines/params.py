@@ -9,9 +9,11 @@ view ``v`` of sample ``i`` in ``epoch`` is
 with ``mix`` the splitmix64 finaliser (``z = x + 0x9E3779B97F4A7C15``;
 ``z = (z ^ z >> 30) * 0xBF58476D1CE4E5B9``; ``z = (z ^ z >> 27) * 0x94D049BB133111EB``;
 ``z ^ z >> 31``, all mod 2**64), so ``u`` is uniform on the 2**53 multiples of 2**-53 in [0, 1).
-Nothing depends on batch composition, worker count, rank or the order of draws: the PIL backend
-(per sample), the torch and DALI backends (vectorised per batch) and FFCV (a crop table per epoch)
-get identical parameters, and a resumed epoch draws exactly what the uninterrupted one did.
+The sample index is that of the sample actually decoded (a replacement for an unreadable file draws
+its own parameters).  Nothing depends on batch composition, worker count, rank, world size or the
+order of draws: the PIL backend (per sample), the torch and DALI backends (vectorised per batch) and
+FFCV (a crop table per epoch) get identical parameters, and a resumed epoch draws exactly what the
+uninterrupted one did.
 
 Every view uses one block of ``NUM_UNIFORMS`` slots; :func:`params_from_uniforms` maps them to the
 parameters following torchvision (RandomResizedCrop with its 10 attempts and central fallback,
@@ -37,6 +39,8 @@ _U_TOP, _U_LEFT, _U_FLIP, _U_JITTER = 20, 21, 22, 23
 _U_FACTORS = slice(24, 28)  # brightness, contrast, saturation, hue
 _U_ORDER, _U_GRAY, _U_BLUR, _U_SIGMA, _U_SOLARIZE = 28, 29, 30, 31, 32
 NUM_UNIFORMS = 33
+#: The crop box uses slots 0..21 only (scale and ratio attempts, top, left).
+CROP_SLOTS = _U_LEFT + 1
 
 #: All 24 orders of (brightness=0, contrast=1, saturation=2, hue=3), as torch.randperm(4) could give.
 JITTER_ORDERS = np.array(list(itertools.permutations(range(4))), dtype=np.int64)
@@ -228,6 +232,26 @@ def sample_params_for_indices(spec: MultiCropSpec, seed: int, epoch: int, indice
     if len(w) != len(idx) or len(h) != len(idx):
         raise ValueError(f"{len(idx)} indices but {len(w)} widths and {len(h)} heights")
     return [params_from_uniforms(spec, v, w, h, u[v]) for v in range(spec.num_views)]
+
+
+def crop_boxes_for_indices(spec: MultiCropSpec, seed: int, epoch: int, indices: Sequence[int] | np.ndarray,
+                           widths: Sequence[int] | np.ndarray, heights: Sequence[int] | np.ndarray,
+                           chunk: int = 4096) -> np.ndarray:
+    """``[V, N, 4]`` int64 ``(top, left, height, width)``: the crop boxes of
+    :func:`sample_params_for_indices`, drawing only the crop slots, ``chunk`` samples at a time (a
+    whole epoch's table at a few microseconds per sample)."""
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    w = np.asarray(widths, dtype=np.int64).reshape(-1)
+    h = np.asarray(heights, dtype=np.int64).reshape(-1)
+    if len(w) != len(idx) or len(h) != len(idx):
+        raise ValueError(f"{len(idx)} indices but {len(w)} widths and {len(h)} heights")
+    out = np.empty((spec.num_views, len(idx), 4), dtype=np.int64)
+    for start in range(0, len(idx), chunk):
+        sl = slice(start, start + chunk)
+        u = sample_uniforms(seed, epoch, idx[sl], spec.num_views, slots=CROP_SLOTS)
+        for v in range(spec.num_views):
+            out[v, sl] = np.stack(_crop_boxes(spec, v, w[sl], h[sl], u[v]), axis=1)
+    return out
 
 
 def sample_params(spec: MultiCropSpec, seed: int, epoch: int, index: int, width: int, height: int

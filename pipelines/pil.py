@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import logging
-import os
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -16,18 +16,20 @@ from torch.utils.data import Dataset
 
 from pipelines.errors import DataError
 
-from .folder import ImageFolderIndex
+from .badsamples import MAX_REPLACEMENTS, BadSamples
+from .formats.probe import MAX_PIXELS, ORIENTATION_TAG
+from .formats.sources import open_source
 from .params import ViewParams, sample_params
 from .spec import MultiCropSpec
 
 log = logging.getLogger("pipelines")
 
-#: Larger images are treated as bad (PIL's own decompression-bomb warning limit, ~89M pixels).
-MAX_PIXELS = 89_478_485
-#: How many following samples are tried in turn when a file cannot be decoded.
-MAX_REPLACEMENTS = 16
+#: What this backend reads (:mod:`pipelines.formats`); the README's backend table lists it.
+FORMATS = ("folder", "tfrecord", "wds")
+__all__ = ["FORMATS", "MAX_PIXELS", "MAX_REPLACEMENTS", "PILMultiCropDataset", "Sample", "augment_view",
+           "decode_rgb"]
 #: EXIF orientation tag: every loader applies it (``pipelines.exif``), as ``swav-fast prepare`` does.
-EXIF_ORIENTATION = 0x0112
+EXIF_ORIENTATION = ORIENTATION_TAG
 _JITTER_FNS = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
 
 
@@ -43,9 +45,9 @@ class Sample:
     params: list[ViewParams]
 
 
-def decode_rgb(path: str) -> Image.Image:
-    """Open ``path`` as an RGB PIL image, turned per its EXIF orientation; raise on corrupt, truncated
-    or oversized files."""
+def decode_rgb(path: str | IO[bytes]) -> Image.Image:
+    """Open ``path`` (a file name or a binary file object) as an RGB PIL image, turned per its EXIF
+    orientation; raise on corrupt, truncated or oversized files."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         log.warning("PIL ImageFile.LOAD_TRUNCATED_IMAGES was True; resetting it to False so truncated "
                     "files count as bad instead of decoding as gray")
@@ -84,40 +86,47 @@ def augment_view(img: Image.Image, p: ViewParams, mean: torch.Tensor, std: torch
 class PILMultiCropDataset(Dataset):
     """Map-style dataset giving ``(views, label, index, ok)`` (plus ``params`` when ``return_params``).
 
-    The augmentation of sample ``i`` is :func:`~pipelines.params.sample_params` ``(seed, epoch, i)``
-    (the contract every backend shares).  A file that cannot be decoded is logged once and replaced by
-    the next decodable sample ``j`` (augmented with ``j``'s parameters), ``ok=False``.
+    ``source``: any dataset :func:`pipelines.formats.open_source` opens for this backend (an ImageFolder
+    path or index, TFRecord or webdataset shards) or an opened source.  The augmentation of sample
+    ``i`` is :func:`~pipelines.params.sample_params` ``(seed, epoch, i)`` (the contract every backend
+    shares).  A sample that cannot be read or decoded goes through the ``bad_samples`` policy
+    (:class:`~pipelines.badsamples.BadSamples`): logged once and replaced by the next decodable sample
+    ``j`` (augmented with ``j``'s parameters), ``ok=False``; or, with ``skip``, left out (``views``
+    empty).
     """
 
-    def __init__(self, index: ImageFolderIndex, spec: MultiCropSpec, seed: int = 0,
-                 return_params: bool = False) -> None:
-        self.root = index.root
-        self.classes = list(index.classes)
-        # numpy arrays, not Python lists: forked workers then do not copy them page by page.
-        self._paths = np.array([p.encode("utf-8") for p, _ in index.samples])
-        self._labels = np.array([c for _, c in index.samples], dtype=np.int64)
+    def __init__(self, source: Any, spec: MultiCropSpec, seed: int = 0,
+                 return_params: bool = False, bad_samples: str = "replace") -> None:
+        self.source = open_source(source, formats=FORMATS)
+        self.root = self.source.root
+        self.classes = list(self.source.classes)
+        self.bad = BadSamples(bad_samples)
         self.spec = spec
         self.seed = int(seed)
         self.epoch = 0
         self.return_params = return_params
         self._mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)
-        self._warned: set[str] = set()
 
     def __len__(self) -> int:
-        return len(self._labels)
+        return len(self.source)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def path(self, i: int) -> str:
-        return os.path.join(self.root, self._paths[i].decode("utf-8"))
+        """Where sample ``i`` is stored (a file path, or ``shard#key``)."""
+        return self.source.name(i)
 
     def __getitem__(self, i: int) -> tuple[Any, ...]:
         s = self.load(i)
         if self.return_params:
             return s.views, s.label, s.index, s.ok, s.params
         return s.views, s.label, s.index, s.ok
+
+    def _decode(self, j: int) -> tuple[Image.Image, int]:
+        buf, label = self.source.read(j)
+        return decode_rgb(io.BytesIO(buf)), int(label)
 
     def load(self, i: int, epoch: int | None = None) -> Sample:
         """Decode and augment sample ``i`` of ``epoch`` (default: the current epoch)."""
@@ -126,22 +135,10 @@ class PILMultiCropDataset(Dataset):
         i = int(i)
         if not 0 <= i < n:
             raise IndexError(f"sample index {i} out of range for {n} samples")
-        bad: list[str] = []
-        for k in range(min(MAX_REPLACEMENTS, n)):
-            j = (i + k) % n
-            path = self.path(j)
-            try:
-                img = decode_rgb(path)
-            except Exception as e:  # noqa: BLE001 - any decoder failure means a bad file
-                self._warn_bad(path, e)
-                bad.append(path)
-                continue
-            params = sample_params(self.spec, self.seed, epoch, j, img.width, img.height)
-            views = [augment_view(img, p, self._mean, self._std) for p in params]
-            return Sample(views, int(self._labels[j]), i, not bad, bad, params)
-        raise DataError(f"{len(bad)} consecutive unreadable images starting at {bad[0]}; is the dataset corrupt?")
-
-    def _warn_bad(self, path: str, err: BaseException) -> None:
-        if path not in self._warned:
-            self._warned.add(path)
-            log.warning("skipping unreadable image %s (%s: %s)", path, type(err).__name__, err)
+        j, got, bad = self.bad.resolve(i, n, self._decode, self.source.name)
+        if got is None:  # skipped
+            return Sample([], -1, i, False, bad, [])
+        img, label = got
+        params = sample_params(self.spec, self.seed, epoch, j, img.width, img.height)
+        views = [augment_view(img, p, self._mean, self._std) for p in params]
+        return Sample(views, label, i, not bad, bad, params)

@@ -2,11 +2,15 @@
 
 Per batch:
 
-1. **read** the files with a thread pool;
-2. **decode** all JPEGs of the batch in one ``torchvision.io.decode_jpeg(list, device=...)`` call (nvJPEG
-   batched on CUDA; libjpeg-turbo on CPU); other formats, and JPEGs the batched call rejects, go
-   one by one through torchvision / PIL.  Unreadable files (truncated, corrupt, not an image,
-   decompression bombs) are replaced by the next readable sample and counted, as in the PIL backend;
+1. **read** the encoded samples with a thread pool, from any format :func:`pipelines.formats.open_source`
+   opens here (an ImageFolder, TFRecord or webdataset shards);
+2. **decode** all JPEGs of the batch in one :func:`pipelines.decode.decode_jpegs_each` call (TorchCodec's
+   ``decode_jpeg(list, device=...)``: nvJPEG batched on CUDA, libjpeg-turbo on CPU; torchvision.io only
+   when TorchCodec is missing; ``decoder`` chooses); other formats, and JPEGs the batched call
+   rejects, go one by one through PIL.  Unreadable files (truncated, corrupt, not an image,
+   decompression bombs; :mod:`pipelines.formats.probe` checks each JPEG header first) go through the
+   loader's :class:`~pipelines.badsamples.BadSamples` policy (replaced by the next readable sample, or
+   skipped) and are counted, as in every backend;
 3. **params**: crop boxes, flips and colour parameters for all views, vectorised over the batch by
    :func:`pipelines.params.sample_params_for_indices`: a function of (seed, epoch, sample index,
    view), the same draws as every other backend (resume is exact);
@@ -18,7 +22,8 @@ Per batch:
 5. **augment**: :func:`pipelines.gpu_aug.augment_views` (colour matrix, grayscale, blur, solarize,
    normalise; compiled on CUDA).
 
-Batches are produced by a background thread, on a side CUDA stream on GPU, ``prefetch`` batches ahead
+Batches are produced by a :class:`pipelines.prefetch.Prefetcher` thread, on a side CUDA stream on GPU,
+``prefetch`` batches ahead
 of the training step; the consumer's stream waits on an event (no host sync).
 """
 
@@ -27,85 +32,36 @@ from __future__ import annotations
 import io
 import logging
 import os
-import queue
-import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipelines.errors import ConfigError, DataError
 
-from .folder import ImageFolderIndex
+from .badsamples import BadSamples
+from .decode import decode_jpegs_each, resolve_decoder
+from .formats.probe import BadImage, is_jpeg, jpeg_size
+from .formats.sources import open_source
 from .gpu_aug import augment_views, colour_params_from_batch
 from .loader import MultiCropBatch, MultiCropLoader, register_backend
+from .options import TorchOptions
 from .params import BatchViewParams, concat_params, sample_params_for_indices, split_params
-from .exif import jpeg_orientation, orient_chw
-from .pil import MAX_PIXELS, MAX_REPLACEMENTS, decode_rgb
+from .pil import decode_rgb
+from .prefetch import Prefetcher
 from .spec import MultiCropSpec
 
 log = logging.getLogger("pipelines")
 
-# torchvision 0.29 marks its image codecs deprecated (in favour of torchcodec); they are what this
-# backend is about, so keep the per-call warning out of the logs.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
-
 #: A chunk of images shares one zero-padded canvas while canvas pixels <= this factor x image pixels.
 CANVAS_WASTE = 1.5
-_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+#: What this backend reads (:mod:`pipelines.formats`); the README's backend table lists it.
+FORMATS = ("folder", "tfrecord", "wds")
 
 
 # -- read + decode ----------------------------------------------------------------------------------
-def read_file(path: str) -> bytearray:
-    """The bytes of ``path`` (a writable buffer, so ``torch.frombuffer`` needs no copy)."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        buf = bytearray(size)
-        got = f.readinto(buf)
-    if got != size:
-        raise OSError(f"read {got} of {size} bytes")
-    return buf
-
-
-def jpeg_header(data: bytes | bytearray) -> tuple[int, int]:
-    """``(width, height)`` of a baseline/progressive JPEG; raises :class:`DataError` when the frame header
-    is missing, the image exceeds :data:`~pipelines.pil.MAX_PIXELS`, or the file is truncated (no end
-    marker after the scan data -- entropy-coded data cannot contain ``FF D9``)."""
-    n = len(data)
-    pos = 2
-    size: tuple[int, int] | None = None
-    while pos + 4 <= n:
-        if data[pos] != 0xFF:
-            raise DataError(f"bad JPEG marker at byte {pos}")
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker == 0xD8 or 0xD0 <= marker <= 0xD7 or marker == 0x01:
-            pos += 2
-            continue
-        length = (data[pos + 2] << 8) | data[pos + 3]
-        if marker in _SOF_MARKERS and pos + 9 <= n:
-            h = (data[pos + 5] << 8) | data[pos + 6]
-            w = (data[pos + 7] << 8) | data[pos + 8]
-            size = (w, h)
-        if marker == 0xDA:  # start of scan: the frame header must have come
-            if size is None:
-                raise DataError("JPEG has no frame header before its scan data")
-            if size[0] * size[1] > MAX_PIXELS or size[0] == 0 or size[1] == 0:
-                raise DataError(f"{size[0]}x{size[1]} pixels is outside 1..{MAX_PIXELS} pixels")
-            if data.rfind(b"\xff\xd9", pos) < 0:
-                raise DataError("JPEG is truncated (no end-of-image marker)")
-            return size
-        pos += 2 + length
-    raise DataError("JPEG ends before its scan data (truncated or corrupt)")
-
-
 def _decode_other(data: bytes | bytearray) -> torch.Tensor:
     """Any format PIL reads (PNG, WebP, BMP, CMYK JPEG, ...), with the PIL backend's checks:
     [3, H, W] uint8."""
@@ -113,12 +69,14 @@ def _decode_other(data: bytes | bytearray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
 
 
-def decode_images(datas: Sequence[bytes | bytearray | BaseException], device: Any
+def decode_images(datas: Sequence[bytes | bytearray | BaseException], device: Any, decoder: str = "auto"
                   ) -> tuple[list[torch.Tensor | None], list[str | None]]:
     """Decode a batch: ``(images [3, H, W] uint8 on device, or None; error message per item, or None)``.
 
-    All JPEGs that pass :func:`jpeg_header` go through one batched ``decode_jpeg`` call; when that
-    call fails, each is retried alone and then with PIL, so one bad file never costs the batch.
+    All JPEGs that pass :func:`pipelines.formats.probe.jpeg_size` go through one batched
+    :func:`pipelines.decode.decode_jpegs_each` call (``decoder``: TorchCodec by default, torchvision.io
+    when it is missing); JPEGs it rejects and other formats go one by one through PIL, so one bad file
+    never costs the batch.
     """
     dev = torch.device(device)
     n = len(datas)
@@ -129,30 +87,21 @@ def decode_images(datas: Sequence[bytes | bytearray | BaseException], device: An
     for i, d in enumerate(datas):
         if isinstance(d, BaseException):
             errors[i] = f"{type(d).__name__}: {d}"
-        elif bytes(d[:3]) == b"\xff\xd8\xff":
+        elif is_jpeg(d):
             try:
-                jpeg_header(d)
+                jpeg_size(d)
                 jpegs.append(i)
-            except DataError as e:
-                errors[i] = f"DataError: {e}"
+            except BadImage as e:
+                errors[i] = str(e)
         else:
             others.append(i)
     if jpegs:
-        buffers = [torch.frombuffer(datas[i], dtype=torch.uint8) for i in jpegs]  # type: ignore[arg-type]
-        try:
-            decoded = decode_jpeg(buffers, mode=ImageReadMode.RGB, device=dev)
-        except RuntimeError:
-            decoded = None
-        if decoded is not None:
-            for i, img in zip(jpegs, decoded):
-                images[i] = orient_chw(img, jpeg_orientation(datas[i]))  # type: ignore[arg-type]
-        else:
-            for i, buf in zip(jpegs, buffers):
-                try:
-                    images[i] = orient_chw(decode_jpeg(buf, mode=ImageReadMode.RGB, device=dev),
-                                           jpeg_orientation(datas[i]))  # type: ignore[arg-type]
-                except RuntimeError:
-                    others.append(i)
+        decoded, _ = decode_jpegs_each([datas[i] for i in jpegs], dev, decoder)  # type: ignore[misc]
+        for i, img in zip(jpegs, decoded):
+            if img is None:
+                others.append(i)  # e.g. CMYK: PIL reads it
+            else:
+                images[i] = img
     for i in others:
         try:
             images[i] = _decode_other(datas[i]).to(dev)  # type: ignore[arg-type]
@@ -301,28 +250,33 @@ class DecodedBatch:
     sources: np.ndarray       # the index actually decoded for each requested sample
     ok: np.ndarray            # False where a replacement was used
     bad_paths: list[str]
-
-
-class _End:
-    pass
+    labels: np.ndarray | None = None   # of the decoded samples
+    indices: np.ndarray | None = None  # the requested indices kept (all unless some were skipped)
+    num_bad: int = 0                   # requested samples that were replaced or skipped
 
 
 class TorchLoader(MultiCropLoader):
-    """Batched torchvision decode + torch augmentation on ``device`` (CUDA: nvJPEG, side stream).
+    """Batched TorchCodec decode + torch augmentation on ``device`` (CUDA: nvJPEG, side stream).
 
     ``num_workers``: file-reading threads (0: ``min(8, cpu_count)``).  ``prefetch``: batches produced
     ahead.  Augmentation parameters are those of every backend (:mod:`pipelines.params`): identical
     crops and colour parameters to ``pil`` for the same seed.
     """
 
-    def __init__(self, index: ImageFolderIndex, spec: MultiCropSpec, batch_size: int, device: Any = "cpu",
+    #: ``build_loader`` hands over the path itself: prepared TFRecord / webdataset folders are read too.
+    accepts_path = True
+
+    def __init__(self, index: Any, spec: MultiCropSpec, batch_size: int, device: Any = "cpu",
                  rank: int = 0, world_size: int = 1, seed: int = 0, num_workers: int = 0,
-                 drop_last: bool = True, prefetch: int = 2) -> None:
-        super().__init__(index, spec, batch_size, device, rank, world_size, seed, drop_last)
+                 drop_last: bool = True, prefetch: int = TorchOptions.prefetch,
+                 decoder: str = TorchOptions.decoder, bad_samples: str = TorchOptions.bad_samples) -> None:
+        self.bad = BadSamples(bad_samples)
+        self.source = open_source(index, formats=FORMATS)
+        # the base class needs only len(index) and index.classes, which every source has
+        super().__init__(self.source, spec, batch_size, device, rank, world_size, seed, drop_last)  # type: ignore
         if num_workers < 0:
             raise ConfigError(f"num_workers: must be >= 0, got {num_workers}")
-        if prefetch < 1:
-            raise ConfigError(f"prefetch: must be >= 1, got {prefetch}")
+        TorchOptions(prefetch=prefetch, decoder=decoder, bad_samples=bad_samples)  # the values' checks
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
                 raise ConfigError(f"loader device {self.device} requested but CUDA is not available")
@@ -331,51 +285,66 @@ class TorchLoader(MultiCropLoader):
         elif self.device.type != "cpu":
             raise ConfigError(f"torch loader backend runs on cpu or cuda, not {self.device}")
         self.prefetch = int(prefetch)
+        self.decoder = resolve_decoder(decoder)  # auto -> torchcodec when installed, else torchvision
         self.read_threads = num_workers or min(8, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="swav-read")
-        self._labels = np.array([c for _, c in index.samples], dtype=np.int64)
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # nvJPEG writes the decoded images from its own stream, which waits for nothing of ours: their
         # memory comes from a stream used for nothing else, and record_stream keeps a block there
         # until the augmentation has read it (no host synchronisation of the loader's stream).
         self._decode_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._warned: set[str] = set()
         self._keepalive: list[Any] = []
 
     # -- stages (also used by benchmarks/bench_loader.py) ---------------------------------------------
-    def read(self, indices: Sequence[int]) -> list[bytearray | BaseException]:
-        """Stage 1: the files' bytes (or the exception reading raised)."""
-        def one(i: int) -> bytearray | BaseException:
+    def read(self, indices: Sequence[int]) -> list[tuple[bytearray, int] | BaseException]:
+        """Stage 1: each sample's encoded bytes and label (or the exception reading raised)."""
+        def one(i: int) -> tuple[bytearray, int] | BaseException:
             try:
-                return read_file(self.index.path(i))
-            except OSError as e:
+                buf, label = self.source.read(i)
+            except (OSError, BadImage) as e:
                 return e
+            # a writable buffer: torch.frombuffer then neither copies nor warns
+            return (buf if isinstance(buf, bytearray) else bytearray(buf)), label
         return list(self._pool.map(one, [int(i) for i in indices]))
 
-    def decode(self, indices: Sequence[int], datas: list[bytearray | BaseException]) -> DecodedBatch:
-        """Stage 2: decode on the loader's device, replacing unreadable samples by the next readable one."""
-        images, errors = decode_images(datas, self.device)
-        n = len(self.index)
+    def decode(self, indices: Sequence[int], datas: list[tuple[bytearray, int] | BaseException]
+               ) -> DecodedBatch:
+        """Stage 2: decode on the loader's device; unreadable samples go through the loader's
+        :class:`~pipelines.badsamples.BadSamples` policy (replaced by the next readable one, or skipped)."""
+        images, errors = decode_images([d if isinstance(d, BaseException) else d[0] for d in datas],
+                                       self.device, self.decoder)
+        n = len(self.source)
         sources = np.array([int(i) for i in indices], dtype=np.int64)
+        labels = np.array([-1 if isinstance(d, BaseException) else d[1] for d in datas], dtype=np.int64)
         ok = np.ones(len(sources), dtype=bool)
+        keep = np.ones(len(sources), dtype=bool)
         bad_paths: list[str] = []
+
+        def load_one(j: int) -> tuple[torch.Tensor, int]:
+            (d,) = self.read([j])
+            if isinstance(d, BaseException):
+                raise d
+            (img,), (err,) = decode_images([d[0]], self.device, self.decoder)
+            if err is not None:
+                raise BadImage(err)
+            return img, d[1]  # type: ignore[return-value]
+
         for k in np.nonzero([e is not None for e in errors])[0].tolist():
             ok[k] = False
-            start = int(sources[k])
-            self._warn_bad(self.index.path(start), errors[k] or "")
-            bad_paths.append(self.index.path(start))
-            for step in range(1, min(MAX_REPLACEMENTS, n)):
-                j = (start + step) % n
-                imgs, errs = decode_images(self.read([j]), self.device)
-                if errs[0] is None:
-                    images[k], sources[k] = imgs[0], j
-                    break
-                self._warn_bad(self.index.path(j), errs[0])
-                bad_paths.append(self.index.path(j))
-            else:
-                raise DataError(f"{min(MAX_REPLACEMENTS, n)} consecutive unreadable images starting at "
-                                f"{self.index.path(start)}; is the dataset corrupt?")
-        return DecodedBatch(images, sources, ok, bad_paths)  # type: ignore[arg-type]
+            j, got, bad = self.bad.resolve(int(sources[k]), n, load_one, self.source.name, failed=errors[k])
+            bad_paths.extend(bad)
+            if got is None:
+                keep[k] = False
+                continue
+            images[k], labels[k] = got
+            sources[k] = j
+        if not keep.all():
+            if not keep.any():
+                raise DataError(f"every sample of a batch of {len(keep)} is unreadable; is the dataset corrupt?")
+            images = [im for im, kp in zip(images, keep) if kp]
+        requested = np.array([int(i) for i in indices], dtype=np.int64)[keep]
+        return DecodedBatch(images, sources[keep], ok[keep], bad_paths,  # type: ignore[arg-type]
+                            labels[keep], requested, int((~ok).sum()))
 
     def params(self, epoch: int, batch_no: int, decoded: DecodedBatch) -> list[BatchViewParams]:
         """Stage 3: per crop group, the parameters of its views in (view, sample) order.
@@ -412,9 +381,9 @@ class TorchLoader(MultiCropLoader):
         params = self.params(epoch, batch_no, decoded)
         views = self.augment(decoded.images, params)
         return MultiCropBatch(
-            views=views, labels=torch.from_numpy(self._labels[decoded.sources]),
-            indices=torch.as_tensor(np.asarray(indices, dtype=np.int64)),
-            num_bad=int((~decoded.ok).sum()), bad_paths=decoded.bad_paths,
+            views=views, labels=torch.from_numpy(decoded.labels),  # type: ignore[arg-type]
+            indices=torch.from_numpy(decoded.indices),  # type: ignore[arg-type]
+            num_bad=decoded.num_bad, bad_paths=decoded.bad_paths,
             params=view_params(self.spec, params) if self.record_params else None)
 
     def _decode_on_own_stream(self, indices: Sequence[int], datas: list[bytearray | BaseException]
@@ -432,70 +401,31 @@ class TorchLoader(MultiCropLoader):
 
     # -- the pipeline ---------------------------------------------------------------------------------
     def _iterate(self, epoch: int, batches: list[np.ndarray]) -> Iterator[MultiCropBatch]:
-        q: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
         first = self.start_batch
 
-        def put(item: Any) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
+        def produced() -> Iterator[tuple[MultiCropBatch, Any]]:  # runs in the prefetch thread
+            for k, idx in enumerate(batches):
+                if self._stream is None:
+                    yield self.produce(epoch, first + k, idx), None
                     continue
-            return False
+                with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+                    batch = self.produce(epoch, first + k, idx)
+                    ready = torch.cuda.Event()
+                    ready.record(self._stream)
+                yield batch, ready
 
-        def work() -> None:
-            try:
-                for k, idx in enumerate(batches):
-                    if stop.is_set():
-                        return
-                    if self._stream is None:
-                        item: Any = (self.produce(epoch, first + k, idx), None)
-                    else:
-                        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
-                            batch = self.produce(epoch, first + k, idx)
-                            ready = torch.cuda.Event()
-                            ready.record(self._stream)
-                        item = (batch, ready)
-                    if not put(item):
-                        return
-                put(_End())
-            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-                put(e)
-
-        thread = threading.Thread(target=work, name="swav-torch-loader", daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = q.get()
-                if isinstance(item, _End):
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                batch, ready = item
+        with Prefetcher(produced(), depth=self.prefetch, name="swav-torch-loader") as batches_ahead:
+            for batch, ready in batches_ahead:
                 if ready is not None:
                     consumer = torch.cuda.current_stream(self.device)
                     consumer.wait_event(ready)
                     for v in batch.views:
                         v.record_stream(consumer)
                 yield batch
-        finally:
-            stop.set()
-            while thread.is_alive():
-                try:
-                    q.get(timeout=0.05)
-                except queue.Empty:
-                    pass
-            thread.join()
-
-    def _warn_bad(self, path: str, err: str) -> None:
-        if path not in self._warned:
-            self._warned.add(path)
-            log.warning("skipping unreadable image %s (%s)", path, err)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self.source.close()
 
 
-register_backend("torch", TorchLoader)
+register_backend("torch", TorchLoader, options=TorchOptions)

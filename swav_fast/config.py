@@ -6,6 +6,7 @@ impossible combinations are rejected by :meth:`Config.validate` before any work 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import re
@@ -17,6 +18,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from pipelines.options import BUILTIN_OPTIONS, BackendOptions, DaliOptions, FfcvOptions, PilOptions, TorchOptions
 from pipelines.spec import MultiCropSpec
 from swav_fast.errors import ConfigError
 from swav_fast.methods.configs import MethodsConfig, SwAVConfig  # noqa: F401 (SwAVConfig: old import path)
@@ -27,6 +29,12 @@ _FLOAT_TEXT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 log = logging.getLogger("swav_fast")
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
+#: old dotted key -> the key(s) it moved to: still read (into each new key), with a deprecation message.
+#: A new key given as well wins over the old one.
+RENAMED_KEYS: dict[str, tuple[str, ...]] = {
+    "data.prefetch": ("data.torch.prefetch", "data.dali.prefetch"),
+    "data.hw_decoder_load": ("data.dali.hw_decoder_load",),
+}
 #: ``train.on_checkpoint_error``: what a failed checkpoint write does (the previous one stays intact).
 CHECKPOINT_ERROR_POLICIES = ("stop", "continue")
 DIVERGENCE_POLICIES = ("stop", "rollback")
@@ -72,11 +80,12 @@ class OptimConfig:
 
     def lr_factor(self, world_size: int = 1) -> float:
         r"""Multiplier of ``base_lr``, ``final_lr`` and ``start_warmup`` at global batch
-        :math:`B = \text{batch\_size} \times \text{world}`: ``none`` 1, ``linear``
+        :math:`B` = ``global_batch_size`` when set, else :math:`\text{batch\_size} \times \text{world}`:
+        ``none`` 1, ``linear``
         :math:`B / B_{ref}`, ``sqrt`` :math:`\sqrt{B / B_{ref}}` (:math:`B_{ref}` = ``reference_batch``)."""
         if self.lr_scaling == "none":
             return 1.0
-        ratio = self.batch_size * world_size / self.reference_batch
+        ratio = (self.global_batch_size or self.batch_size * world_size) / self.reference_batch
         return ratio if self.lr_scaling == "linear" else ratio ** 0.5
 
 
@@ -93,13 +102,35 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
+    """The data: where, which loader backend, its views; ``data.<backend>.*`` are each backend's own
+    options (:mod:`pipelines.options`, where their defaults live); only the chosen one is used."""
     path: Optional[str] = None  # ImageFolder; None = built-in synthetic dataset
     loader: str = "pil"
     workers: int = 8
-    prefetch: int = 2  # batches decoded ahead (torch, dali backends)
-    hw_decoder_load: float = 0.9  # dali on GPU: share of JPEGs sent to the hardware decoder
     crops: MultiCropSpec = field(default_factory=MultiCropSpec)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    pil: PilOptions = field(default_factory=PilOptions)
+    torch: TorchOptions = field(default_factory=TorchOptions)
+    dali: DaliOptions = field(default_factory=DaliOptions)
+    ffcv: FfcvOptions = field(default_factory=FfcvOptions)
+
+    def loader_options(self) -> BackendOptions | None:
+        """The chosen backend's options object (``data.<loader>``); for a plug-in backend without a
+        section, its registered options class's defaults (None when it takes no options)."""
+        if self.loader in BUILTIN_OPTIONS:
+            return getattr(self, self.loader)
+        from pipelines.loader import backend_options_class
+
+        cls = backend_options_class(self.loader)
+        return cls() if cls is not None else None
+
+    def validate_options(self) -> None:
+        """Check every backend section's values again (they may have been set after parsing)."""
+        for name in BUILTIN_OPTIONS:
+            try:
+                dataclasses.replace(getattr(self, name))
+            except ConfigError as exc:
+                raise ConfigError(f"data.{name}.{exc}") from None
 
 
 @dataclass
@@ -168,23 +199,29 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self, world_size: int = 1) -> "Config":
-        """Reject impossible combinations before any work; returns self."""
+        """Reject impossible values and combinations before any work; returns self.
+
+        Pure: it reads the config and changes nothing (the per-process batch that
+        ``optim.global_batch_size`` implies is :func:`per_process_batch`; :func:`resolve_batch` gives a
+        config with it filled in), and it queries no registry (names of methods, loader backends, trunks
+        and step modes are checked where the run is composed: :func:`swav_fast.run.check_config`)."""
         self._validate_choices()
         self._validate_ranges()
-        from swav_fast.methods import validate_method
-
-        validate_method(self.train.method, self)  # views and settings the method declares it needs
-        self._resolve_global_batch(world_size)
-        if self.optim.batch_size < 1:
-            raise ConfigError(f"optim.batch_size={self.optim.batch_size} must be >= 1 (per process)")
-        global_batch = self.optim.batch_size * world_size
+        self.data.validate_options()  # each backend section's values
+        batch = per_process_batch(self, world_size)
+        if batch < 1:
+            raise ConfigError(f"optim.batch_size={batch} must be >= 1 (per process)")
+        if self.optim.lr_scaling != "none" and self.optim.reference_batch < 1:
+            raise ConfigError(f"optim.lr_scaling={self.optim.lr_scaling} needs optim.reference_batch (the "
+                              "global batch base_lr is given for), e.g. optim.reference_batch=256")
+        global_batch = batch * world_size
         queue = self.methods.swav.queue_length
         if queue:
             if queue % global_batch:
                 lower = queue - queue % global_batch
                 raise ConfigError(
                     f"methods.swav.queue_length={queue} must be a multiple of the global batch "
-                    f"{global_batch} (optim.batch_size {self.optim.batch_size} x world size {world_size}); "
+                    f"{global_batch} (optim.batch_size {batch} x world size {world_size}); "
                     f"try {lower or global_batch} or {lower + global_batch}")
         if self.optim.epochs < 1:
             raise ConfigError(f"optim.epochs={self.optim.epochs} must be >= 1")
@@ -193,40 +230,18 @@ class Config:
                               f"{self.optim.epochs}")
         return self
 
-    def _resolve_global_batch(self, world_size: int) -> None:
-        """``optim.global_batch_size`` (when set) fixes the per-process batch for this world size."""
-        o = self.optim
-        if o.global_batch_size:
-            if o.global_batch_size % world_size:
-                raise ConfigError(f"optim.global_batch_size={o.global_batch_size} is not divisible by the "
-                                  f"world size {world_size}; use a multiple of {world_size} or set "
-                                  "optim.batch_size (per process) instead")
-            o.batch_size = o.global_batch_size // world_size
-        if o.lr_scaling != "none" and o.reference_batch < 1:
-            raise ConfigError(f"optim.lr_scaling={o.lr_scaling} needs optim.reference_batch (the global "
-                              "batch base_lr is given for), e.g. optim.reference_batch=256")
-
     def _validate_choices(self) -> None:
-        """Names that select an implementation: rejected with the valid ones listed."""
-        from pipelines.loader import available_backends
-        from swav_fast.methods import available_methods
-        from swav_fast.models.trunks import available_trunks
-        from swav_fast.step import MODES
-
+        """Names from fixed lists: rejected with the valid ones listed (registry names: see
+        :func:`swav_fast.run.check_choices`)."""
         choices = {
-            "model.arch": (self.model.arch, available_trunks()),
-            "data.loader": (self.data.loader, available_backends()),
             "train.precision": (self.train.precision, ["auto", "fp32", "bf16", "fp16"]),
-            "train.method": (self.train.method, available_methods()),
-            "train.step_mode": (self.train.step_mode, list(MODES)),
             "train.on_checkpoint_error": (self.train.on_checkpoint_error, list(CHECKPOINT_ERROR_POLICIES)),
             "train.on_divergence": (self.train.on_divergence, list(DIVERGENCE_POLICIES)),
             "optim.lr_scaling": (self.optim.lr_scaling, list(LR_SCALING_RULES)),
             "dist.backend": (self.dist.backend, ["auto", "nccl", "gloo"]),
         }
         for key, (value, valid) in choices.items():
-            if value not in valid:
-                raise ConfigError(f"{key}={value!r} is not valid; valid: {', '.join(valid)}")
+            check_choice(key, value, valid)
         device = self.train.device
         if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
             raise ConfigError(f"train.device={device!r} is not valid; valid: auto, cpu, cuda, cuda:N")
@@ -265,6 +280,34 @@ class Config:
         bad_steps = [s for s in self.train.debug_nan_steps if s < 0]
         if bad_steps:
             raise ConfigError(f"train.debug_nan_steps={self.train.debug_nan_steps}: steps must be >= 0")
+
+
+def check_choice(key: str, value: str, valid: list[str]) -> None:
+    """ConfigError ``key='value' is not valid; valid: ...`` unless ``value`` is one of ``valid``."""
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not valid; valid: {', '.join(valid)}")
+
+
+def per_process_batch(cfg: Config, world_size: int = 1) -> int:
+    r"""Images per step per process: ``optim.global_batch_size / world_size`` when the global batch is
+    given (it must divide), else ``optim.batch_size``."""
+    o = cfg.optim
+    if not o.global_batch_size:
+        return o.batch_size
+    if o.global_batch_size % world_size:
+        raise ConfigError(f"optim.global_batch_size={o.global_batch_size} is not divisible by the "
+                          f"world size {world_size}; use a multiple of {world_size} or set "
+                          "optim.batch_size (per process) instead")
+    return o.global_batch_size // world_size
+
+
+def resolve_batch(cfg: Config, world_size: int = 1) -> Config:
+    """``cfg`` with ``optim.batch_size`` set to :func:`per_process_batch` (a new config when that changes
+    it; ``cfg`` itself is never modified). What the run saves in config.yaml and its checkpoints."""
+    batch = per_process_batch(cfg, world_size)
+    if batch == cfg.optim.batch_size:
+        return cfg
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, batch_size=batch))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,11 +388,49 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 MOVED_SECTIONS: dict[str, str] = {"swav": "methods.swav"}
 
 
+def _migrate_renamed_keys(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """``data`` with each key of :data:`RENAMED_KEYS` copied into its new key(s) (where not given) and
+    removed, logging one deprecation line per key."""
+    out = data
+    for old, targets in RENAMED_KEYS.items():
+        *path, leaf = old.split(".")
+        node: Any = out
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        out = copy.deepcopy(out) if out is data else out
+        parent = out
+        for part in path:
+            parent = parent[part]
+        value = parent.pop(leaf)
+        for new in targets:
+            *new_path, new_leaf = new.split(".")
+            dest: Any = out
+            for part in new_path:
+                child = dest.get(part)
+                if child is None:
+                    child = dest[part] = {}
+                if not isinstance(child, dict):
+                    break  # not a mapping: its own type error follows
+                dest = child
+            else:
+                dest.setdefault(new_leaf, value)
+        log.warning("deprecated config key in %s: %s moved to %s; the old name still loads", source, old,
+                    " and ".join(targets))
+    return out
+
+
 def migrate_moved_keys(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """``data`` with the keys of :data:`MOVED_SECTIONS` moved to their new place (``swav.epsilon`` ->
     ``methods.swav.epsilon``), logging one deprecation line naming ``source`` (a recipe, an override,
-    a checkpoint's saved config). Keys given at the new place in the same ``data`` win."""
-    if not isinstance(data, dict) or not any(old in data for old in MOVED_SECTIONS):
+    a checkpoint's saved config), and the single keys of :data:`RENAMED_KEYS` likewise (``data.prefetch``
+    -> ``data.torch.prefetch`` and ``data.dali.prefetch``). Keys given at the new place in the same
+    ``data`` win."""
+    if not isinstance(data, dict):
+        return data
+    data = _migrate_renamed_keys(data, source)
+    if not any(old in data for old in MOVED_SECTIONS):
         return data
     out = dict(data)
     for old, new in MOVED_SECTIONS.items():
@@ -389,7 +470,9 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except ConfigError:
+    except ConfigError as exc:  # the class's own checks name the field; add where it is
+        if prefix:
+            raise ConfigError(f"{prefix}{exc}") from None
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from exc
@@ -632,8 +715,11 @@ def _comments(cls: type) -> dict[str, str]:
     import inspect
 
     try:
-        lines = inspect.getsource(cls).splitlines()
-    except (OSError, TypeError):  # no source (e.g. a zipped install)
+        try:
+            lines = inspect.getsource(cls).splitlines()
+        except SystemError:  # CPython 3.11's ast.parse may fail once with a spurious "AST constructor
+            lines = inspect.getsource(cls).splitlines()  # recursion depth mismatch" (seen after DALI / numba)
+    except (OSError, TypeError, SystemError):  # no source (e.g. a zipped install)
         return {}
     out: dict[str, str] = {}
     above: list[str] = []

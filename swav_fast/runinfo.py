@@ -1,6 +1,6 @@
 """What a run says about itself: the start-of-run block, the progress bar's text, the end-of-run lines.
 
-Pure formatting over a built :class:`~swav_fast.train.Trainer` (or plain values), so that the
+Pure formatting over a built :class:`~swav_fast.train.Trainer` (its :class:`~swav_fast.run.Run`) (or plain values), so that the
 trainer calls one function at start (:func:`describe_run`) and the tests check the text.
 """
 from __future__ import annotations
@@ -9,19 +9,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-#: why each step mode is what it is, when it is the one asked for
-_MODE_WHY = {
-    "eager": "plain PyTorch, starts at once; on a GPU --step-mode compile or graph is faster",
-    "compile": "torch.compile of forward + loss (the first step compiles)",
-    "graph": "one CUDA graph per step, captured after warm-up steps",
-}
+from swav_fast.step_modes import STEP_MODES
 
 
 def step_mode_line(requested: str, effective: str, fallback_reason: str | None) -> str:
     """``eager (train.step_mode=eager: plain PyTorch, ...)`` or the fallback and its reason."""
     if effective != requested:
         return f"{effective} (train.step_mode={requested} is not possible here: {fallback_reason})"
-    return f"{effective} (train.step_mode={requested}: {_MODE_WHY.get(effective, '')})"
+    return f"{effective} (train.step_mode={requested}: {STEP_MODES.get(effective) if effective in STEP_MODES else ''})"
 
 
 def knn_plan(at_end: bool, knn_data: str | Path | None, data_given: bool) -> str:
@@ -44,6 +39,26 @@ def knn_result_line(knn: dict[str, Any]) -> str:
             f"{classes} classes): trained {knn['trained_top1']:.2f}% vs random init "
             f"{knn['random_init_top1']:.2f}% (chance 1/{classes} = {chance:.2f}%; a random-init trunk "
             "already beats chance, so the gain over random init is what training learned)")
+
+
+#: percentage points of kNN top-1 over random init below which a run has not *clearly* learned
+#: (the family learning tests' margin, tests/test_family_learning.py)
+CLEAR_GAIN = 5.0
+
+
+def learning_hint(knn: dict[str, Any], margin: float = CLEAR_GAIN) -> str | None:
+    """A one-line warning when ``gain = trained - random init < margin`` points, with what to try; None
+    when training clearly learned. The quick recipes are fragile across seeds at their CPU budget
+    (docs/methods.md, "Learning across seeds"): one seed can land below random init."""
+    gain = float(knn["trained_top1"]) - float(knn["random_init_top1"])
+    if not math.isfinite(gain) or gain >= margin:
+        return None
+    verdict = ("did WORSE than" if gain < 0 else "was not clearly better than")
+    return (f"hint: the trained trunk {verdict} its random initialisation ({gain:+.2f} points, "
+            f"a clear gain is >= {margin:g}): the quick recipes are fragile across seeds at this budget. "
+            "Try another train.seed, 'swav-fast bench learning --seeds 0,1,2,3,4' to see the spread, "
+            "or a longer schedule (optim.epochs) and a lower optim.base_lr (docs/methods.md, "
+            "'Learning across seeds')")
 
 
 def progress_desc(epoch: int, epochs: int) -> str:

@@ -18,7 +18,7 @@ from benchmarks import gpu_check, record
 from swav_fast.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parent.parent
-BENCH_PARTS = ("bench-step", "bench-sinkhorn", "bench-e2e", "bench-loader", "bench-methods")
+BENCH_PARTS = ("bench-step", "bench-sinkhorn", "bench-e2e", "bench-loader", "bench-decode", "bench-methods")
 PYTEST_PARTS = ("step-tests", "loader-tests", "gpu-tests")
 
 
@@ -73,6 +73,7 @@ def test_dry_run_runs_every_part_and_writes_the_outputs(dry_run):
     assert "torch " in parts["env"]["headline"] and "cpu" in parts["env"]["headline"]
     assert "eager:fp32" in parts["bench-step"]["headline"] and "img/s" in parts["bench-step"]["headline"]
     assert "floor" in parts["bench-sinkhorn"]["headline"]
+    assert "torchcodec" in parts["bench-decode"]["headline"] and "x pil)" in parts["bench-decode"]["headline"]
     assert "skipped" in parts["step-tests"]["headline"]  # GPU tests skip on the CPU, with their reason
     assert "bottleneck (torch):" in summary  # where the time goes, per loader
     assert (out / "e2e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -113,7 +114,8 @@ def test_record_writes_an_entry_into_a_copy_of_results(dry_run, tmp_path, capsys
     for needle in ("### bench all: dry run", "- device: cpu", f"- date: {summary['started_utc']}",
                    f"- commit: {summary['commit']}", f"torch {torch.__version__}",
                    f"- command: `{summary['command']}`", "| part | status | s | headline |",
-                   "| bench-step | ok |", "| variant |", "| loader |", "| problem |", "| method |"):
+                   "| bench-step | ok |", "| variant |", "| loader |", "| problem |", "| method |",
+                   "| decoder |"):
         assert needle in entry, needle
     assert summary["command"].startswith("PYTHONPATH=. python3 benchmarks/gpu_check.py --dry-run")
     # recording the same run again replaces its entry instead of adding a second one

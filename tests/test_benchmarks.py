@@ -9,7 +9,8 @@ import pytest
 
 import torch
 
-from benchmarks import bench_e2e, bench_loader, bench_methods, bench_prepare, bench_sinkhorn, bench_step
+from benchmarks import (bench_decode, bench_e2e, bench_loader, bench_methods, bench_prepare, bench_sinkhorn,
+                        bench_step)
 from swav_fast.cli import main as cli_main
 from swav_fast.commands.bench import load
 from swav_fast.errors import ConfigError
@@ -126,6 +127,26 @@ def test_bench_loader_stages_and_workers(tmp_path, capsys):
     with timer:
         pass
     assert timer.seconds() is None
+
+
+def test_bench_decode_ratios_on_the_same_jpegs(tmp_path, capsys):
+    out = tmp_path / "decode.json"
+    assert bench_decode.main(["--device", "cpu", "--size", "64x48", "--images", "6", "--batch", "4",
+                              "--repeats", "1", "--warmup", "0", "--json", str(out)]) == 0
+    data = _read(out)
+    rows = {r["decoder"]: r for r in data["results"]}
+    assert list(rows) == list(bench_decode.DECODERS)
+    for name in ("torchcodec", "torchvision", "pil"):
+        r = rows[name]
+        assert r["images_per_s"] > 0 and r["images"] == 6 and r["max_diff"] <= 3, r
+        assert abs(r["x_pil"] - r["images_per_s"] / rows["pil"]["images_per_s"]) < 1e-9
+    assert rows["pil"]["x_pil"] == 1.0 and rows["pil"]["max_diff"] == 0
+    if not torch.cuda.is_available():
+        assert "CUDA" in rows["nvimgcodec"]["note"] and "images_per_s" not in rows["nvimgcodec"]
+    assert data["config"]["torchcodec"] and "torch" in data["env"]
+    assert "x torchvision" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="--decoders: unknown nope"):
+        bench_decode.parse_args(["--decoders", "pil,nope"])
 
 
 def test_bench_e2e_builds_and_compiles_one_step_for_all_loaders(tmp_path, monkeypatch):

@@ -21,8 +21,13 @@ import torch
 from PIL import Image
 
 from pipelines import MultiCropSpec, scan_image_folder
-from pipelines.dali_backend import (BadImage, DALILoader, TFRecordSource, WebDatasetSource, image_size,
-                                    open_source, parse_example)
+from pipelines import dali_backend
+from pipelines.dali_backend import DALILoader
+from pipelines.formats.probe import BadImage, image_size
+from pipelines.formats.sources import open_source
+from pipelines.formats.tfrecord import TFRecordSource
+from pipelines.formats.tfrecord import decode_example as parse_example
+from pipelines.formats.wds import WebDatasetSource
 from pipelines.loader import available_backends
 from swav_fast.errors import ConfigError, DataError
 from tests.helpers import write_image_folder
@@ -234,8 +239,8 @@ def test_missing_index_is_rebuilt_and_counts_are_checked(jpeg_folder, tmp_path):
     manifest = json.loads((wds_dir / "manifest.json").read_text())
     manifest["format"] = "beton"
     (wds_dir / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ConfigError, match="ffcv"):
-        open_source(wds_dir)
+    with pytest.raises(ConfigError, match="ffcv"):  # a beton for a backend that does not read it
+        open_source(wds_dir, formats=dali_backend.FORMATS)
 
 
 @pytest.mark.parametrize("fmt", ["tfrecord", "wds"])

@@ -24,6 +24,7 @@ from pipelines.loader import MultiCropBatch
 from pipelines.params import (
     JITTER_ORDERS,
     NUM_UNIFORMS,
+    crop_boxes_for_indices,
     params_equal,
     params_from_uniforms,
     sample_params,
@@ -51,7 +52,7 @@ def _corr_small(a: np.ndarray, b: np.ndarray) -> bool:
     return abs(float(np.corrcoef(a.ravel(), b.ravel())[0, 1])) < 5.0 / math.sqrt(a.size)
 
 
-# -- (c) the generator ----------------------------------------------------------------------------------
+# -- (c) the generator ---------------------------------------------------------------------------------------
 def test_uniforms_are_a_pure_function_of_seed_epoch_index_view() -> None:
     idx = np.array([0, 7, 3, 1_281_166, 2**40])
     u = view_uniforms(5, 2, idx, 3)
@@ -146,8 +147,9 @@ def test_crop_boxes_follow_torchvisions_rule(view: int) -> None:
         ref = np.array([RandomResizedCrop.get_params(torch.empty(3, H, W), [lo, hi], [3 / 4, 4 / 3])
                         for _ in range(n)], dtype=np.float64)
     ref_area, ref_aspect = ref[:, 2] * ref[:, 3] / (W * H), ref[:, 3] / ref[:, 2]
+    log_ratio = np.linspace(np.log(3 / 4), np.log(4 / 3), 6)
     for ours, theirs, edges in ((area, ref_area, np.linspace(lo, hi, 6)),
-                                (np.log(aspect), np.log(ref_aspect), np.linspace(np.log(3 / 4), np.log(4 / 3), 6))):
+                                (np.log(aspect), np.log(ref_aspect), log_ratio)):
         expected = np.histogram(np.clip(theirs, edges[0], edges[-1]), bins=edges)[0] / n
         observed = np.histogram(np.clip(ours, edges[0], edges[-1]), bins=edges)[0]
         for k, e in zip(observed, expected):
@@ -177,6 +179,13 @@ def test_batch_draw_equals_per_sample_draw() -> None:
     other = sample_params_for_indices(spec, 3, 2, [11, 0, 5], [64, 10, 500], [48, 10, 375])
     assert other[4].row(0) == per_view[4].row(2) and other[4].row(2) == per_view[4].row(0)
     assert all(params_equal(stack_rows([p.row(j) for j in range(3)]), p) for p in per_view)
+    # the crop-only draw (FFCV's per-epoch table) gives the same boxes, chunked or not
+    many = np.arange(1000)[::-1]
+    sizes = np.random.default_rng(0).integers(20, 600, (2, 1000))
+    full = sample_params_for_indices(spec, 3, 2, many, sizes[0], sizes[1])
+    boxes = crop_boxes_for_indices(spec, 3, 2, many, sizes[0], sizes[1], chunk=64)
+    for v, p in enumerate(full):
+        assert np.array_equal(boxes[v], np.stack([p.top, p.left, p.height, p.width], axis=1))
     # the uniforms -> parameters map is the documented one
     u = view_uniforms(3, 2, idx, 1)
     assert params_equal(params_from_uniforms(spec, 1, np.array(widths), np.array(heights), u), per_view[1])
@@ -263,13 +272,13 @@ def test_same_seed_pixels_within_interpolation_tolerance(folder: Path) -> None:
         for a, b in zip(out["crop", "pil"], out["crop", name]):
             for u, v in zip(a.views, b.views):
                 d = ((u - v) * std).abs()
-                assert d.max() <= worst and d.mean() < mean, (name, float(d.max()) * 255, float(d.mean()) * 255)
-        errs = [float(e) for a, b in zip(out["full", "pil"], out["full", name]) for u, v in zip(a.views, b.views)
-                for e in ((u - v) * std).abs().mean(dim=(1, 2, 3))]
+                assert d.max() <= worst and d.mean() < mean, (name, 255 * d.max(), 255 * d.mean())
+        errs = [float(e) for a, b in zip(out["full", "pil"], out["full", name])
+                for u, v in zip(a.views, b.views) for e in ((u - v) * std).abs().mean(dim=(1, 2, 3))]
         assert len(errs) == 12 * 4 and np.median(errs) < 0.03 and np.percentile(errs, 90) < 0.1, name
 
 
-# -- (b) exact resume on every backend ------------------------------------------------------------------------
+# -- (b) exact resume on every backend -----------------------------------------------------------------------
 def _assert_same_batches(full: list[MultiCropBatch], tail: list[MultiCropBatch]) -> None:
     assert len(tail) == len(full) and len(tail) > 0
     for x, y in zip(full, tail):
@@ -291,3 +300,47 @@ def test_exact_resume(folder: Path, name: str) -> None:
     fresh = _loader(name, folder, SMALL, 4, seed=2)
     _assert_same_batches(full[1:], _pass(fresh, 1, start_batch=1))
     fresh.close()
+@pytest.fixture(scope="module")
+def beton(folder: Path, tmp_path_factory) -> Path:
+    from swav_fast.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("rng_beton")
+    prepare_dataset(folder, out, "beton", quality=95, workers=1, progress=False)
+    return out / "train"
+
+
+def test_exact_resume_ffcv(beton: Path) -> None:
+    from pipelines.ffcv_backend import open_beton_index
+
+    index = open_beton_index(beton)
+    ld = _loader("ffcv", beton, SMALL, 4, seed=2)
+    full = _pass(ld, 1)
+    ld.set_epoch(1)
+    next(iter(ld))
+    fresh = _loader("ffcv", beton, SMALL, 4, seed=2)
+    _assert_same_batches(full[1:], _pass(fresh, 1, start_batch=1))
+    # FFCV's crops are the contract's: the recorded boxes are the shared draw for the stored image sizes
+    for b in full:
+        idx = b.indices.numpy()
+        ref = sample_params_for_indices(SMALL, 2, 1, idx, index.widths[idx], index.heights[idx])
+        assert all(params_equal(p, q) for p, q in zip(b.params, ref))
+
+
+def test_parameters_do_not_depend_on_rank_world_size_or_workers(folder: Path) -> None:
+    """A sample's parameters are its own: the same on rank 1 of 2 (torch) and in a single process with
+    DataLoader workers (pil), so changing the world size or the worker count keeps every sample's views."""
+    single = _loader("pil", folder, SMALL, 2, seed=6, num_workers=1)
+    by_index = {}
+    for b in _pass(single, 3):
+        for j, i in enumerate(b.indices.tolist()):
+            by_index[i] = [p.row(j) for p in b.params]
+    single.close()
+    assert len(by_index) == 12
+    rank1 = _loader("torch", folder, SMALL, 2, seed=6, rank=1, world_size=2)
+    seen = 0
+    for b in _pass(rank1, 3):
+        for j, i in enumerate(b.indices.tolist()):
+            assert [p.row(j) for p in b.params] == by_index[i]
+            seen += 1
+    rank1.close()
+    assert seen == 6

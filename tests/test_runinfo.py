@@ -6,8 +6,8 @@ import types
 
 import pytest
 
-from swav_fast.runinfo import (describe_run, distinct_bad_files, eta_text, knn_plan, knn_result_line,
-                               progress_desc, step_mode_line)
+from swav_fast.runinfo import (CLEAR_GAIN, describe_run, distinct_bad_files, eta_text, knn_plan,
+                               knn_result_line, learning_hint, progress_desc, step_mode_line)
 from tests.helpers import tiny_config, write_image_folder
 
 KNN = {"k": 20, "temperature": 0.07, "num_train": 2000, "num_val": 500, "num_classes": 10,
@@ -30,6 +30,33 @@ def test_knn_lines_say_chance_and_random_init():
     skipped = knn_plan(True, None, True)
     assert skipped.startswith("skipped: --data was given without eval.knn_data") and "eval.knn_data=" in skipped
     assert "on /" in knn_plan(True, "some/folder", True)
+
+
+def test_learning_hint_only_when_training_did_not_clearly_beat_random_init():
+    assert learning_hint(KNN) is None  # +26 points: no hint
+    assert learning_hint({**KNN, "trained_top1": 38.4 + CLEAR_GAIN}) is None  # exactly the margin
+    worse = learning_hint({**KNN, "trained_top1": 17.3, "random_init_top1": 33.5})  # issue 22's seed 1
+    assert worse.startswith("hint: the trained trunk did WORSE than its random initialisation (-16.20 points")
+    assert "train.seed" in worse and "swav-fast bench learning" in worse and "optim.base_lr" in worse
+    unclear = learning_hint({**KNN, "trained_top1": 40.0})
+    assert "was not clearly better than" in unclear and "(+1.60 points" in unclear
+    assert learning_hint({**KNN, "trained_top1": 40.0}, margin=1.0) is None
+
+
+def test_train_command_prints_the_hint_below_random_init(monkeypatch, capsys):
+    from swav_fast.cli import main
+    from swav_fast.train import TrainResult
+
+    def fake_train(knn):
+        return lambda cfg, resume=None, overwrite=False: TrainResult(
+            run_dir="r", steps=1, epochs=1, seconds=1.0, images_per_s=1.0, last_loss=1.0, knn=knn)
+
+    for knn, shown in (({**KNN, "trained_top1": 17.3, "random_init_top1": 33.5}, True), (KNN, False)):
+        monkeypatch.setattr("swav_fast.train.train", fake_train(knn))
+        assert main(["train", "--no-progress"]) == 0
+        out = capsys.readouterr().out
+        assert f"trained {knn['trained_top1']:.2f}% vs random init" in out
+        assert ("hint: the trained trunk did WORSE" in out) is shown, out
 
 
 def test_step_mode_line_says_why():

@@ -152,7 +152,7 @@ def test_prototype_scores_are_float32_under_bf16_autocast():
     ref = z.double() @ protos.weight.detach().double().t()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         scores = protos(z)
-        bf16 = torch.nn.functional.linear(z, protos.weight)  # what an autocast linear gives
+        bf16 = torch.nn.functional.linear(z, protos.weight.detach())  # what an autocast linear gives
     assert scores.dtype == torch.float32 and bf16.dtype == torch.bfloat16
     err = float((scores.detach().double() - ref).abs().max() / ref.abs().max())
     assert err < 1e-6, err

@@ -18,11 +18,11 @@ from pipelines.torch_backend import (
     TorchLoader,
     crop_resize_flip,
     decode_images,
-    jpeg_header,
     make_canvases,
-    read_file,
     resample_matrix,
 )
+from pipelines.formats.folder import read_file
+from pipelines.formats.probe import jpeg_size as jpeg_header
 from swav_fast.errors import ConfigError, DataError
 
 # torchvision 0.29 deprecates its codecs (for torchcodec); the backend filters the warning at import, but

@@ -15,6 +15,7 @@ BENCHMARKS = {
     "sinkhorn": "Sinkhorn (+ loss) time per call per implementation against the bytes-moved floor",
     "e2e": "real loader + step: images/s and the split between loader wait and compute",
     "loader": "loader throughput per backend and stage (read, decode, augment)",
+    "decode": "JPEG decode images/s of torchcodec, torchvision.io, nvimgcodec and PIL on the same JPEGs",
     "prepare": "dataset preparation (shard writing) throughput",
     "threads": "CPU training-step images/s of the main job's model at 1, 2 and the auto-chosen threads",
     "all": "every GPU test and benchmark in priority order inside a time budget (--dry-run: tiny, CPU)",

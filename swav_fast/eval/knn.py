@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
+from pipelines.badsamples import BadSamples
 from pipelines.folder import ImageFolderIndex, scan_image_folder
 from swav_fast.errors import DataError
 
@@ -60,9 +61,10 @@ def open_split(split: str | Path | ImageFolderIndex | Any) -> Any:
     """A random-access sample source (``read(i) -> (bytes, label)``, ``classes``, ``root``) for a split:
     an ImageFolder, or a folder that ``swav-fast prepare`` wrote (TFRecord, webdataset or beton).
 
-    The readers are the loaders' own (:mod:`pipelines.dali_backend`, :mod:`pipelines.ffcv_backend`).
+    The readers are the loaders' own (:mod:`pipelines.formats`).
     """
-    from pipelines.dali_backend import ImageFolderSource, open_source
+    from pipelines.formats.folder import ImageFolderSource
+    from pipelines.formats.sources import open_source
 
     if isinstance(split, ImageFolderIndex):
         return ImageFolderSource(split)
@@ -70,10 +72,6 @@ def open_split(split: str | Path | ImageFolderIndex | Any) -> Any:
         return split  # already a source
     path = Path(split)
     fmt = _prepared_format(path)
-    if fmt == "beton":
-        from pipelines.ffcv_backend import BetonSource
-
-        return BetonSource(path)
     if fmt is not None:
         return open_source(path)
     return ImageFolderSource(scan_image_folder(path))
@@ -97,23 +95,24 @@ def _prepared_format(path: Path) -> str | None:
 
 
 class _EvalSource(Dataset):
-    """Centre-cropped images of a sample source; unreadable samples give ``None`` (dropped, counted)."""
+    """Centre-cropped images of a sample source; unreadable samples give ``None`` (dropped and logged by
+    the loaders' bad-sample policy, :class:`pipelines.badsamples.BadSamples` ``skip``)."""
 
     def __init__(self, source: Any, image_size: int):
         self.source = source
         self.transform = eval_transform(image_size)
+        self.bad = BadSamples("skip")
 
     def __len__(self) -> int:
         return len(self.source)
 
+    def _load(self, i: int) -> tuple[torch.Tensor, int]:
+        data, label = self.source.read(i)
+        with Image.open(io.BytesIO(data)) as img:
+            return self.transform(img.convert("RGB")), label
+
     def __getitem__(self, i: int):
-        try:
-            data, label = self.source.read(i)
-            with Image.open(io.BytesIO(data)) as img:
-                return self.transform(img.convert("RGB")), label
-        except Exception as exc:  # corrupt / truncated / not an image
-            log.warning("skipping unreadable image %s: %s", self.source.name(i), exc)
-            return None
+        return self.bad.resolve(i, len(self.source), self._load, self.source.name)[1]
 
 
 def _collate(items):

@@ -101,7 +101,7 @@ def split_fingerprint(source) -> str:
     """Fingerprint of a split from :func:`~swav_fast.eval.knn.open_split`: an ImageFolder's files
     (:func:`folder_fingerprint`), or a prepared split's manifest (shard names, sizes, SHA-256) and the
     shard files' sizes and modification times."""
-    index = getattr(source, "_index", None)
+    index = getattr(source, "index", None)
     if isinstance(index, ImageFolderIndex):
         return folder_fingerprint(index)
     root = Path(source.root)

@@ -6,6 +6,8 @@ offsets and sizes, sample count); for beton the header, metadata, allocation tab
 label counts; the first sample of every shard decodes as an RGB JPEG with a label in range.
 ``checksums=True`` also compares SHA-256 digests; ``deep=True`` reads every sample (TFRecord CRCs,
 labels counted per class, every key and label present).
+
+The shards are read with the loaders' own readers and index formats (:mod:`pipelines.formats`).
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from PIL import Image
 
 from swav_fast.errors import DataError
 
-from .beton import JPEG_MODE, read_beton_tables
-from .manifest import MANIFEST_NAME, read_manifest, sha256_file
-from .records import TAR_BLOCK, decode_example, iter_tfrecord_offsets, read_tfrecord_payload
-from .writers import WDS_INDEX_VERSION
+from pipelines.formats.beton import JPEG_MODE, read_beton_tables
+from pipelines.formats.manifest import MANIFEST_NAME, read_manifest, sha256_file
+from pipelines.formats.tfrecord import decode_example, iter_tfrecord_offsets, read_tfrecord_payload
+from pipelines.formats.wds import group_samples, index_text, parse_label, tar_members
 
 #: Problems listed in the error message (the report keeps all of them).
 MAX_LISTED = 20
@@ -259,28 +261,6 @@ def _check_tfrecord(
 
 
 # ----------------------------------------------------------------------------- webdataset
-def _tar_members(f, size: int) -> list[tuple[str, int, int]]:
-    """``(name, data offset, size)`` of the regular files in a tar, by seeking from header to header."""
-    out = []
-    pos = 0
-    while True:
-        if pos + TAR_BLOCK > size:
-            raise ValueError(f"truncated tar: no end-of-archive block (stops at byte {size})")
-        f.seek(pos)
-        block = f.read(TAR_BLOCK)
-        if block == b"\0" * TAR_BLOCK:
-            return out
-        info = tarfile.TarInfo.frombuf(block, "utf-8", "strict")
-        data = pos + TAR_BLOCK
-        if data + info.size > size:
-            raise ValueError(
-                f"truncated tar: member {info.name} needs {info.size} bytes at {data}, file has {size}"
-            )
-        if info.isreg():
-            out.append((info.name, data, info.size))
-        pos = data + info.size + (-info.size % TAR_BLOCK)
-
-
 def _check_wds(
     split_dir: Path,
     shard: Path,
@@ -294,26 +274,14 @@ def _check_wds(
     num_classes = len(m["classes"])
     size = shard.stat().st_size
     with open(shard, "rb") as f:
-        members = _tar_members(f, size)
-        groups: list[list[tuple[str, int, int]]] = []
-        last = None
-        for name, off, n in members:
-            key = name[: name.find(".")] if "." in name else name
-            if key != last:
-                groups.append([])
-                last = key
-            groups[-1].append((name, off, n))
+        groups = group_samples(tar_members(f, size))
         if len(groups) != s["num_samples"]:
             rep.problems.append(
                 f"shard {s['path']} holds {len(groups)} samples, the manifest says {s['num_samples']}"
             )
         lines = _read_index(split_dir, s, rep)
         if lines is not None:
-            expect = [f"{WDS_INDEX_VERSION} {len(groups)}"] + [
-                " ".join(f"{name[name.find('.') + 1:]} {off} {n} {name}" for name, off, n in g)
-                for g in groups
-            ]
-            if lines != expect:
+            if lines != index_text(groups):
                 rep.problems.append(
                     f"index {s['index']} does not match the members of {s['path']} "
                     f"({max(0, len(lines) - 1)} entries for {len(groups)} samples)"
@@ -323,17 +291,16 @@ def _check_wds(
         todo = range(len(groups)) if deep else picks
         decode = set(picks)
         for g in todo:
-            parts = {name[name.find(".") + 1:]: (off, n) for name, off, n in groups[g]}
-            where = f"{s['path']} sample {groups[g][0][0].split('.')[0]}"
+            parts = {ext: (off, n) for ext, off, n, _ in groups[g]}
+            where = f"{s['path']} sample {groups[g][0][3].split('.')[0]}"
             if set(parts) != {"jpg", "cls"}:
                 rep.problems.append(f"{where}: members {sorted(parts)}, expected jpg and cls")
                 continue
             f.seek(parts["cls"][0])
-            text = f.read(parts["cls"][1])
             try:
-                label = int(text.decode("ascii"))
-            except ValueError:
-                rep.problems.append(f"{where}: .cls is {text[:20]!r}, not an ASCII integer")
+                label = parse_label(f.read(parts["cls"][1]))
+            except ValueError as exc:
+                rep.problems.append(f"{where}: {exc}")
                 continue
             if _check_label(label, num_classes, where, rep):
                 counts[label] += 1

@@ -21,14 +21,11 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipelines.folder import scan_image_folder
+from pipelines.formats.probe import MAX_PIXELS, ORIENTATION_TAG, BadImage  # noqa: F401 - BadImage: the one class
 
 #: Quality used to re-encode a file that cannot be passed through when no quality is given.
 DEFAULT_QUALITY = 90
-_EXIF_ORIENTATION = 0x0112
-
-
-class BadImage(Exception):
-    """A source file that cannot become a sample; ``str(exc)`` is the reason listed in the report."""
+_EXIF_ORIENTATION = ORIENTATION_TAG
 
 
 #: Where a worker reads one source image: an absolute file path, or ``(archive, offset, size)``.
@@ -176,8 +173,6 @@ def _encode(
         w, h = im.size
         if w < 1 or h < 1:
             raise BadImage(f"invalid image size {w}x{h}")
-        from pipelines.pil import MAX_PIXELS  # here, not at import: 'swav-fast inspect' needs no torch
-
         if w * h > MAX_PIXELS:
             raise BadImage(f"too large: {w}x{h} pixels exceeds the {MAX_PIXELS} pixel limit")
         fmt = im.format
