@@ -40,7 +40,7 @@ from swav_fast.config import Config, load_config
 from swav_fast.errors import ConfigError, SwavFastError
 from swav_fast.methods import available_methods, build_method
 from swav_fast.step import TrainStep
-from swav_fast.train import build_optimizer
+from swav_fast.run import build_optimizer
 
 log = logging.getLogger("benchmarks")
 

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from PIL import Image  # noqa: E402
 
 from benchmarks.common import env_info, write_json  # noqa: E402
+from pipelines.atomic import atomic_write  # noqa: E402
 from swav_fast.prepare import FORMATS, prepare_dataset, read_manifest, shard_paths  # noqa: E402
 
 
@@ -82,18 +83,19 @@ def pack_train_tar(src: Path, out: Path) -> Path:
 
     if out.is_file():
         return out
-    tmp = out.with_name(out.name + ".tmp")
-    with tarfile.open(tmp, "w") as outer:
-        for cls in sorted(d for d in src.iterdir() if d.is_dir()):
-            buf = io.BytesIO()
-            with tarfile.open(fileobj=buf, mode="w") as inner:
-                for f in sorted(cls.iterdir()):
-                    inner.add(f, arcname=f.name)
-            info = tarfile.TarInfo(f"{cls.name}.tar")
-            info.size = buf.tell()
-            buf.seek(0)
-            outer.addfile(info, buf)
-    os.replace(tmp, out)
+    def write(raw) -> None:
+        with tarfile.open(fileobj=raw, mode="w") as outer:
+            for cls in sorted(d for d in src.iterdir() if d.is_dir()):
+                buf = io.BytesIO()
+                with tarfile.open(fileobj=buf, mode="w") as inner:
+                    for f in sorted(cls.iterdir()):
+                        inner.add(f, arcname=f.name)
+                info = tarfile.TarInfo(f"{cls.name}.tar")
+                info.size = buf.tell()
+                buf.seek(0)
+                outer.addfile(info, buf)
+
+    atomic_write(out, write)  # a kill mid-way leaves no tar that looks complete
     return out
 
 

@@ -32,7 +32,7 @@ from swav_fast.errors import ConfigError
 from swav_fast.methods import build_method
 from swav_fast.step import TrainStep
 from swav_fast.threads import machine_threads
-from swav_fast.train import build_optimizer
+from swav_fast.run import build_optimizer, check_config
 
 COLUMNS = [("threads", "threads"), ("num_threads", "n"), ("busy", "busy procs"), ("images_per_s", "images/s"),
            ("ratio", "x auto"), ("step_ms", "ms/step"), ("note", "note")]
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(args.recipe, ["train.device=cpu"])
     if args.batch:
         cfg.optim.batch_size = args.batch
-    cfg.validate()
+    check_config(cfg)
     busy = cfg.data.workers if args.busy is None else max(0, args.busy)
     default = torch.get_num_threads()
     choice = machine_threads(0, busy)

@@ -8,12 +8,13 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+
+from pipelines.atomic import atomic_write
 
 
 def git_commit(repo: str | os.PathLike[str] | None = None) -> str | None:
@@ -86,25 +87,10 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
 
 
 def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename): a reader or a
-    kill never sees a half-written file, and the old content stays until the new one is complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; results are for everyone to read
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    """Write ``data`` to ``path`` atomically (:func:`pipelines.atomic.atomic_write`: temp file in the same
+    folder, fsync, rename): a reader or a kill never sees a half-written file, and the old content stays
+    until the new one is complete. Results are 0644, for everyone to read."""
+    return atomic_write(path, data)
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> Path:

@@ -32,7 +32,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from typing import Any, Callable, Sequence
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipelines.atomic import atomic_write  # noqa: E402 - light: no torch
 from swav_fast.errors import ConfigError  # noqa: E402 - light: no torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -629,21 +629,15 @@ def verdict(ctx: Context) -> list[str]:
 
 
 def write_tarball(stage: Path, dest: Path) -> None:
-    """``dest`` (a .tar.gz of ``stage``), written atomically."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            with tarfile.open(fileobj=raw, mode="w:gz") as tar:
-                for path in sorted(stage.rglob("*")):
-                    if path.is_file() and not path.name.startswith("."):
-                        tar.add(path, arcname=f"check/{path.relative_to(stage)}", recursive=False)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``dest`` (a .tar.gz of ``stage``), written atomically (:func:`pipelines.atomic.atomic_write`)."""
+
+    def write(raw) -> None:
+        with tarfile.open(fileobj=raw, mode="w:gz") as tar:
+            for path in sorted(stage.rglob("*")):
+                if path.is_file() and not path.name.startswith("."):
+                    tar.add(path, arcname=f"check/{path.relative_to(stage)}", recursive=False)
+
+    atomic_write(dest, write, make_parents=False)
 
 
 # -- the check ------------------------------------------------------------------------------------------

@@ -32,13 +32,14 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
 
 
 def atomic_write(path: str | os.PathLike[str], data: str | bytes | Callable[[IO[bytes]], None], *,
-                 mode: int = 0o644, make_parents: bool = True) -> Path:
+                 mode: int = 0o644, make_parents: bool = True, durable: bool = True) -> Path:
     """Write ``data`` (text, bytes, or a function that writes to a binary file) to ``path`` atomically.
 
     Temp file ``.NAME.*.tmp`` beside ``path``, fsync, ``os.replace``, fsync of the folder. On any error
     (including a full disk) the temp file is removed, ``path`` keeps its old content and the
     :class:`OSError` propagates for the caller to report. ``mode`` is the new file's permission bits
-    (temp files are created 0600)."""
+    (temp files are created 0600). ``durable=False`` skips the two fsyncs, for files that can be made
+    again (a synthetic set's images): the rename still keeps a reader from a half-written file."""
     path = Path(path)
     if make_parents:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,13 +52,15 @@ def atomic_write(path: str | os.PathLike[str], data: str | bytes | Callable[[IO[
                 f.write(data.encode() if isinstance(data, str) else data)
             os.fchmod(f.fileno(), mode)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
     return path
 
 

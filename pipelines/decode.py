@@ -23,7 +23,8 @@ import torch
 
 from pipelines.errors import ConfigError, DataError
 
-from .exif import jpeg_orientation, orient_chw
+from .exif import orient_chw
+from .formats.probe import jpeg_orientation
 
 Encoded = bytes | bytearray | memoryview | torch.Tensor
 #: a batch decoder: (1-D uint8 CPU tensors, their bytes, device) -> images; raises on any bad item

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from pipelines.errors import DataError
 
 from .badsamples import MAX_REPLACEMENTS, BadSamples
-from .formats.probe import MAX_PIXELS
+from .formats.probe import MAX_PIXELS, ORIENTATION_TAG
 from .formats.sources import open_source
 from .params import ViewParams, sample_params
 from .spec import MultiCropSpec
@@ -29,7 +29,7 @@ FORMATS = ("folder", "tfrecord", "wds")
 __all__ = ["FORMATS", "MAX_PIXELS", "MAX_REPLACEMENTS", "PILMultiCropDataset", "Sample", "augment_view",
            "decode_rgb"]
 #: EXIF orientation tag: every loader applies it (``pipelines.exif``), as ``swav-fast prepare`` does.
-EXIF_ORIENTATION = 0x0112
+EXIF_ORIENTATION = ORIENTATION_TAG
 _JITTER_FNS = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
 
 
@@ -46,8 +46,8 @@ class Sample:
 
 
 def decode_rgb(path: str | IO[bytes]) -> Image.Image:
-    """Open ``path`` (a file name or a binary file object) as an RGB PIL image, turned per its EXIF orientation; raise on corrupt, truncated
-    or oversized files."""
+    """Open ``path`` (a file name or a binary file object) as an RGB PIL image, turned per its EXIF
+    orientation; raise on corrupt, truncated or oversized files."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         log.warning("PIL ImageFile.LOAD_TRUNCATED_IMAGES was True; resetting it to False so truncated "
                     "files count as bad instead of decoding as gray")

@@ -1,7 +1,8 @@
 """Atomic, verified, safe checkpoints.
 
-Writing: ``torch.save`` to a temp file in the same folder, fsync, a SHA-256 sidecar
-(``ckpt-N.pt.sha256``, ``sha256sum -c`` format) written the same way, then an atomic rename; a run
+Writing: ``torch.save`` through :func:`pipelines.atomic.atomic_write` (temp file in the same folder,
+fsync, rename, fsync of the folder), with a SHA-256 sidecar (``ckpt-N.pt.sha256``, ``sha256sum -c``
+format) written the same way and put in place just before the checkpoint's rename; a run
 killed at any moment leaves either the previous file or the complete new one, never a half-written
 file under a checkpoint name. Loading: the sidecar digest (when there is one) is checked, then
 ``torch.load(path, weights_only=True)``, then the digest of the content stored inside the file
@@ -12,20 +13,18 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (no p
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import pickle
 import random
 import re
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 import numpy as np
 import torch
 
+from pipelines.atomic import atomic_write
 from swav_fast import faults
 from swav_fast.errors import CheckpointError
 
@@ -90,29 +89,6 @@ def digest_path(path: str | Path) -> Path:
     return path.with_name(path.name + DIGEST_SUFFIX)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_temp(folder: Path, name: str, write: Callable[[IO[bytes]], None]) -> str:
-    """Write via ``write(f)`` to a fsynced temp file in ``folder``; returns its path."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return tmp
-
-
 def _os_error(exc: BaseException | None) -> OSError | None:
     """The OSError behind ``exc`` (itself, or its cause/context chain), if any."""
     seen = set()
@@ -136,33 +112,26 @@ def atomic_save(obj: Any, path: str | Path, *, checksum: bool = False) -> None:
     path = Path(path)
     if checksum and isinstance(obj, dict):
         obj = {**obj, INNER_DIGEST_KEY: state_digest(obj)}
-    temps: list[str] = []
-    new_digest = False  # a new sidecar is in place but the checkpoint is not (yet)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = {"new": False}  # a new sidecar is in place but the checkpoint is not (yet)
+
+    def write(f: IO[bytes]) -> None:
         digest = hashlib.sha256()
-        temps.append(_write_temp(path.parent, path.name, lambda f: torch.save(obj, _HashingWriter(f, digest))))
+        torch.save(obj, _HashingWriter(f, digest))
         faults.pause_in_checkpoint_write()  # testing only: a window for a kill before the rename
-        if checksum:
-            line = f"{digest.hexdigest()}  {path.name}\n".encode()
-            temps.append(_write_temp(path.parent, digest_path(path).name, lambda f: f.write(line)))
-            os.replace(temps[-1], digest_path(path))
-            temps.pop()
-            new_digest = True
-        os.replace(temps[-1], path)
-        temps.pop()
-        new_digest = False
-        _fsync_dir(path.parent)
+        if checksum:  # the sidecar goes in place first, then the checkpoint (atomic_write's rename)
+            atomic_write(digest_path(path), f"{digest.hexdigest()}  {path.name}\n")
+            sidecar["new"] = True
+
+    try:
+        atomic_write(path, write)
+        sidecar["new"] = False
     except (OSError, RuntimeError) as exc:  # torch.save turns a failed write into a RuntimeError
         cause = _os_error(exc)
         reason = (cause.strerror or str(cause)) if cause is not None else str(exc).splitlines()[0]
         raise CheckpointError(f"could not write checkpoint {path}: {reason}; "
                               "the previous checkpoint is unchanged") from exc
     finally:
-        for tmp in temps:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        if new_digest:  # it would not match the file left at ``path`` (if any)
+        if sidecar["new"]:  # it would not match the file left at ``path`` (if any)
             digest_path(path).unlink(missing_ok=True)
 
 

@@ -71,11 +71,12 @@ class OptimConfig:
 
     def lr_factor(self, world_size: int = 1) -> float:
         r"""Multiplier of ``base_lr``, ``final_lr`` and ``start_warmup`` at global batch
-        :math:`B = \text{batch\_size} \times \text{world}`: ``none`` 1, ``linear``
+        :math:`B` = ``global_batch_size`` when set, else :math:`\text{batch\_size} \times \text{world}`:
+        ``none`` 1, ``linear``
         :math:`B / B_{ref}`, ``sqrt`` :math:`\sqrt{B / B_{ref}}` (:math:`B_{ref}` = ``reference_batch``)."""
         if self.lr_scaling == "none":
             return 1.0
-        ratio = self.batch_size * world_size / self.reference_batch
+        ratio = (self.global_batch_size or self.batch_size * world_size) / self.reference_batch
         return ratio if self.lr_scaling == "linear" else ratio ** 0.5
 
 
@@ -189,24 +190,29 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self, world_size: int = 1) -> "Config":
-        """Reject impossible combinations before any work; returns self."""
+        """Reject impossible values and combinations before any work; returns self.
+
+        Pure: it reads the config and changes nothing (the per-process batch that
+        ``optim.global_batch_size`` implies is :func:`per_process_batch`; :func:`resolve_batch` gives a
+        config with it filled in), and it queries no registry (names of methods, loader backends, trunks
+        and step modes are checked where the run is composed: :func:`swav_fast.run.check_config`)."""
         self._validate_choices()
         self._validate_ranges()
-        self.data.validate_options()
-        from swav_fast.methods import validate_method
-
-        validate_method(self.train.method, self)  # views and settings the method declares it needs
-        self._resolve_global_batch(world_size)
-        if self.optim.batch_size < 1:
-            raise ConfigError(f"optim.batch_size={self.optim.batch_size} must be >= 1 (per process)")
-        global_batch = self.optim.batch_size * world_size
+        self.data.validate_options()  # each backend section's values
+        batch = per_process_batch(self, world_size)
+        if batch < 1:
+            raise ConfigError(f"optim.batch_size={batch} must be >= 1 (per process)")
+        if self.optim.lr_scaling != "none" and self.optim.reference_batch < 1:
+            raise ConfigError(f"optim.lr_scaling={self.optim.lr_scaling} needs optim.reference_batch (the "
+                              "global batch base_lr is given for), e.g. optim.reference_batch=256")
+        global_batch = batch * world_size
         queue = self.methods.swav.queue_length
         if queue:
             if queue % global_batch:
                 lower = queue - queue % global_batch
                 raise ConfigError(
                     f"methods.swav.queue_length={queue} must be a multiple of the global batch "
-                    f"{global_batch} (optim.batch_size {self.optim.batch_size} x world size {world_size}); "
+                    f"{global_batch} (optim.batch_size {batch} x world size {world_size}); "
                     f"try {lower or global_batch} or {lower + global_batch}")
         if self.optim.epochs < 1:
             raise ConfigError(f"optim.epochs={self.optim.epochs} must be >= 1")
@@ -215,40 +221,18 @@ class Config:
                               f"{self.optim.epochs}")
         return self
 
-    def _resolve_global_batch(self, world_size: int) -> None:
-        """``optim.global_batch_size`` (when set) fixes the per-process batch for this world size."""
-        o = self.optim
-        if o.global_batch_size:
-            if o.global_batch_size % world_size:
-                raise ConfigError(f"optim.global_batch_size={o.global_batch_size} is not divisible by the "
-                                  f"world size {world_size}; use a multiple of {world_size} or set "
-                                  "optim.batch_size (per process) instead")
-            o.batch_size = o.global_batch_size // world_size
-        if o.lr_scaling != "none" and o.reference_batch < 1:
-            raise ConfigError(f"optim.lr_scaling={o.lr_scaling} needs optim.reference_batch (the global "
-                              "batch base_lr is given for), e.g. optim.reference_batch=256")
-
     def _validate_choices(self) -> None:
-        """Names that select an implementation: rejected with the valid ones listed."""
-        from pipelines.loader import available_backends
-        from swav_fast.methods import available_methods
-        from swav_fast.models.trunks import available_trunks
-        from swav_fast.step import MODES
-
+        """Names from fixed lists: rejected with the valid ones listed (registry names: see
+        :func:`swav_fast.run.check_choices`)."""
         choices = {
-            "model.arch": (self.model.arch, available_trunks()),
-            "data.loader": (self.data.loader, available_backends()),
             "train.precision": (self.train.precision, ["auto", "fp32", "bf16", "fp16"]),
-            "train.method": (self.train.method, available_methods()),
-            "train.step_mode": (self.train.step_mode, list(MODES)),
             "train.on_checkpoint_error": (self.train.on_checkpoint_error, list(CHECKPOINT_ERROR_POLICIES)),
             "train.on_divergence": (self.train.on_divergence, list(DIVERGENCE_POLICIES)),
             "optim.lr_scaling": (self.optim.lr_scaling, list(LR_SCALING_RULES)),
             "dist.backend": (self.dist.backend, ["auto", "nccl", "gloo"]),
         }
         for key, (value, valid) in choices.items():
-            if value not in valid:
-                raise ConfigError(f"{key}={value!r} is not valid; valid: {', '.join(valid)}")
+            check_choice(key, value, valid)
         device = self.train.device
         if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
             raise ConfigError(f"train.device={device!r} is not valid; valid: auto, cpu, cuda, cuda:N")
@@ -281,6 +265,34 @@ class Config:
         bad_steps = [s for s in self.train.debug_nan_steps if s < 0]
         if bad_steps:
             raise ConfigError(f"train.debug_nan_steps={self.train.debug_nan_steps}: steps must be >= 0")
+
+
+def check_choice(key: str, value: str, valid: list[str]) -> None:
+    """ConfigError ``key='value' is not valid; valid: ...`` unless ``value`` is one of ``valid``."""
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not valid; valid: {', '.join(valid)}")
+
+
+def per_process_batch(cfg: Config, world_size: int = 1) -> int:
+    r"""Images per step per process: ``optim.global_batch_size / world_size`` when the global batch is
+    given (it must divide), else ``optim.batch_size``."""
+    o = cfg.optim
+    if not o.global_batch_size:
+        return o.batch_size
+    if o.global_batch_size % world_size:
+        raise ConfigError(f"optim.global_batch_size={o.global_batch_size} is not divisible by the "
+                          f"world size {world_size}; use a multiple of {world_size} or set "
+                          "optim.batch_size (per process) instead")
+    return o.global_batch_size // world_size
+
+
+def resolve_batch(cfg: Config, world_size: int = 1) -> Config:
+    """``cfg`` with ``optim.batch_size`` set to :func:`per_process_batch` (a new config when that changes
+    it; ``cfg`` itself is never modified). What the run saves in config.yaml and its checkpoints."""
+    batch = per_process_batch(cfg, world_size)
+    if batch == cfg.optim.batch_size:
+        return cfg
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, batch_size=batch))
 
 
 # ----------------------------------------------------------------------------------------------

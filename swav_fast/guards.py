@@ -1,4 +1,4 @@
-"""Training health: non-finite steps undone on the device, and divergence detection.
+"""Training health: non-finite steps undone on the device, divergence; :class:`Health` runs every check.
 
 :class:`NonFiniteGuard` makes a step whose loss (or gradient) is NaN/inf a no-op without a host
 synchronisation: the step runs, then every tensor it may have changed (parameters, buffers such as
@@ -11,13 +11,18 @@ A method's own signs of failure (SwAV's collapsed codes) are the method's: :meth
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
+
+from swav_fast.errors import TrainingDiverged
+
+log = logging.getLogger("swav_fast")
 
 def state_tensors(modules: Iterable[nn.Module], optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """Every tensor a training step may change: parameters, buffers, optimiser state."""
@@ -252,3 +257,113 @@ class DivergenceMonitor:
             self.losses.append(loss)
         self.healthy_step = step
         return None
+
+
+# ----------------------------------------------------------------------------------------------
+# one health checker for the run
+
+
+class Health:
+    """A run's health checks in one object: non-finite steps, divergence, and the method's own signs of
+    failure (:meth:`swav_fast.methods.base.Method.health`, e.g. SwAV's collapse).
+
+    Called where the loop syncs with the device anyway (log steps and checkpoints):
+
+    - :meth:`check_nonfinite`: reports the steps the guard skipped since the last check; more than
+      ``train.max_nonfinite_steps`` in a row stop the run (:class:`TrainingDiverged`);
+    - :meth:`check_divergence`: :class:`DivergenceDetected` when the loss or the weight norm ran away
+      (the loop stops or rolls back, ``train.on_divergence``);
+    - :meth:`check_method`: a failed report is written to metrics.jsonl under its ``kind`` with its
+      signals, its message is logged on the first failed check of a streak, and
+      ``train.collapse_patience`` consecutive failed checks stop the run. Under several processes rank 0
+      checks and its verdict is shared.
+
+    ``note()`` says which checkpoint is intact (for the messages)."""
+
+    def __init__(self, method: Any, guard: NonFiniteGuard, runlog: Any, train_cfg: Any, *, world: int = 1,
+                 is_main: bool = True, note: Callable[[], str] = lambda: ""):
+        t = train_cfg
+        self.method, self.guard, self.runlog = method, guard, runlog
+        self.world, self.is_main, self.note = world, is_main, note
+        self.max_nonfinite = t.max_nonfinite_steps
+        self.patience = t.collapse_patience  # 0: report only
+        self.divergence = DivergenceMonitor(t.divergence_loss_factor, t.divergence_norm_factor)
+        self.streak = 0  # consecutive failed method checks
+        self.nonfinite_reported = 0
+
+    # -- non-finite steps ----------------------------------------------------------------------------
+    def loaded(self) -> None:
+        """After a checkpoint load: its skipped steps were reported by the run that wrote it."""
+        self.nonfinite_reported = self.guard.counts().total
+
+    def check_nonfinite(self, step: int) -> NonFiniteCounts:
+        """Report newly skipped NaN/inf steps; TrainingDiverged after too many in a row."""
+        counts = self.guard.counts()
+        new = counts.total - self.nonfinite_reported
+        if new > 0:
+            log.warning("step %d: %d NaN/inf step(s) skipped since the last check (%d in all)", step, new,
+                        counts.total)
+            self.runlog.write("nonfinite", step=step, skipped=new, total=counts.total, streak=counts.streak)
+            self.nonfinite_reported = counts.total
+        if self.max_nonfinite and counts.worst_streak >= self.max_nonfinite:
+            msg = (f"the loss was NaN/inf for {counts.worst_streak} consecutive steps by step {step} "
+                   f"(train.max_nonfinite_steps={self.max_nonfinite}); those steps were skipped and "
+                   f"{self.note()}. Try a lower optim.base_lr or a longer warmup, "
+                   "train.precision=bf16 or fp32 instead of fp16, or check the data")
+            self.runlog.write("diverged", step=step, reason="nonfinite", message=msg)
+            raise TrainingDiverged(msg)
+        return counts
+
+    # -- divergence ----------------------------------------------------------------------------------
+    def trusted(self, step: int, params: Iterable[torch.Tensor]) -> None:
+        """The weights are trusted from ``step`` (a fresh start, a resume, a rollback)."""
+        self.divergence.reset(step, weight_norm(params))
+
+    @property
+    def healthy_step(self) -> int:
+        """The step of the last passed divergence check."""
+        return self.divergence.healthy_step
+
+    def check_divergence(self, step: int, loss: float | None, params: Iterable[torch.Tensor]) -> None:
+        """Raise :class:`DivergenceDetected` when the loss (if given) or the weight norm has run away."""
+        reason = self.divergence.check(step, loss, weight_norm(params))
+        if reason is not None:
+            raise DivergenceDetected(step, reason)
+
+    # -- the method's own signs ------------------------------------------------------------------------
+    def check_method(self, step: int, loss: float) -> None:
+        """The method's health report at a log step (rank 0 under several processes)."""
+        if self.world == 1:
+            self._check_method(step, loss)
+            return
+        if not (self.is_main or self.patience):
+            return
+        verdict = None
+        if self.is_main:
+            try:
+                self._check_method(step, loss)
+            except TrainingDiverged as exc:
+                verdict = str(exc)
+        if self.patience:  # every rank stops at the same step
+            from swav_fast.distributed import broadcast_object
+
+            verdict = broadcast_object(verdict)
+        if verdict is not None:
+            raise TrainingDiverged(verdict)
+
+    def _check_method(self, step: int, loss: float) -> None:
+        report = self.method.health(step, loss)
+        if report is None:
+            return
+        self.streak = 0 if report.ok else self.streak + 1
+        if report.ok:
+            return
+        self.runlog.write(report.kind, step=step, **report.signals)
+        if self.streak == 1:
+            log.warning("step %d: %s", step, report.message)
+        if self.patience and self.streak >= self.patience:
+            msg = (f"stopped at step {step} after {self.streak} consecutive {report.kind} checks "
+                   f"(train.collapse_patience={self.patience}); {self.note()}. {report.message}")
+            self.runlog.write("diverged", step=step, reason=report.kind, message=msg)
+            raise TrainingDiverged(msg)
+

@@ -21,13 +21,12 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.atomic import atomic_write
 from swav_fast.errors import DataError
 
 #: Step-record fields that get their own plot: (field, file stem, axis label).
@@ -196,20 +195,11 @@ def summary_markdown(summary: dict[str, Any], title: str = "") -> str:
 
 # -- writing -----------------------------------------------------------------------------------------
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = None
+    """:func:`pipelines.atomic.atomic_write`, a failure reported as a DataError."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        atomic_write(path, data)
     except OSError as exc:
         raise DataError(f"could not write {path}: {exc.strerror or exc}") from exc
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _figure(nrows: int = 1, ncols: int = 1, size=(6.4, 4.0)):

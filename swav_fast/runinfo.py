@@ -1,6 +1,6 @@
 """What a run says about itself: the start-of-run block, the progress bar's text, the end-of-run lines.
 
-Pure formatting over a built :class:`~swav_fast.train.Trainer` (or plain values), so that the
+Pure formatting over a built :class:`~swav_fast.train.Trainer` (its :class:`~swav_fast.run.Run`) (or plain values), so that the
 trainer calls one function at start (:func:`describe_run`) and the tests check the text.
 """
 from __future__ import annotations
@@ -9,19 +9,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-#: why each step mode is what it is, when it is the one asked for
-_MODE_WHY = {
-    "eager": "plain PyTorch, starts at once; on a GPU --step-mode compile or graph is faster",
-    "compile": "torch.compile of forward + loss (the first step compiles)",
-    "graph": "one CUDA graph per step, captured after warm-up steps",
-}
+from swav_fast.step_modes import STEP_MODES
 
 
 def step_mode_line(requested: str, effective: str, fallback_reason: str | None) -> str:
     """``eager (train.step_mode=eager: plain PyTorch, ...)`` or the fallback and its reason."""
     if effective != requested:
         return f"{effective} (train.step_mode={requested} is not possible here: {fallback_reason})"
-    return f"{effective} (train.step_mode={requested}: {_MODE_WHY.get(effective, '')})"
+    return f"{effective} (train.step_mode={requested}: {STEP_MODES.get(effective) if effective in STEP_MODES else ''})"
 
 
 def knn_plan(at_end: bool, knn_data: str | Path | None, data_given: bool) -> str:

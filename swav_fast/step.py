@@ -46,9 +46,9 @@ from swav_fast import faults
 from swav_fast.distributed import world_size
 from swav_fast.errors import ConfigError
 from swav_fast.guards import NonFiniteGuard, is_finite, state_tensors
+from swav_fast.step_modes import MODES, STEP_MODES
 
 log = logging.getLogger("swav_fast")
-MODES = ("eager", "compile", "graph")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -123,8 +123,7 @@ class TrainStep:
                  precision: str = "auto", channels_last: bool = False, mode: str = "eager",
                  debug_nan_steps: Collection[int] = (), compile_options: dict[str, Any] | None = None,
                  graph_warmup: int = 3):
-        if mode not in MODES:
-            raise ConfigError(f"unknown step mode {mode!r}; valid: {', '.join(MODES)}")
+        STEP_MODES.get(mode)  # ConfigError naming the valid modes
         if graph_warmup < 1:
             raise ConfigError(f"graph_warmup={graph_warmup} must be >= 1 (compilation and optimiser state "
                               "must exist before the capture)")

@@ -30,7 +30,7 @@ def synthetic_cache(tmp_path_factory):
     would do the work twice).
     """
     from swav_fast.config import load_config
-    from swav_fast.train import synthetic_root
+    from swav_fast.run import synthetic_root
 
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -1,8 +1,9 @@
 """Typed config: recipes load, overrides apply, bad keys/types/combinations are rejected clearly."""
 import pytest
 
-from swav_fast.config import Config, available_recipes, load_config, parse_override, valid_keys
+from swav_fast.config import Config, available_recipes, load_config, parse_override, resolve_batch, valid_keys
 from swav_fast.errors import ConfigError
+from swav_fast.run import check_config
 
 
 @pytest.mark.parametrize("name", available_recipes())
@@ -10,6 +11,7 @@ def test_every_recipe_loads_and_validates(name):
     cfg = load_config(name)
     world = 64 if "bs4096" in name else 4 if "bs256" in name else 1
     cfg.validate(world_size=world)
+    cfg = resolve_batch(cfg, world)
     assert cfg.optim.batch_size * world in ({4096, 256} if world > 1 else {cfg.optim.batch_size})
 
 
@@ -53,8 +55,8 @@ def test_wrong_types(override, needle):
 
 
 def test_impossible_combinations():
-    with pytest.raises(ConfigError, match="crops_for_assign"):
-        load_config(None, ["methods.swav.crops_for_assign=[0, 8]"]).validate()
+    with pytest.raises(ConfigError, match="crops_for_assign"):  # the method's own check: at composition
+        check_config(load_config(None, ["methods.swav.crops_for_assign=[0, 8]"]))
     with pytest.raises(ConfigError, match="multiple of the global batch"):
         load_config(None, ["methods.swav.queue_length=100", "optim.batch_size=64"]).validate()
     load_config(None, ["methods.swav.queue_length=3840", "optim.batch_size=64"]).validate(world_size=4)

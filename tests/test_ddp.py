@@ -32,7 +32,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from swav_fast import checkpoint as ckpt
-from swav_fast.config import load_config
+from swav_fast.config import load_config, resolve_batch
 from swav_fast.ddp import CPUSyncBatchNorm, convert_sync_batchnorm
 from swav_fast.distributed import detect_launch, first_host
 from swav_fast.errors import ConfigError
@@ -384,8 +384,9 @@ def test_detect_launch_from_torchrun_slurm_or_nothing():
 
 
 def test_global_batch_and_lr_scaling_keys():
-    cfg = load_config("swav_800ep_bs4096", ["optim.global_batch_size=4096"]).validate(world_size=8)
-    assert cfg.optim.batch_size == 512 and cfg.optim.lr_factor(8) == 1.0
+    given = load_config("swav_800ep_bs4096", ["optim.global_batch_size=4096"]).validate(world_size=8)
+    cfg = resolve_batch(given, 8)  # validate() changes nothing; the run resolves the per-process batch
+    assert cfg.optim.batch_size == 512 and cfg.optim.lr_factor(8) == 1.0 and given.optim.batch_size != 512
     with pytest.raises(ConfigError, match="not divisible by the world size 3"):
         load_config(None, ["optim.global_batch_size=256"]).validate(world_size=3)
     with pytest.raises(ConfigError, match="needs optim.reference_batch"):

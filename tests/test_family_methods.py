@@ -19,7 +19,7 @@ from swav_fast.methods.configs import (BYOLConfig, DINOConfig, InstDiscConfig, M
 from swav_fast.methods.momentum import EMATarget, MomentumSchedule, cosine_momentum, ema_update_
 from swav_fast.models.predictor import DINOHead, EncoderNet, MLPHead
 from swav_fast.step import TrainStep
-from swav_fast.train import build_optimizer
+from swav_fast.run import build_optimizer, check_config
 
 METHODS = ["instdisc", "moco_v2", "moco_v3", "simclr", "byol", "simsiam", "barlow_twins", "dino"]
 EMA_METHODS = ["moco_v2", "moco_v3", "byol", "dino"]
@@ -218,14 +218,14 @@ def test_predictor_methods_reject_a_network_without_one(cls, name):
 
 
 def test_one_view_only_for_instdisc():
-    """The registry's view minimum is checked by Config.validate, before any work."""
+    """The registry's view minimum is checked where the run is composed (check_config), before any work."""
     one = ["data.crops.num_crops=[1]", "data.crops.size_crops=[32]", "data.crops.min_scale_crops=[0.2]",
            "data.crops.max_scale_crops=[1.0]"]
-    load_config(None, ["train.method=instdisc", *one]).validate()
+    check_config(load_config(None, ["train.method=instdisc", *one]))
     for method in METHODS + ["swav"]:
         if method != "instdisc":
             with pytest.raises(ConfigError, match=f"at least 2 views for train.method={method}"):
-                load_config(None, [f"train.method={method}", *one]).validate()
+                check_config(load_config(None, [f"train.method={method}", *one]))
 
 
 def test_total_steps_estimate():

@@ -198,7 +198,7 @@ def _fail_from_second_write(monkeypatch, exc: OSError, target: str) -> None:
                 if calls["n"] > 1:
                     raise exc
             return real(src, dst)
-        monkeypatch.setattr(ckpt.os, "replace", replace)
+        monkeypatch.setattr(os, "replace", replace)  # the one atomic_write renames with
     else:
         real_write = ckpt._HashingWriter.write
 

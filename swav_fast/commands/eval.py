@@ -66,7 +66,7 @@ def load_trunk(path: str, device_name: str):
     from swav_fast.checkpoint import load_checkpoint
     from swav_fast.config import Config, from_dict
     from swav_fast.errors import CheckpointError
-    from swav_fast.train import build_model, resolve_device
+    from swav_fast.run import build_model, resolve_device
 
     state = load_checkpoint(path)
     cfg = from_dict(Config, state.get("config", {}))

@@ -5,9 +5,11 @@ import argparse
 import importlib.util
 import logging
 import math
+from typing import Callable
 
 from swav_fast.config import available_recipes, describe_keys, load_config
 from swav_fast.methods.configs import METHOD_SECTIONS
+from swav_fast.step_modes import STEP_MODES
 
 #: the registered method names (``swav_fast.methods.available_methods()``), known without importing torch
 METHOD_NAMES = sorted(METHOD_SECTIONS)
@@ -34,14 +36,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", help="run folder (train.output_dir)")
     p.add_argument("--epochs", type=int, help="optim.epochs")
     p.add_argument("--batch-size", type=int, help="optim.batch_size (per process)")
-    p.add_argument("--arch", help="model.arch, e.g. resnet18, resnet50, resnet50w2")
-    p.add_argument("--loader", metavar="BACKEND", help=f"data.loader backend; installed here: "
-                   f"{', '.join(installed_loaders())} (pil is the reference)")
+    p.add_argument("--arch", metavar="TRUNK", type=registered(trunk_names, "trunk"),
+                   help="model.arch (a registered trunk), e.g. resnet18, resnet50, resnet50w2")
+    p.add_argument("--loader", metavar="BACKEND", type=registered(loader_names, "loader backend"),
+                   help=f"data.loader backend; installed here: {', '.join(installed_loaders())} (pil is "
+                        "the reference)")
     p.add_argument("--workers", type=int, help="data.workers")
     p.add_argument("--device", help="train.device: auto, cpu, cuda, cuda:N")
     p.add_argument("--method", choices=METHOD_NAMES,
                    help="train.method (default swav); each method's settings are under methods.<name>.*")
-    p.add_argument("--step-mode", choices=["eager", "compile", "graph"],
+    p.add_argument("--step-mode", choices=STEP_MODES.names(),
                    help="train.step_mode: eager | compile (torch.compile + fused Sinkhorn/loss) | graph "
                         "(CUDA-graph-captured step; falls back to compile where impossible, the log says why)")
     p.add_argument("--max-steps", type=int, help="stop after N steps (schedule unchanged)")
@@ -56,6 +60,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--list-keys", action="store_true",
                    help="print every config key with its type, default and description, and exit")
     p.set_defaults(func=run)
+
+
+def trunk_names() -> list[str]:
+    from swav_fast.models.trunks import TRUNKS  # torchvision: only once --arch is given
+
+    return TRUNKS.names()
+
+
+def loader_names() -> list[str]:
+    from pipelines.loader import available_backends  # torch: only once --loader is given
+
+    return available_backends()
+
+
+def registered(names: Callable[[], list[str]], kind: str) -> Callable[[str], str]:
+    """argparse ``type=`` for a name that must be registered: the registry (``names()``) is read when
+    the option is given, so that ``--help`` stays light; an unknown name exits 2 listing the valid ones."""
+
+    def check(value: str) -> str:
+        valid = names()
+        if value not in valid:
+            raise argparse.ArgumentTypeError(f"unknown {kind} {value!r}; valid: {', '.join(valid)}")
+        return value
+
+    check.__name__ = kind  # argparse names the type in its messages
+    return check
 
 
 #: loader backend -> the module it needs (found with importlib.util.find_spec, not imported)

@@ -29,6 +29,7 @@ from typing import Any, Iterable
 import numpy as np
 from PIL import Image
 
+from pipelines.atomic import atomic_write
 from swav_fast.errors import DataError
 
 __all__ = [
@@ -370,21 +371,9 @@ def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
 
 # ----------------------------------------------------------------------------- writing
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file next to ``path``, then rename it over ``path``.
-
-    (Not ``tempfile.mkstemp``: that creates mode 0600 files; this one honours the umask.)
-    """
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """``data`` to ``path`` through :func:`pipelines.atomic.atomic_write`, without the fsyncs (the set
+    can be generated again; the rename alone keeps readers from half-written files)."""
+    atomic_write(path, data, make_parents=False, durable=False)
 
 
 def _render_to_file(task: tuple) -> tuple[int, int]:

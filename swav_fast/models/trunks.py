@@ -7,17 +7,15 @@ import torch.nn as nn
 import torchvision.models as tvm
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from swav_fast.errors import ConfigError
+from pipelines.registry import Registry
 
-_TRUNKS: dict[str, Callable[[], nn.Module]] = {}
+#: name (``model.arch`` / ``--arch``) -> a function building the trunk
+TRUNKS: Registry[Callable[[], nn.Module]] = Registry("trunk")
 
 
 def register_trunk(name: str):
-    def deco(fn: Callable[[], nn.Module]):
-        _TRUNKS[name] = fn
-        return fn
-
-    return deco
+    """Decorator: register a trunk factory under ``name`` (the shape of every registry)."""
+    return TRUNKS.register(name)
 
 
 class WideResNet(ResNet):
@@ -58,11 +56,9 @@ register_trunk("resnet10_half")(lambda: _strip(WideResNet(BasicBlock, [1, 1, 1, 
 
 
 def available_trunks() -> list[str]:
-    return sorted(_TRUNKS)
+    return TRUNKS.names()
 
 
 def build_trunk(name: str) -> nn.Module:
     """A trunk mapping ``[N,3,H,W]`` images to ``[N, trunk.feature_dim]`` pooled features."""
-    if name not in _TRUNKS:
-        raise ConfigError(f"unknown arch {name!r}; available: {', '.join(available_trunks())}")
-    return _TRUNKS[name]()
+    return TRUNKS.get(name)()  # ConfigError naming the valid trunks

@@ -1,5 +1,6 @@
 """``prepare_dataset``: ImageFolder or ImageNet archive -> sharded TFRecord / webdataset / FFCV beton,
-atomic and resumable (the source kinds are in :mod:`swav_fast.prepare.imagenet`).
+atomic and resumable (the source kinds are in :mod:`swav_fast.prepare.imagenet`; the shard formats'
+one writer each is in :mod:`pipelines.formats`, which the loaders and ``inspect`` read with).
 
 Plan: the source is sorted (class, then path) and sample ``i`` goes to shard ``i // shard_size``,
 so the plan depends only on the source and the settings, never on timing or worker count.
@@ -32,8 +33,8 @@ import numpy as np
 
 from swav_fast.errors import DataError
 
-from .beton import ALLOC, DEFAULT_PAGE_SIZE, SAMPLE_META, BetonWriter, check_page_size, join_rows
-from .manifest import (
+from pipelines.formats.beton import ALLOC, DEFAULT_PAGE_SIZE, SAMPLE_META, BetonWriter, check_page_size, join_rows
+from pipelines.formats.manifest import (
     FORMATS,
     LAYOUT,
     MANIFEST_NAME,
@@ -43,9 +44,12 @@ from .manifest import (
     validate_manifest,
     write_json_atomic,
 )
+from pipelines.formats.shardfile import ShardWriter
+from pipelines.formats.tfrecord import TFRecordShardWriter
+from pipelines.formats.wds import WdsShardWriter, key_digits
+
 from .imagenet import open_source, source_params
 from .sources import ItemSpec, SourceList, encode_chunk
-from .writers import ShardWriter, TFRecordShardWriter, WdsShardWriter, key_digits
 
 log = logging.getLogger("swav_fast.prepare")
 

@@ -45,9 +45,9 @@ from typing import Any, Callable
 import numpy as np
 
 from pipelines.folder import IMAGE_EXTENSIONS
+from pipelines.formats.wds import TAR_BLOCK
 from swav_fast.errors import DataError
 
-from .records import TAR_BLOCK
 from .sources import SourceList, scan_source
 
 log = logging.getLogger("swav_fast.prepare")

@@ -21,11 +21,11 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipelines.folder import scan_image_folder
-from pipelines.formats.probe import MAX_PIXELS, BadImage  # noqa: F401 - BadImage: the one class
+from pipelines.formats.probe import MAX_PIXELS, ORIENTATION_TAG, BadImage  # noqa: F401 - BadImage: the one class
 
 #: Quality used to re-encode a file that cannot be passed through when no quality is given.
 DEFAULT_QUALITY = 90
-_EXIF_ORIENTATION = 0x0112
+_EXIF_ORIENTATION = ORIENTATION_TAG
 
 
 #: Where a worker reads one source image: an absolute file path, or ``(archive, offset, size)``.
