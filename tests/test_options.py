@@ -18,7 +18,7 @@ from pipelines.loader import BACKENDS, PILLoader, backend_options_class
 from pipelines.options import BUILTIN_OPTIONS, DaliOptions, FfcvOptions, PilOptions, TorchOptions
 from swav_fast.config import Config, describe_keys, from_dict, load_config, save_config
 from swav_fast.errors import ConfigError
-from swav_fast.train import loader_options
+from swav_fast.run import loader_options
 from tests.test_dali_copy import needs_dali
 
 SPEC = MultiCropSpec(num_crops=[1], size_crops=[16], min_scale_crops=[0.3], max_scale_crops=[1.0])
