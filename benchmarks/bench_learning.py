@@ -1,7 +1,7 @@
 """Learning across seeds: kNN top-1 of each quick recipe's trained trunk vs its random init, per seed.
 
     python3 benchmarks/bench_learning.py [--methods swav|all|swav,simclr,...] [--seeds 0,1,2,3,4]
-        [--dataset builtin] [--jobs N] [--output DIR] [--json out.json] [KEY=VALUE ...]
+        [--dataset builtin,shapes] [--jobs N] [--output DIR] [--json out.json] [KEY=VALUE ...]
 
 (also ``swav-fast bench learning ...``). Each row is one ``swav-fast train`` run of the method's quick
 recipe (``quick`` for SwAV, ``quick_<method>`` for the others) with only ``train.seed`` changed: the
@@ -17,7 +17,9 @@ and +15.5 points at seeds 0, 1 and 2).
 ``data.synthetic.cache_dir=DIR``); ``--jobs N`` runs N trainings at once in separate processes, each with
 ``train.threads`` = cores / N unless an override sets it. A full run costs one quick training (minutes
 on 2 CPU cores) per method and seed. ``--dataset builtin`` is the built-in synthetic set the main job
-trains on (``data.synthetic.*``, generated once into its cache); it is the only dataset so far.
+trains on (``data.synthetic.*``, generated once into its cache); ``--dataset shapes`` the same sizes of
+``data.synthetic.kind=shapes`` (the class is one object's shape, all colours random, so a random-init
+trunk is closer to chance); ``--dataset builtin,shapes`` runs both.
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ from swav_fast.errors import ConfigError, SwavFastError
 log = logging.getLogger("benchmarks")
 
 #: dataset name -> what it is (the overrides it needs are in :func:`dataset_overrides`)
-DATASETS = {"builtin": "the built-in synthetic set of the main job (data.synthetic.*)"}
+DATASETS = {"builtin": "the built-in synthetic set of the main job (data.synthetic.*, kind photo)",
+            "shapes": "the same sizes, kind shapes: the class is an object's shape, all colours random"}
 COLUMNS = [("method", "method"), ("dataset", "dataset"), ("seed", "seed"), ("trained", "trained %"),
            ("random_init", "random init %"), ("gain", "gain"), ("steps", "steps"), ("seconds", "s"),
            ("note", "note")]
@@ -87,11 +90,19 @@ def parse_seeds(text: str) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
+def parse_datasets(text: str) -> list[str]:
+    names = [d.strip() for d in text.split(",") if d.strip()]
+    for name in names or [""]:
+        dataset_overrides(name)
+    return list(dict.fromkeys(names))
+
+
 def dataset_overrides(dataset: str) -> list[str]:
     """The overrides that select ``dataset`` (after the recipe, before the user's)."""
     if dataset not in DATASETS:
         raise ConfigError(f"--dataset: unknown {dataset!r}; datasets: {', '.join(DATASETS)}")
-    return ["data.path=null"]  # builtin: the recipe's data.synthetic.*
+    kind = "photo" if dataset == "builtin" else dataset
+    return ["data.path=null", f"data.synthetic.kind={kind}"]  # the recipe's data.synthetic.* otherwise
 
 
 def run_config(method: str, dataset: str, seed: int, overrides: Sequence[str], run_dir: Path,
@@ -158,7 +169,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help=f"comma-separated methods, or 'all' (every quick recipe: {', '.join(quick_methods())}); "
                         "default swav")
     p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated train.seed values (default 0,1,2,3,4)")
-    p.add_argument("--dataset", default="builtin", help=f"dataset: {', '.join(DATASETS)} (default builtin)")
+    p.add_argument("--dataset", default="builtin",
+                   help="comma-separated datasets (default builtin): "
+                        + "; ".join(f"{k}: {v}" for k, v in DATASETS.items()))
     p.add_argument("--jobs", type=int, default=1, help="trainings at once, in separate processes (default 1)")
     p.add_argument("--output", help="keep the run folders here (default: a temporary folder, removed after)")
     p.add_argument("--json", dest="json_path", help="write the results here (JSON)")
@@ -183,15 +196,16 @@ def prepare_dataset(method: str, dataset: str, overrides: Sequence[str], scratch
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     methods, seeds = parse_methods(args.methods), parse_seeds(args.seeds)
-    dataset_overrides(args.dataset)  # refuse an unknown dataset before any work
+    datasets = parse_datasets(args.dataset)  # refuse an unknown dataset before any work
     started = time.perf_counter()
-    jobs = min(args.jobs, len(methods) * len(seeds))
+    jobs = min(args.jobs, len(methods) * len(datasets) * len(seeds))
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     with tempfile.TemporaryDirectory(prefix="bench-learning-") as tmp:
         root = Path(args.output) if args.output else Path(tmp)
-        prepare_dataset(methods[0], args.dataset, args.overrides, Path(tmp))
-        specs = [(m, args.dataset, s, list(args.overrides), str(root / f"{m}-{args.dataset}-seed{s}"), threads)
-                 for m in methods for s in seeds]
+        for dataset in datasets:
+            prepare_dataset(methods[0], dataset, args.overrides, Path(tmp))
+        specs = [(m, d, s, list(args.overrides), str(root / f"{m}-{d}-seed{s}"), threads)
+                 for m in methods for d in datasets for s in seeds]
         if jobs == 1:
             rows = [train_one(*spec) for spec in specs]
         else:  # spawn: no forked torch/loader state; each process imports the library afresh
@@ -201,7 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "learning", "env": env_info("cpu"), "seconds": time.perf_counter() - started,
         "command": "python3 benchmarks/bench_learning.py " + shlex.join(args.argv),
-        "config": {"methods": methods, "seeds": seeds, "dataset": args.dataset, "jobs": jobs,
+        "config": {"methods": methods, "seeds": seeds, "datasets": datasets, "jobs": jobs,
                    "overrides": list(args.overrides), "recipes": {m: recipe_of(m) for m in methods}},
         "results": rows, "summary": summarise(rows),
     }
@@ -211,7 +225,7 @@ def headline(result: dict[str, Any]) -> str:
     cfg = result["config"]
     extra = f", overrides {' '.join(cfg['overrides'])}" if cfg["overrides"] else ""
     return (f"learning across seeds: kNN top-1 of the quick recipes' trunks, trained vs random init "
-            f"(gain in points), dataset {cfg['dataset']}, seeds {','.join(map(str, cfg['seeds']))}{extra}; "
+            f"(gain in points), datasets {','.join(cfg['datasets'])}, seeds {','.join(map(str, cfg['seeds']))}{extra}; "
             f"{result['seconds']:.0f} s")
 
 

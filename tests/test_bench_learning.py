@@ -1,5 +1,5 @@
-"""``benchmarks/bench_learning.py`` (``swav-fast bench learning``) on a tiny budget: two steps per run on a
-40-image built-in set, so the table and JSON shapes and the arithmetic are checked, not the learning
+"""``benchmarks/bench_learning.py`` (``swav-fast bench learning``) on a tiny budget: two steps per run on
+40-image built-in sets (kinds photo and shapes), so the table and JSON shapes and the arithmetic are checked, not the learning
 (that is the benchmark's own job, at the recipes' budget)."""
 from __future__ import annotations
 
@@ -19,29 +19,33 @@ TINY = ["data.synthetic.train_images=40", "data.synthetic.val_images=20", "data.
 
 def test_bench_learning_table_and_json(tmp_path, capsys):
     out = tmp_path / "learning.json"
-    argv = ["learning", "--seeds", "0,1", "--methods", "swav,simclr", "--json", str(out),
+    argv = ["learning", "--seeds", "0,1", "--methods", "swav,simclr", "--dataset", "builtin,shapes", "--json", str(out),
             "--output", str(tmp_path / "runs"), f"data.synthetic.cache_dir={tmp_path / 'cache'}", *TINY]
     assert cli_main(["bench", *argv]) == 0
     text = capsys.readouterr().out
     assert "trained %" in text and "random init %" in text and "per method, over the seeds:" in text
     result = json.loads(out.read_text())
     assert result["benchmark"] == "learning" and result["config"]["seeds"] == [0, 1]
+    assert result["config"]["datasets"] == ["builtin", "shapes"]
     assert result["config"]["recipes"] == {"swav": "quick", "simclr": "quick_simclr"}
     rows = result["results"]
     assert [(r["method"], r["dataset"], r["seed"]) for r in rows] == \
-        [(m, "builtin", s) for m in ("swav", "simclr") for s in (0, 1)]
+        [(m, d, s) for m in ("swav", "simclr") for d in ("builtin", "shapes") for s in (0, 1)]
     for r in rows:
         assert r["gain"] == pytest.approx(r["trained"] - r["random_init"])
         assert 0.0 <= r["trained"] <= 100.0 and 0.0 <= r["random_init"] <= 100.0
         assert r["steps"] == 2 and r["num_train"] == 40 and r["num_val"] == 20
-        assert (tmp_path / "runs" / f"{r['method']}-builtin-seed{r['seed']}" / "metrics.jsonl").is_file()
+        assert (tmp_path / "runs" / f"{r['method']}-{r['dataset']}-seed{r['seed']}" / "metrics.jsonl").is_file()
     # the seed reaches the run: each run folder's config has its own train.seed
     cfg = (tmp_path / "runs" / "swav-builtin-seed1" / "config.yaml").read_text()
-    assert "seed: 1" in cfg
-    summary = {s["method"]: s for s in result["summary"]}
-    assert set(summary) == {"swav", "simclr"}
-    for method, s in summary.items():
-        gains = [r["gain"] for r in rows if r["method"] == method]
+    assert "seed: 1" in cfg and "kind: photo" in cfg
+    assert "kind: shapes" in (tmp_path / "runs" / "simclr-shapes-seed0" / "config.yaml").read_text()
+    assert {p.name for p in (tmp_path / "cache").iterdir()} == \
+        {"synthetic-c10-n40-v20-64x48-s0", "synthetic-shapes-c10-n40-v20-64x48-s0"}
+    summary = {(s["method"], s["dataset"]): s for s in result["summary"]}
+    assert list(summary) == [(m, d) for m in ("swav", "simclr") for d in ("builtin", "shapes")]
+    for (method, dataset), s in summary.items():
+        gains = [r["gain"] for r in rows if (r["method"], r["dataset"]) == (method, dataset)]
         assert s["runs"] == 2 and s["failed"] == 0
         assert s["mean_gain"] == pytest.approx(sum(gains) / 2)
         assert s["min_gain"] == pytest.approx(min(gains)) and s["max_gain"] == pytest.approx(max(gains))
@@ -52,7 +56,7 @@ def test_bench_learning_table_and_json(tmp_path, capsys):
                                 f"data.synthetic.cache_dir={tmp_path / 'cache'}", *TINY]) == 0
     key = ("method", "seed", "trained", "random_init", "gain", "steps")
     assert [{k: r[k] for k in key} for r in json.loads(par.read_text())["results"]] == \
-        [{k: r[k] for k in key} for r in rows if r["method"] == "swav"]
+        [{k: r[k] for k in key} for r in rows if (r["method"], r["dataset"]) == ("swav", "builtin")]
 
 
 def test_summary_of_failed_and_finished_runs():
@@ -82,3 +86,11 @@ def test_methods_all_is_every_quick_recipe():
 def test_bench_learning_rejects_bad_arguments(argv, needle, capsys):
     assert cli_main(["bench", "learning", *argv]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_unknown_synthetic_kind_is_a_config_error():
+    from swav_fast.config import load_config
+    from swav_fast.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.synthetic.kind"):
+        load_config("quick", ["data.synthetic.kind=noise"]).validate()
