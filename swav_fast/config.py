@@ -18,7 +18,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from pipelines.options import BUILTIN_OPTIONS, BackendOptions, DaliOptions, FfcvOptions, PilOptions, TorchOptions
+from pipelines.options import (BUILTIN_OPTIONS, BackendOptions, DaliOptions, FfcvOptions, PilOptions,
+                               TorchOptions)
 from pipelines.spec import MultiCropSpec
 from swav_fast.errors import ConfigError
 from swav_fast.methods.configs import MethodsConfig, SwAVConfig  # noqa: F401 (SwAVConfig: old import path)
