@@ -18,7 +18,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from pipelines.options import BUILTIN_OPTIONS, BackendOptions, DaliOptions, FfcvOptions, PilOptions, TorchOptions
+from pipelines.options import (BUILTIN_OPTIONS, BackendOptions, DaliOptions, FfcvOptions, PilOptions,
+                               TorchOptions)
 from pipelines.spec import MultiCropSpec
 from swav_fast.errors import ConfigError
 from swav_fast.methods.configs import MethodsConfig, SwAVConfig  # noqa: F401 (SwAVConfig: old import path)
@@ -98,6 +99,7 @@ class SyntheticConfig:
     size: list[int] = field(default_factory=lambda: [500, 375])
     seed: int = 0
     cache_dir: str = "~/.cache/swav-fast"
+    kind: str = "photo"  # photo | shapes (swav_fast.data.synthetic.KINDS)
 
 
 @dataclass
@@ -239,6 +241,7 @@ class Config:
             "train.on_divergence": (self.train.on_divergence, list(DIVERGENCE_POLICIES)),
             "optim.lr_scaling": (self.optim.lr_scaling, list(LR_SCALING_RULES)),
             "dist.backend": (self.dist.backend, ["auto", "nccl", "gloo"]),
+            "data.synthetic.kind": (self.data.synthetic.kind, ["photo", "shapes"]),
         }
         for key, (value, valid) in choices.items():
             check_choice(key, value, valid)
@@ -611,6 +614,8 @@ KEY_HELP: dict[str, str] = {
     "data.synthetic.size": "built-in dataset: image [width, height] in pixels",
     "data.synthetic.seed": "built-in dataset: random seed",
     "data.synthetic.cache_dir": "built-in dataset: folder it is generated into (once)",
+    "data.synthetic.kind": "built-in dataset: photo (shape + texture families, colour random) or shapes "
+                           "(one object whose shape is the class, all colours random; at most 14 classes)",
     "eval.knn_k": "kNN: neighbours k",
     "eval.knn_temperature": "kNN: temperature of the similarity-weighted vote",
     "eval.image_size": "kNN: centre-crop size of the evaluation images",

@@ -59,12 +59,13 @@ def synthetic_root(cfg: Config) -> Path:
 
     s = cfg.data.synthetic
     w, h = s.size
+    kind = "" if s.kind == "photo" else f"{s.kind}-"  # the photo kind keeps its older folder name
     root = Path(os.path.expanduser(s.cache_dir)) / (
-        f"synthetic-c{s.classes}-n{s.train_images}-v{s.val_images}-{w}x{h}-s{s.seed}")
+        f"synthetic-{kind}c{s.classes}-n{s.train_images}-v{s.val_images}-{w}x{h}-s{s.seed}")
     generate_synthetic(root / "train", s.train_images, s.classes, (w, h), seed=s.seed,
-                       progress=cfg.train.progress)
+                       progress=cfg.train.progress, kind=s.kind)
     generate_synthetic(root / "val", s.val_images, s.classes, (w, h), seed=s.seed + 7919,
-                       progress=cfg.train.progress)
+                       progress=cfg.train.progress, kind=s.kind)
     return root
 
 

@@ -374,8 +374,9 @@ def test_readme_backend_table_is_true() -> None:
         m = re.match(r"\s*\| `(\w+)` \|((?: (?:yes|no) \|)+)\s*$", line)
         if m:
             rows[m.group(1)] = tuple(c for c, v in zip(cols, m.group(2).split("|")) if v.strip() == "yes")
-    assert set(rows) == set(available_backends())
-    for name in available_backends():
+    builtin = {"pil", "torch", "dali", "ffcv"}  # tests may register plug-in backends of their own
+    assert set(rows) == builtin and builtin <= set(available_backends())
+    for name in builtin:
         assert rows[name] == backend_formats(name), name
 
 
