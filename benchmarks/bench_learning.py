@@ -51,7 +51,8 @@ DATASETS = {"builtin": "the built-in synthetic set of the main job (data.synthet
 COLUMNS = [("method", "method"), ("dataset", "dataset"), ("seed", "seed"), ("trained", "trained %"),
            ("random_init", "random init %"), ("gain", "gain"), ("steps", "steps"), ("seconds", "s"),
            ("note", "note")]
-SUMMARY_COLUMNS = [("method", "method"), ("dataset", "dataset"), ("runs", "seeds"), ("mean_gain", "mean gain"),
+SUMMARY_COLUMNS = [("method", "method"), ("dataset", "dataset"), ("runs", "seeds"),
+                   ("mean_gain", "mean gain"),
                    ("min_gain", "min gain"), ("max_gain", "max gain"), ("worst_seed", "worst seed"),
                    ("below_random_init", "seeds below random init")]
 
@@ -166,9 +167,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides for every run, after the recipe (e.g. optim.epochs=8)")
     p.add_argument("--methods", default="swav",
-                   help=f"comma-separated methods, or 'all' (every quick recipe: {', '.join(quick_methods())}); "
-                        "default swav")
-    p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated train.seed values (default 0,1,2,3,4)")
+                   help="comma-separated methods, or 'all' (every quick recipe: "
+                        f"{', '.join(quick_methods())}); default swav")
+    p.add_argument("--seeds", default="0,1,2,3,4",
+                   help="comma-separated train.seed values (default 0,1,2,3,4)")
     p.add_argument("--dataset", default="builtin",
                    help="comma-separated datasets (default builtin): "
                         + "; ".join(f"{k}: {v}" for k, v in DATASETS.items()))
@@ -225,7 +227,8 @@ def headline(result: dict[str, Any]) -> str:
     cfg = result["config"]
     extra = f", overrides {' '.join(cfg['overrides'])}" if cfg["overrides"] else ""
     return (f"learning across seeds: kNN top-1 of the quick recipes' trunks, trained vs random init "
-            f"(gain in points), datasets {','.join(cfg['datasets'])}, seeds {','.join(map(str, cfg['seeds']))}{extra}; "
+            f"(gain in points), datasets {','.join(cfg['datasets'])}, "
+            f"seeds {','.join(map(str, cfg['seeds']))}{extra}; "
             f"{result['seconds']:.0f} s")
 
 

@@ -1,6 +1,6 @@
 """``benchmarks/bench_learning.py`` (``swav-fast bench learning``) on a tiny budget: two steps per run on
-40-image built-in sets (kinds photo and shapes), so the table and JSON shapes and the arithmetic are checked, not the learning
-(that is the benchmark's own job, at the recipes' budget)."""
+40-image built-in sets (kinds photo and shapes), so the table and JSON shapes and the arithmetic are
+checked, not the learning (that is the benchmark's own job, at the recipes' budget)."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,8 @@ TINY = ["data.synthetic.train_images=40", "data.synthetic.val_images=20", "data.
 
 def test_bench_learning_table_and_json(tmp_path, capsys):
     out = tmp_path / "learning.json"
-    argv = ["learning", "--seeds", "0,1", "--methods", "swav,simclr", "--dataset", "builtin,shapes", "--json", str(out),
+    argv = ["learning", "--seeds", "0,1", "--methods", "swav,simclr", "--dataset", "builtin,shapes",
+            "--json", str(out),
             "--output", str(tmp_path / "runs"), f"data.synthetic.cache_dir={tmp_path / 'cache'}", *TINY]
     assert cli_main(["bench", *argv]) == 0
     text = capsys.readouterr().out
@@ -35,7 +36,8 @@ def test_bench_learning_table_and_json(tmp_path, capsys):
         assert r["gain"] == pytest.approx(r["trained"] - r["random_init"])
         assert 0.0 <= r["trained"] <= 100.0 and 0.0 <= r["random_init"] <= 100.0
         assert r["steps"] == 2 and r["num_train"] == 40 and r["num_val"] == 20
-        assert (tmp_path / "runs" / f"{r['method']}-{r['dataset']}-seed{r['seed']}" / "metrics.jsonl").is_file()
+        run_dir = tmp_path / "runs" / f"{r['method']}-{r['dataset']}-seed{r['seed']}"
+        assert (run_dir / "metrics.jsonl").is_file()
     # the seed reaches the run: each run folder's config has its own train.seed
     cfg = (tmp_path / "runs" / "swav-builtin-seed1" / "config.yaml").read_text()
     assert "seed: 1" in cfg and "kind: photo" in cfg
