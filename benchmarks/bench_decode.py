@@ -46,11 +46,13 @@ COLUMNS = [("decoder", "decoder"), ("device", "device"), ("images", "images"), (
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="swav-fast bench decode", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=None, help="an ImageFolder (its first --images JPEGs); default synthetic")
+    p.add_argument("--data", default=None,
+                   help="an ImageFolder (its first --images JPEGs); default synthetic")
     p.add_argument("--size", default="500x375", help="synthetic images' WxH (default 500x375, ImageNet-like)")
     p.add_argument("--images", type=int, default=64, help="JPEGs decoded per pass")
     p.add_argument("--batch", type=int, default=32, help="images per batched decode call")
-    p.add_argument("--decoders", default=",".join(DECODERS), help=f"comma-separated, of {', '.join(DECODERS)}")
+    p.add_argument("--decoders", default=",".join(DECODERS),
+                   help=f"comma-separated, of {', '.join(DECODERS)}")
     p.add_argument("--repeats", type=int, default=5, help="timed passes (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes first")
     p.add_argument("--seed", type=int, default=0)
@@ -61,7 +63,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.decoder_list = [d.strip() for d in args.decoders.split(",") if d.strip()]
     unknown = [d for d in args.decoder_list if d not in DECODERS]
     if unknown or not args.decoder_list:
-        raise ConfigError(f"--decoders: unknown {', '.join(unknown) or '(none)'}; valid: {', '.join(DECODERS)}")
+        raise ConfigError(f"--decoders: unknown {', '.join(unknown) or '(none)'}; "
+                          f"valid: {', '.join(DECODERS)}")
     return args
 
 
@@ -156,7 +159,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             fn = decode_pass(decoder, datas, args.batch, device)
             images = fn()
-            row["max_diff"] = max(int((a.cpu().int() - b.int()).abs().max()) for a, b in zip(images, reference))
+            row["max_diff"] = max(int((a.cpu().int() - b.int()).abs().max())
+                                  for a, b in zip(images, reference))
             fns[decoder] = fn
         except Exception as exc:  # noqa: BLE001 - one failing decoder is a row, not a crash
             row["note"] = short_error(exc)

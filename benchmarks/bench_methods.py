@@ -38,18 +38,15 @@ from benchmarks.bench_step import (input_dtype, parse_crops, parse_variants, pea
 from benchmarks.common import benchmark_main, env_info, parse_with_common
 from swav_fast.config import Config, load_config
 from swav_fast.errors import ConfigError, SwavFastError
-from swav_fast.methods import available_methods, build_method
+from swav_fast.methods import available_methods, build_method, method_info
 from swav_fast.step import TrainStep
 from swav_fast.run import build_optimizer
 
 log = logging.getLogger("benchmarks")
 
-#: (projector hidden width, output size) of each paper's ResNet-50 recipe
-PAPER_HEADS = {
-    "swav": (2048, 128), "instdisc": (2048, 128), "moco_v2": (2048, 128), "moco_v3": (4096, 256),
-    "simclr": (2048, 128), "byol": (4096, 256), "simsiam": (2048, 2048), "barlow_twins": (8192, 8192),
-    "dino": (2048, 256),
-}
+#: (projector hidden width, output size) of each paper's ResNet-50 recipe, as each method declares it
+#: (``register_method(..., heads=...)``; the default of ``model.hidden_dim`` / ``model.feat_dim``)
+PAPER_HEADS = {name: method_info(name).heads for name in available_methods()}
 COLUMNS = [("method", "method"), ("variant", "variant"), ("hidden_dim", "hidden"), ("feat_dim", "out"),
            ("images_per_s", "images/s"), ("ratio", "x first"), ("step_ms", "ms/step"),
            ("peak_mem_gib", "peak GiB"), ("compile_s", "compile s"), ("mode", "ran as"), ("note", "note")]

@@ -13,7 +13,9 @@ from .spec import MultiCropSpec
 _LAZY = {"MultiCropBatch": "loader", "MultiCropLoader": "loader", "available_backends": "loader",
          "build_loader": "loader", "register_backend": "loader", "ViewParams": "params",
          "sample_params": "params", "sample_params_for_indices": "params", "sample_uniforms": "params",
-         "view_uniforms": "params"}
+         "view_uniforms": "params", "BACKENDS": "loader", "decode_jpegs": "decode",
+         "BackendOptions": "options", "PilOptions": "options", "TorchOptions": "options",
+         "DaliOptions": "options", "FfcvOptions": "options"}
 
 
 def __getattr__(name: str):
@@ -26,14 +28,21 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "BACKENDS",
+    "BackendOptions",
+    "DaliOptions",
+    "FfcvOptions",
     "IMAGE_EXTENSIONS",
     "ImageFolderIndex",
     "MultiCropBatch",
     "MultiCropLoader",
     "MultiCropSpec",
+    "PilOptions",
+    "TorchOptions",
     "ViewParams",
     "available_backends",
     "build_loader",
+    "decode_jpegs",
     "register_backend",
     "sample_params",
     "sample_params_for_indices",

@@ -213,8 +213,8 @@ class DALILoader(MultiCropLoader):
 
     ``source``: an ImageFolder (path or :class:`ImageFolderIndex`) or a prepared split folder
     (``manifest.json`` with ``format`` ``tfrecord`` or ``wds``).  ``threads`` is DALI's CPU thread
-    count (0: ``num_workers``, at least 1); ``prefetch`` its queue depth; ``hw_decoder_load`` the share of JPEGs sent to the hardware
-    JPEG decoder (GPU mode only).  Outputs stay on ``device``.
+    count (0: ``num_workers``, at least 1); ``prefetch`` its queue depth; ``hw_decoder_load`` the share
+    of JPEGs sent to the hardware JPEG decoder (GPU mode only).  Outputs stay on ``device``.
     """
 
     #: ``build_loader`` may hand over the source path unscanned (prepared folders are not ImageFolders).

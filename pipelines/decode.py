@@ -79,8 +79,8 @@ def _torchvision(buffers: list[torch.Tensor], datas: list[bytes | bytearray], de
     from torchvision.io import ImageReadMode, decode_jpeg
 
     with warnings.catch_warnings():  # the deprecation notice of torchvision.io: this is the fallback
-        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                                category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning,
+                                message="The image decoding and encoding capabilities of TorchVision")
         images = decode_jpeg(buffers, mode=ImageReadMode.RGB, device=device)
     return [orient_chw(img, jpeg_orientation(d)) for img, d in zip(images, datas)]
 
@@ -93,7 +93,8 @@ def _nvimgcodec(buffers: list[torch.Tensor], datas: list[bytes | bytearray], dev
                 ) -> list[torch.Tensor]:
     nv, why = _import_nvimgcodec()
     if nv is None:
-        raise ConfigError(f"the nvimgcodec JPEG decoder is not usable ({why}); pip install nvidia-nvimgcodec-cu13")
+        raise ConfigError(f"the nvimgcodec JPEG decoder is not usable ({why}); "
+                          "pip install nvidia-nvimgcodec-cu13")
     dev_id = (device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else nv.NVIMGCODEC_DEVICE_CPU_ONLY
     with _NVIMG_LOCK:

@@ -343,7 +343,8 @@ def resolve_options(backend: str, options: BackendOptions | None = None, **overr
     cls = backend_options_class(backend)
     if cls is None:
         if options is not None:
-            raise ConfigError(f"loader backend {backend!r} takes no options object, got {type(options).__name__}")
+            raise ConfigError(f"loader backend {backend!r} takes no options object, "
+                              f"got {type(options).__name__}")
         return None
     if options is None:
         options = cls()

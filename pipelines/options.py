@@ -58,7 +58,8 @@ class TorchOptions(BackendOptions):
     """``torch``: batched decode (nvJPEG on CUDA) and augmentation in torch."""
 
     prefetch: int = 2  # batches produced ahead of the training step by the loader's thread
-    decoder: str = "auto"  # JPEG decoder: auto (torchcodec if installed, else torchvision) | torchcodec | torchvision | nvimgcodec
+    #: JPEG decoder: auto (torchcodec if installed, else torchvision) | torchcodec | torchvision | nvimgcodec
+    decoder: str = "auto"
     bad_samples: str = "replace"  # an unreadable sample: replace (by the next readable one) | skip
 
     def __post_init__(self) -> None:

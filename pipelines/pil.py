@@ -46,8 +46,8 @@ class Sample:
 
 
 def decode_rgb(path: str | IO[bytes]) -> Image.Image:
-    """Open ``path`` (a file name or a binary file object) as an RGB PIL image, turned per its EXIF orientation; raise on corrupt, truncated
-    or oversized files."""
+    """Open ``path`` (a file name or a binary file object) as an RGB PIL image, turned per its EXIF
+    orientation; raise on corrupt, truncated or oversized files."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         log.warning("PIL ImageFile.LOAD_TRUNCATED_IMAGES was True; resetting it to False so truncated "
                     "files count as bad instead of decoding as gray")

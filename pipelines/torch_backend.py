@@ -22,7 +22,8 @@ Per batch:
 5. **augment**: :func:`pipelines.gpu_aug.augment_views` (colour matrix, grayscale, blur, solarize,
    normalise; compiled on CUDA).
 
-Batches are produced by a :class:`pipelines.prefetch.Prefetcher` thread, on a side CUDA stream on GPU, ``prefetch`` batches ahead
+Batches are produced by a :class:`pipelines.prefetch.Prefetcher` thread, on a side CUDA stream on GPU,
+``prefetch`` batches ahead
 of the training step; the consumer's stream waits on an event (no host sync).
 """
 
@@ -42,7 +43,6 @@ from pipelines.errors import ConfigError, DataError
 
 from .badsamples import BadSamples
 from .decode import decode_jpegs_each, resolve_decoder
-from .folder import ImageFolderIndex
 from .formats.probe import BadImage, is_jpeg, jpeg_size
 from .formats.sources import open_source
 from .gpu_aug import augment_views, colour_params_from_batch
@@ -343,8 +343,8 @@ class TorchLoader(MultiCropLoader):
                 raise DataError(f"every sample of a batch of {len(keep)} is unreadable; is the dataset corrupt?")
             images = [im for im, kp in zip(images, keep) if kp]
         requested = np.array([int(i) for i in indices], dtype=np.int64)[keep]
-        return DecodedBatch(images, sources[keep], ok[keep], bad_paths, labels[keep], requested,  # type: ignore[arg-type]
-                            int((~ok).sum()))
+        return DecodedBatch(images, sources[keep], ok[keep], bad_paths,  # type: ignore[arg-type]
+                            labels[keep], requested, int((~ok).sum()))
 
     def params(self, epoch: int, batch_no: int, decoded: DecodedBatch) -> list[BatchViewParams]:
         """Stage 3: per crop group, the parameters of its views in (view, sample) order.

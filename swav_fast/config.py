@@ -18,7 +18,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from pipelines.options import BUILTIN_OPTIONS, BackendOptions, DaliOptions, FfcvOptions, PilOptions, TorchOptions
+from pipelines.options import (BUILTIN_OPTIONS, BackendOptions, DaliOptions, FfcvOptions, PilOptions,
+                               TorchOptions)
 from pipelines.spec import MultiCropSpec
 from swav_fast.errors import ConfigError
 from swav_fast.methods.configs import MethodsConfig, SwAVConfig  # noqa: F401 (SwAVConfig: old import path)
@@ -45,8 +46,10 @@ LR_SCALING_RULES = ("none", "linear", "sqrt")
 @dataclass
 class ModelConfig:
     arch: str = "resnet50"
-    hidden_dim: int = 2048
-    feat_dim: int = 128
+    # the projector's sizes; null = the method's own (the paper's ResNet-50 head, declared by the method:
+    # SwAV 2048-128, BYOL 4096-256, Barlow Twins 8192-8192, ...; swav_fast.methods.head_sizes)
+    hidden_dim: Optional[int] = None
+    feat_dim: Optional[int] = None
     num_prototypes: int = 3000
     sync_bn: bool = False
 
@@ -63,11 +66,18 @@ class OptimConfig:
     weight_decay: float = 1e-6
     lars: bool = True
     trust_coefficient: float = 0.001
-    exclude_bias_and_norm: bool = True
+    # biases and norm weights skip LARS adaptation and weight decay: true, false, or auto = the convention
+    # of the method's official code (SwAV, InstDisc, MoCo v2, SimSiam: false; the others: true)
+    exclude_bias_and_norm: Union[bool, str] = "auto"
     # -- global batch and learning-rate scaling (multi-process) -------------------------------------
     global_batch_size: int = 0  # > 0: batch_size = global_batch_size / world size (must divide); 0 = unused
     lr_scaling: str = "none"  # none | linear | sqrt: base_lr, final_lr, start_warmup x f(global / reference)
     reference_batch: int = 0  # the global batch the learning rates are given for (0 = not stated)
+
+    def __post_init__(self) -> None:
+        if self.exclude_bias_and_norm not in (True, False, "auto"):
+            raise ConfigError(f"optim.exclude_bias_and_norm={self.exclude_bias_and_norm!r} must be true, "
+                              "false or auto (the method's own convention)")
 
     def lr_factor(self, world_size: int = 1) -> float:
         r"""Multiplier of ``base_lr``, ``final_lr`` and ``start_warmup`` at global batch
@@ -89,6 +99,7 @@ class SyntheticConfig:
     size: list[int] = field(default_factory=lambda: [500, 375])
     seed: int = 0
     cache_dir: str = "~/.cache/swav-fast"
+    kind: str = "photo"  # photo | shapes (swav_fast.data.synthetic.KINDS)
 
 
 @dataclass
@@ -230,6 +241,7 @@ class Config:
             "train.on_divergence": (self.train.on_divergence, list(DIVERGENCE_POLICIES)),
             "optim.lr_scaling": (self.optim.lr_scaling, list(LR_SCALING_RULES)),
             "dist.backend": (self.dist.backend, ["auto", "nccl", "gloo"]),
+            "data.synthetic.kind": (self.data.synthetic.kind, ["photo", "shapes"]),
         }
         for key, (value, valid) in choices.items():
             check_choice(key, value, valid)
@@ -239,7 +251,13 @@ class Config:
 
     def _validate_ranges(self) -> None:
         """Counts that must be positive (>= 1) or non-negative (>= 0)."""
-        positive = {"model.num_prototypes": self.model.num_prototypes, "model.feat_dim": self.model.feat_dim,
+        if self.model.feat_dim is not None and self.model.feat_dim < 1:
+            raise ConfigError(f"model.feat_dim={self.model.feat_dim} must be >= 1 (or null: the method's "
+                              "own)")
+        if self.model.hidden_dim is not None and self.model.hidden_dim < 0:
+            raise ConfigError(f"model.hidden_dim={self.model.hidden_dim} must be >= 0 (or null: the "
+                              "method's own)")
+        positive = {"model.num_prototypes": self.model.num_prototypes,
                     "train.log_every": self.train.log_every}
         non_negative = {"data.workers": self.data.workers, "train.max_steps": self.train.max_steps,
                         "train.checkpoint_every_steps": self.train.checkpoint_every_steps,
@@ -324,7 +342,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        errors = []
+        for option in inner:  # the first type that takes the value (bool | str: true, false, "auto")
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -544,8 +568,9 @@ def is_override(text: str) -> bool:
 #: one-line descriptions of the keys whose field has no ``metadata["help"]`` and no inline comment
 KEY_HELP: dict[str, str] = {
     "model.arch": "trunk: resnet18/34/50/101/152, resnet50w2/w4/w5, wide_resnet50_2, resnet10_half, ...",
-    "model.hidden_dim": "width of the projection head's hidden layer",
-    "model.feat_dim": "output size of the projection head (the embedding compared by the loss)",
+    "model.hidden_dim": "width of the projection head's hidden layer (null = the method's own)",
+    "model.feat_dim": "output size of the projection head, the embedding compared by the loss (null = the "
+                      "method's own)",
     "model.num_prototypes": "SwAV: number of prototypes K",
     "model.sync_bn": "batch norm over the global batch under several processes (SyncBatchNorm)",
     "methods.swav.temperature": "SwAV: softmax temperature of the swapped prediction",
@@ -563,7 +588,8 @@ KEY_HELP: dict[str, str] = {
     "optim.weight_decay": "L2 weight decay",
     "optim.lars": "LARS (layer-wise trust ratio) around SGD; false = plain SGD",
     "optim.trust_coefficient": "LARS trust coefficient eta",
-    "optim.exclude_bias_and_norm": "no weight decay and no LARS adaptation for biases and norm weights",
+    "optim.exclude_bias_and_norm": "no weight decay and no LARS adaptation for biases and norm weights "
+                                   "(auto = the method's official convention)",
     "data.loader": "loader backend: pil | torch | dali | ffcv (swav-fast train --help lists installed ones)",
     "data.workers": "loader worker processes (pil, torch) or threads (dali)",
     "data.crops.num_crops": "views per crop group, global crops first (SwAV: [2, 6])",
@@ -588,6 +614,8 @@ KEY_HELP: dict[str, str] = {
     "data.synthetic.size": "built-in dataset: image [width, height] in pixels",
     "data.synthetic.seed": "built-in dataset: random seed",
     "data.synthetic.cache_dir": "built-in dataset: folder it is generated into (once)",
+    "data.synthetic.kind": "built-in dataset: photo (shape + texture families, colour random) or shapes "
+                           "(one object whose shape is the class, all colours random; at most 14 classes)",
     "eval.knn_k": "kNN: neighbours k",
     "eval.knn_temperature": "kNN: temperature of the similarity-weighted vote",
     "eval.image_size": "kNN: centre-crop size of the evaluation images",
@@ -678,8 +706,9 @@ def _show(value: Any) -> str:
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return f"{_type_name(inner[0])}|null"
+        args = typing.get_args(tp)
+        inner = "|".join(_type_name(a) for a in args if a is not type(None))
+        return f"{inner}|null" if type(None) in args else inner
     if origin is list:
         (elem,) = typing.get_args(tp) or (Any,)
         return f"list[{_type_name(elem)}]"

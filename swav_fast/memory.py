@@ -1,9 +1,11 @@
 """Stored embeddings outside the batch: InstDisc's memory bank and MoCo's FIFO key queue.
 
 Both are ``nn.Module`` buffers (so checkpoints carry them) and update with tensor ops only: no host
-synchronisation, replayable in a CUDA graph. Rows are kept unit-norm.
+synchronisation, replayable in a CUDA graph. Updated rows are unit-norm.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -16,13 +18,22 @@ def _random_unit(rows: int, dim: int) -> torch.Tensor:
     return F.normalize(torch.randn(rows, dim), dim=1)
 
 
+def lemniscate_init(rows: int, dim: int) -> torch.Tensor:
+    r"""InstDisc's memory-bank start as the official lemniscate code makes it: entries uniform in
+    :math:`[-s, s]`, :math:`s = 1/\sqrt{\text{dim}/3}`, not normalised (each row's squared norm is
+    :math:`\text{dim}\cdot s^2/3 = 1` in expectation)."""
+    stdv = 1.0 / math.sqrt(dim / 3)
+    return torch.rand(rows, dim).mul_(2 * stdv).add_(-stdv)
+
+
 class MemoryBank(nn.Module):
     r"""One unit vector :math:`v_i` per training sample (InstDisc).
 
     :meth:`update_` mixes in new features by index,
     :math:`v_i \leftarrow \operatorname{normalize}(m\,v_i + (1 - m) f_i)` (the paper uses m = 0.5);
     :meth:`sample` draws noise indices uniformly (with replacement), :meth:`sample_excluding` the same
-    but never a sample's own row. Starts as random unit vectors.
+    but never a sample's own row. Starts as lemniscate's does (:func:`lemniscate_init`: uniform entries,
+    rows of unit norm in expectation); updated rows are unit vectors.
     """
 
     def __init__(self, size: int, dim: int, momentum: float = 0.5):
@@ -32,7 +43,7 @@ class MemoryBank(nn.Module):
         if not 0.0 <= momentum < 1.0:
             raise ConfigError(f"memory bank momentum must be in [0, 1), got {momentum}")
         self.momentum = momentum
-        self.register_buffer("bank", _random_unit(size, dim))
+        self.register_buffer("bank", lemniscate_init(size, dim))
 
     @property
     def size(self) -> int:
@@ -43,7 +54,7 @@ class MemoryBank(nn.Module):
         if size < 1:
             raise ConfigError(f"memory bank size must be >= 1, got {size}")
         if size != self.size:
-            self.bank = _random_unit(size, self.bank.shape[1]).to(self.bank.device, self.bank.dtype)
+            self.bank = lemniscate_init(size, self.bank.shape[1]).to(self.bank.device, self.bank.dtype)
 
     def get(self, indices: torch.Tensor) -> torch.Tensor:
         """Rows ``indices`` (any shape ``S``), ``[*S, dim]``."""

@@ -59,12 +59,13 @@ def synthetic_root(cfg: Config) -> Path:
 
     s = cfg.data.synthetic
     w, h = s.size
+    kind = "" if s.kind == "photo" else f"{s.kind}-"  # the photo kind keeps its older folder name
     root = Path(os.path.expanduser(s.cache_dir)) / (
-        f"synthetic-c{s.classes}-n{s.train_images}-v{s.val_images}-{w}x{h}-s{s.seed}")
+        f"synthetic-{kind}c{s.classes}-n{s.train_images}-v{s.val_images}-{w}x{h}-s{s.seed}")
     generate_synthetic(root / "train", s.train_images, s.classes, (w, h), seed=s.seed,
-                       progress=cfg.train.progress)
+                       progress=cfg.train.progress, kind=s.kind)
     generate_synthetic(root / "val", s.val_images, s.classes, (w, h), seed=s.seed + 7919,
-                       progress=cfg.train.progress)
+                       progress=cfg.train.progress, kind=s.kind)
     return root
 
 
@@ -82,10 +83,11 @@ def build_model(cfg: Config) -> torch.nn.Module:
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     """LARS (``optim.lars``) or SGD over ``model``'s parameters, with ``optim.*``'s settings."""
+    from swav_fast.methods import exclude_bias_and_norm
     from swav_fast.optim import LARS, lars_param_groups
 
     o = cfg.optim
-    groups = lars_param_groups(model, o.exclude_bias_and_norm)
+    groups = lars_param_groups(model, exclude_bias_and_norm(cfg))  # auto: the method's own convention
     if o.lars:
         return LARS(groups, lr=o.base_lr, momentum=o.momentum, weight_decay=o.weight_decay,
                     trust_coefficient=o.trust_coefficient)

@@ -110,7 +110,8 @@ def test_torch_backend_falls_back(no_torchcodec: None, tmp_path: Path) -> None:
         (tmp_path / f"c{c}").mkdir()
         for k in range(2):
             (tmp_path / f"c{c}" / f"{k}.jpg").write_bytes(jpeg(photo(40, 30, 10 * c + k)))
-    ld = build_loader(tmp_path, MultiCropSpec(num_crops=[1], size_crops=[16], min_scale_crops=[0.3], max_scale_crops=[1.0]), 4, backend="torch")
+    spec = MultiCropSpec(num_crops=[1], size_crops=[16], min_scale_crops=[0.3], max_scale_crops=[1.0])
+    ld = build_loader(tmp_path, spec, 4, backend="torch")
     assert ld.decoder == "torchvision"
     assert next(iter(ld)).views[0].shape == (4, 3, 16, 16)
     ld.close()

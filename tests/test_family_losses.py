@@ -80,13 +80,14 @@ def ref_multiview_nt_xent(z, tau, anchor_samples=None):
     return total / terms
 
 
-def ref_nce(scores, tau, z_const, n):
+def ref_nce(scores, tau, z_const, n, eps=0.0):
     """InstDisc Eq. (5)-(7): P(i|v) = exp(v_i.f/t)/Z, h = P/(P + m/n),
-    J = -E[log h(pos)] - sum_noise log(1 - h)."""
+    J = -E[log h(pos)] - sum_noise log(1 - h). With ``eps`` as lemniscate's NCECriterion
+    (``lnPmt = log(P / (P + m Pn + eps))``, ``lnPon = log(m Pn / (P + m Pn + eps))``)."""
     m = scores.shape[1] - 1
     p = np.exp(scores / tau) / z_const
-    h = p / (p + m / n)
-    return -np.mean(np.log(h[:, 0]) + np.sum(np.log(1.0 - h[:, 1:]), axis=1))
+    den = p + m / n + eps
+    return -np.mean(np.log(p[:, 0] / den[:, 0]) + np.sum(np.log((m / n) / den[:, 1:]), axis=1))
 
 
 def ref_barlow(za, zb, lambd, eps=1e-5):
@@ -182,15 +183,18 @@ def test_nce_matches_formula_and_z_estimate():
     z_const = n * np.mean(np.exp(scores / tau))  # the paper's Monte-Carlo estimate of Z
     log_z = estimate_log_z(_t(scores), tau, n)
     assert math.isclose(log_z.item(), math.log(z_const), rel_tol=RTOL)
-    got = nce_loss(_t(scores), tau, log_z, n)
-    assert math.isclose(got.item(), ref_nce(scores, tau, z_const, n), rel_tol=1e-9)
+    got = nce_loss(_t(scores), tau, log_z, n)  # lemniscate's epsilon 1e-7 by default
+    assert math.isclose(got.item(), ref_nce(scores, tau, z_const, n, eps=1e-7), rel_tol=1e-9)
+    exact = nce_loss(_t(scores), tau, log_z, n, eps=0.0)  # the paper's formula
+    assert math.isclose(exact.item(), ref_nce(scores, tau, z_const, n), rel_tol=1e-9)
+    assert not math.isclose(got.item(), exact.item(), rel_tol=1e-9)  # the epsilon is really there
 
 
 def test_nce_is_stable_where_the_direct_formula_overflows_float32():
     scores = torch.tensor([[1.0, 0.0, -1.0]])  # exp(1/0.01) overflows float32, not float64
     loss = nce_loss(scores, 0.01, torch.tensor(5.0), 1000)
     assert torch.isfinite(loss)
-    ref = ref_nce(scores.double().numpy(), 0.01, math.exp(5.0), 1000)
+    ref = ref_nce(scores.double().numpy(), 0.01, math.exp(5.0), 1000, eps=1e-7)
     assert math.isclose(loss.item(), ref, rel_tol=1e-5)
 
 

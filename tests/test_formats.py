@@ -23,7 +23,7 @@ from pipelines.badsamples import BadSamples
 from pipelines.errors import ConfigError, DataError
 from pipelines.formats import probe
 from pipelines.formats.beton import BetonSource, BetonWriter, read_beton_tables
-from pipelines.formats.folder import ImageFolderSource, ImageFolderWriter, scan_image_folder
+from pipelines.formats.folder import ImageFolderSource, ImageFolderWriter
 from pipelines.formats.manifest import FORMATS, read_manifest, write_json_atomic
 from pipelines.formats.sources import detect_format, open_source
 from pipelines.formats.tfrecord import (
@@ -163,7 +163,8 @@ def test_folder_round_trip(tmp_path: Path) -> None:
     for i, d in enumerate(data):
         w.add(i, i % 2, d)
     src = open_source(tmp_path / "f")
-    assert isinstance(src, ImageFolderSource) and src.classes == ["cat", "dog"] and detect_format(tmp_path / "f") == "folder"
+    assert isinstance(src, ImageFolderSource) and src.classes == ["cat", "dog"]
+    assert detect_format(tmp_path / "f") == "folder"
     # scan order: class, then file name
     assert [(bytes(b), lab) for b, lab in (src.read(i) for i in range(4))] == [
         (data[0], 0), (data[2], 0), (data[1], 1), (data[3], 1)]
@@ -373,8 +374,9 @@ def test_readme_backend_table_is_true() -> None:
         m = re.match(r"\s*\| `(\w+)` \|((?: (?:yes|no) \|)+)\s*$", line)
         if m:
             rows[m.group(1)] = tuple(c for c, v in zip(cols, m.group(2).split("|")) if v.strip() == "yes")
-    assert set(rows) == set(available_backends())
-    for name in available_backends():
+    builtin = {"pil", "torch", "dali", "ffcv"}  # tests may register plug-in backends of their own
+    assert set(rows) == builtin and builtin <= set(available_backends())
+    for name in builtin:
         assert rows[name] == backend_formats(name), name
 
 

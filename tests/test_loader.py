@@ -192,7 +192,12 @@ def test_unknown_backend_and_bad_args(folder: Path) -> None:
         build_loader(folder, SPEC, 13)
 
 
-def test_register_backend(folder: Path) -> None:
+def test_register_backend(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines.loader import BACKENDS
+
+    BACKENDS.names()  # the built-in ones registered; "test-pil" is removed afterwards (other tests list
+    monkeypatch.setattr(BACKENDS, "_entries", dict(BACKENDS._entries))  # the backends reading a format)
+    monkeypatch.setattr(BACKENDS, "_meta", dict(BACKENDS._meta))
     made = []
 
     def factory(index, spec, batch_size, **kw):

@@ -1,4 +1,4 @@
-"""Backends own their options: ``data.<backend>.*`` sections, typed, checked per key, one place for defaults."""
+"""Backends own their options: `data.<backend>.*` sections, typed, checked per key, defaults in one place."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pipelines.loader import BACKENDS, PILLoader, backend_options_class
 from pipelines.options import BUILTIN_OPTIONS, DaliOptions, FfcvOptions, PilOptions, TorchOptions
 from swav_fast.config import Config, describe_keys, from_dict, load_config, save_config
 from swav_fast.errors import ConfigError
-from swav_fast.train import loader_options
+from swav_fast.run import loader_options
 from tests.test_dali_copy import needs_dali
 
 SPEC = MultiCropSpec(num_crops=[1], size_crops=[16], min_scale_crops=[0.3], max_scale_crops=[1.0])
@@ -168,20 +168,23 @@ def test_plugin_backend_options(folder: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_build_loader_takes_the_backends_options(folder: Path) -> None:
-    ld = build_loader(folder, SPEC, 4, backend="torch", options=TorchOptions(prefetch=1, decoder="torchvision"))
+    ld = build_loader(folder, SPEC, 4, backend="torch",
+                      options=TorchOptions(prefetch=1, decoder="torchvision"))
     assert ld.prefetch == 1 and ld.decoder == "torchvision"
     ld.close()
     ld = build_loader(folder, SPEC, 4, backend="torch")  # defaults
     assert ld.prefetch == TorchOptions.prefetch and ld.decoder == "torchcodec"
     ld.close()
-    ld = build_loader(folder, SPEC, 4, backend="torch", options=TorchOptions(prefetch=3), decoder="torchvision")
+    ld = build_loader(folder, SPEC, 4, backend="torch", options=TorchOptions(prefetch=3),
+                      decoder="torchvision")
     assert ld.prefetch == 3 and ld.decoder == "torchvision"  # a keyword overrides one field
     ld.close()
     pil = build_loader(folder, SPEC, 4, backend="pil", num_workers=1, options=PilOptions(prefetch_factor=2))
     assert pil._loader.prefetch_factor == 2
     with pytest.raises(ConfigError, match="loader backend 'torch' takes TorchOptions, got DaliOptions"):
         build_loader(folder, SPEC, 4, backend="torch", options=DaliOptions())
-    with pytest.raises(ConfigError, match="unknown option.*hw_decoder_load.*valid: prefetch, decoder, bad_samples"):
+    with pytest.raises(ConfigError, match="unknown option.*hw_decoder_load.*valid: prefetch, decoder, "
+                                          "bad_samples"):
         build_loader(folder, SPEC, 4, backend="torch", hw_decoder_load=0.5)
 
 
@@ -198,11 +201,13 @@ def test_dali_gets_its_options(folder: Path) -> None:
 
 def test_list_keys_describes_the_sections() -> None:
     keys = {k.key: k for k in describe_keys()}
-    assert keys["data.dali.hw_decoder_load"].default == 0.9 and "hardware" in keys["data.dali.hw_decoder_load"].help
+    hw = keys["data.dali.hw_decoder_load"]
+    assert hw.default == 0.9 and "hardware" in hw.help
     assert keys["data.torch.decoder"].type == "str" and "torchcodec" in keys["data.torch.decoder"].help
     assert "data.prefetch" not in keys and "data.hw_decoder_load" not in keys
 
 
 def test_options_import_light() -> None:
-    code = "import sys, pipelines.options; assert 'torch' not in sys.modules and 'swav_fast' not in sys.modules"
+    code = ("import sys, pipelines.options; "
+            "assert 'torch' not in sys.modules and 'swav_fast' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)

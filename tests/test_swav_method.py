@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,3 +123,73 @@ def test_health_reports_collapsed_and_healthy_codes():
     method.last_scores = 1e-4 * healthy  # uniform predictions: hedging at ln K
     report = method.health(1, math.log(16))
     assert not report.ok and any("uniform" in s for s in report.signals["signs"])
+
+
+# -- float32 scores and loss under bf16 autocast ------------------------------------------------------------
+def _log_softmax64(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def ref_swapped_loss(scores, codes, assign, tau):
+    """Float64 reference from the formula: mean over assigned views i and the other views v of
+    -mean_b sum_k q_i[b, k] log softmax(s_v[b] / tau)[k] (main_swav.py's subloss)."""
+    num_views = scores.shape[0]
+    total = 0.0
+    for j, i in enumerate(assign):
+        for v in range(num_views):
+            if v != i:
+                total += -np.mean(np.sum(codes[j] * _log_softmax64(scores[v] / tau), axis=-1))
+    return total / (num_views - 1) / len(assign)
+
+
+def test_prototype_scores_are_float32_under_bf16_autocast():
+    from swav_fast.models.heads import Prototypes
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(64, 128, generator=g), dim=1)
+    protos = Prototypes(128, 3000)
+    ref = z.double() @ protos.weight.detach().double().t()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = protos(z)
+        bf16 = torch.nn.functional.linear(z, protos.weight.detach())  # what an autocast linear gives
+    assert scores.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    err = float((scores.detach().double() - ref).abs().max() / ref.abs().max())
+    assert err < 1e-6, err
+    assert float((bf16.double() - ref).abs().max() / ref.abs().max()) > 1e-3  # the error fixed here
+    scores.sum().backward()  # gradients reach the prototypes through the float32 product
+    assert protos.weight.grad is not None and protos.weight.grad.dtype == torch.float32
+
+
+def test_swav_forward_under_bf16_autocast_has_float32_scores_codes_and_loss():
+    method = _method(freeze=0)
+    views = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(v)) for v in range(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = method(views)
+        z = method.model(views)[0]
+    assert loss.dtype == torch.float32 and method.last_scores.dtype == torch.float32
+    assert z.dtype == torch.float32  # the embeddings are normalised in float32 too
+    scores = method.last_scores
+    codes = method.objective.codes(z.float(), scores.view(2, 8, -1), method.model.prototypes.weight)
+    assert codes.dtype == torch.float32
+    ref = ref_swapped_loss(scores.view(2, 8, -1).double().numpy(), codes.double().numpy(), [0, 1], 0.1)
+    assert math.isclose(loss.item(), ref, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_swapped_loss_keeps_float32_accuracy_over_many_terms(fused):
+    """2 + 6 views, batch 64, K = 3000 (768k terms per pair of views): the float32 loss equals the float64
+    formula to float32 rounding, under bf16 autocast, in the eager and the fused (compile/graph) paths."""
+    from swav_fast.losses import sinkhorn_knopp, swapped_prediction_loss
+    from swav_fast.losses.fused import swapped_loss_from_codes
+
+    g = torch.Generator().manual_seed(1)
+    scores = torch.nn.functional.normalize(torch.randn(8, 64, 3000, generator=g), dim=-1) * 3
+    codes = torch.stack([sinkhorn_knopp(scores[i], 0.05, 3) for i in (0, 1)])
+    loss_fn = swapped_loss_from_codes if fused else swapped_prediction_loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(scores, codes, [0, 1], 0.1)
+    assert loss.dtype == torch.float32
+    ref = ref_swapped_loss(scores.double().numpy(), codes.double().numpy(), [0, 1], 0.1)
+    # 1e-7: one float32 rounding of the result (a float32 sum of the terms is off by 2e-7 here, bf16 4e-4)
+    assert abs(loss.item() - ref) / abs(ref) < 1e-7, (loss.item(), ref)

@@ -271,6 +271,47 @@ def test_learnability_probe_is_chance_without_class_families(tmp_path, monkeypat
     assert spec_acc < 2 / _C, spec_acc
 
 
+# ----------------------------------------------------------------------------- the shapes kind
+def test_shapes_kind_classes_are_shapes_and_colour_is_no_shortcut(tmp_path):
+    assert [synthetic.shape_class(k) for k in (0, 6, 7, 13)] == \
+        [("disc", False), ("hexagon", False), ("disc", True), ("hexagon", True)]
+    m = generate_synthetic(tmp_path / "a", num_images=_C * _PER_CLASS, num_classes=_C, size=_LEARN_SIZE,
+                           seed=11, workers=1, progress=False, kind="shapes")
+    assert m["kind"] == "shapes" and m["families"]["class_007"] == {"shape": "disc", "outlined": True}
+    imgs, labels = _load(tmp_path / "a", m)
+    # colour is random per image: the mean-colour probe is near chance
+    assert _accuracies(imgs, labels, _C * _TRAIN_PER_CLASS)[1] < 2 / _C
+    # deterministic, and another kind is another dataset (same folder: regenerated, not reused)
+    again = generate_synthetic(tmp_path / "b", num_images=_C, num_classes=_C, size=_LEARN_SIZE, seed=11,
+                               workers=1, progress=False, kind="shapes")
+    for i in range(_C):
+        name = f"class_{i:03d}/img_{i:08d}.jpg"
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    photo = generate_synthetic(tmp_path / "b", num_images=_C, num_classes=_C, size=_LEARN_SIZE, seed=11,
+                               workers=1, progress=False)
+    assert photo["kind"] == "photo" and "texture" in photo["families"]["class_000"]
+    assert (tmp_path / "a" / name).read_bytes() != (tmp_path / "b" / name).read_bytes()
+
+
+def test_manifest_without_kind_is_a_photo_cache(tmp_path):
+    generate_synthetic(tmp_path, num_images=4, num_classes=2, size=SMALL, workers=1, progress=False)
+    path = tmp_path / "manifest.json"
+    old = json.loads(path.read_text())
+    del old["kind"]  # as written before kinds existed
+    path.write_text(json.dumps(old))
+    before = (tmp_path / "class_000" / "img_00000000.jpg").stat().st_mtime_ns
+    assert generate_synthetic(tmp_path, num_images=4, num_classes=2, size=SMALL, workers=1,
+                              progress=False)["kind"] == "photo"
+    assert (tmp_path / "class_000" / "img_00000000.jpg").stat().st_mtime_ns == before  # not redone
+
+
+def test_shapes_kind_bad_parameters(tmp_path):
+    with pytest.raises(DataError, match="14 classes at most"):
+        generate_synthetic(tmp_path, num_images=15, num_classes=15, size=SMALL, progress=False, kind="shapes")
+    with pytest.raises(DataError, match="kinds: photo, shapes"):
+        generate_synthetic(tmp_path, num_images=4, num_classes=2, size=SMALL, progress=False, kind="noise")
+
+
 # ----------------------------------------------------------------------------- CLI
 def test_cli_synth(tmp_path, capsys):
     out = tmp_path / "cli"
@@ -284,6 +325,9 @@ def test_cli_synth(tmp_path, capsys):
     line = capsys.readouterr().out.strip()
     assert "20 images" in line and "4 classes" in line and "KB" in line
     assert json.loads((out / "manifest.json").read_text())["size"] == [64, 48]
+    assert cli.main(["synth", "--out", str(tmp_path / "shapes"), "--images", "4", "--classes", "2",
+                     "--size", "64x48", "--no-progress", "--workers", "1", "--kind", "shapes"]) == 0
+    assert json.loads((tmp_path / "shapes" / "manifest.json").read_text())["kind"] == "shapes"
 
 
 @pytest.mark.parametrize("size", ["64", "64x", "axb", "0x10", "64x48x3"])

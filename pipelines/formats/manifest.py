@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipelines.atomic import atomic_write_json, fsync_dir
+from pipelines.atomic import atomic_write_json
 from pipelines.errors import DataError
 
 MANIFEST_NAME = "manifest.json"

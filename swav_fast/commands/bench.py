@@ -18,6 +18,7 @@ BENCHMARKS = {
     "decode": "JPEG decode images/s of torchcodec, torchvision.io, nvimgcodec and PIL on the same JPEGs",
     "prepare": "dataset preparation (shard writing) throughput",
     "threads": "CPU training-step images/s of the main job's model at 1, 2 and the auto-chosen threads",
+    "learning": "kNN top-1 of each quick recipe's trunk vs its random init per train.seed, and the spread",
     "all": "every GPU test and benchmark in priority order inside a time budget (--dry-run: tiny, CPU)",
     "record": "turn a 'bench all' output folder into a benchmarks/RESULTS.md entry",
 }

@@ -64,6 +64,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help="JPEG quality 1..100 (default: %(default)s)")
     parser.add_argument("--workers", type=_int_at_least(0), default=0, metavar="W",
                         help="worker processes; 0 = all cores, 1 = in-process (default: %(default)s)")
+    parser.add_argument("--kind", choices=["photo", "shapes"], default="photo",
+                        help="photo: shape + texture families, colours random; shapes: one object whose "
+                             "shape is the class, all colours random, at most 14 classes (default: photo)")
     parser.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     parser.set_defaults(func=run)
     return parser
@@ -82,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         quality=args.quality,
         workers=args.workers,
         progress=not args.no_progress,
+        kind=args.kind,
     )
     seconds = time.perf_counter() - start
     mean_kb = manifest["total_bytes"] / max(1, manifest["num_images"]) / 1024.0

@@ -12,6 +12,11 @@ frame (background and objects) and objects are repeated all over the image, so e
 rotations, lighting and noise level are random per image, so colour is *not* a shortcut: a
 model has to become invariant to colour (jitter, grayscale) and crop to separate the classes.
 
+A second kind, ``kind="shapes"`` (:func:`render_shapes_image`), has nothing but shape: one large
+object of the class's shape (filled, or outlined for classes 7-13) on a smooth two-colour background,
+both colours, the pose and the scale random per image. Colour and texture, which a random-init trunk
+already separates well, carry no class evidence there, so such a trunk is much closer to chance.
+
 Output is deterministic: image ``i`` is rendered from ``np.random.default_rng([seed, i])``, so
 the bytes do not depend on the number of worker processes.
 """
@@ -41,6 +46,9 @@ __all__ = [
     "class_name",
     "image_name",
     "render_image",
+    "render_shapes_image",
+    "shape_class",
+    "KINDS",
     "encode_jpeg",
     "generate_synthetic",
 ]
@@ -50,6 +58,8 @@ GENERATOR_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 _FORMAT = "swav-fast-synthetic"
 
+#: dataset kinds: ``photo`` (:func:`render_image`, the default) and ``shapes`` (:func:`render_shapes_image`)
+KINDS = ("photo", "shapes")
 SHAPES = ("disc", "square", "triangle", "star", "ring", "cross", "hexagon")
 TEXTURES = ("stripes", "checker", "dots", "waves", "crosshatch", "zigzag")
 #: Texture frequencies, in cycles per short side of the image (period 31-94 px at 500x375). Coarse
@@ -360,6 +370,62 @@ def render_image(class_index: int, num_classes: int, rng: np.random.Generator,
     return out
 
 
+def shape_class(class_index: int) -> tuple[str, bool]:
+    """``(shape, outlined)`` of class ``class_index`` in the ``shapes`` kind: ``SHAPES[k % 7]``, filled for
+    k < 7 and outlined for 7 <= k < 14 (14 classes at most)."""
+    k = int(class_index)
+    if not 0 <= k < 2 * len(SHAPES):
+        raise ValueError(f"the shapes kind has {2 * len(SHAPES)} classes at most, got class {k}")
+    return SHAPES[k % len(SHAPES)], k >= len(SHAPES)
+
+
+def render_shapes_image(class_index: int, num_classes: int, rng: np.random.Generator,
+                        size: tuple[int, int] = (500, 375)) -> np.ndarray:
+    """One image of the ``shapes`` kind: an (H, W, 3) uint8 array, ``size`` = (width, height).
+
+    One object of the class's shape (:func:`shape_class`) of radius 0.22-0.38 short sides, at a random
+    rotation and position (centre within the middle half), in a random colour, on a background that
+    blends linearly between two other random colours; an outline is the band ``0.72 < d < 1`` of the
+    shape's normalised distance ``d``. The object's value (HSV V) differs from the background's by at
+    least 0.3, so the shape always shows; sensor noise (std 4) on top.
+    """
+    width, height = int(size[0]), int(size[1])
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {size!r}")
+    if num_classes < 1 or not 0 <= class_index < num_classes:
+        raise ValueError(f"class_index {class_index} out of range for {num_classes} classes")
+    shape, outlined = shape_class(class_index)
+    scale = float(min(width, height))
+    xs = ((np.arange(width, dtype=_F32) + _F32(0.5) - _F32(width / 2)) / _F32(scale))[None, :]
+    ys = ((np.arange(height, dtype=_F32) + _F32(0.5) - _F32(height / 2)) / _F32(scale))[:, None]
+    # background: two colours of one value band, blended along a random direction
+    v_bg = rng.uniform(0.25, 0.95)
+    v_obj = (v_bg - rng.uniform(0.3, 0.6)) if v_bg > 0.6 else (v_bg + rng.uniform(0.3, 0.6))
+    v_obj = float(np.clip(v_obj, 0.05, 1.0))
+    hues, sats = rng.random(3), rng.uniform(0.15, 0.95, 3)
+    colours = _hsv_to_rgb(hues, sats, np.array([v_bg, v_bg, v_obj])) * _F32(255.0)
+    ang = rng.uniform(0, 2 * math.pi)
+    t = xs * _F32(math.cos(ang)) + ys * _F32(math.sin(ang))
+    t = np.clip(t / _F32(max(width, height) / scale) + _F32(0.5), _F32(0.0), _F32(1.0))[..., None]
+    img = colours[0] * (_F32(1.0) - t) + colours[1] * t  # (H, W, 3)
+    # the object
+    radius = rng.uniform(0.22, 0.38)
+    cx = rng.uniform(-0.25, 0.25) * width / scale
+    cy = rng.uniform(-0.25, 0.25) * height / scale
+    rot = rng.uniform(0, 2 * math.pi)
+    c, s_ = _F32(math.cos(rot)), _F32(math.sin(rot))
+    p = ((xs - _F32(cx)) * c + (ys - _F32(cy)) * s_) / _F32(radius)
+    q = ((ys - _F32(cy)) * c - (xs - _F32(cx)) * s_) / _F32(radius)
+    d = _shape_distance(shape, p, q)
+    radius_px = radius * scale
+    cover = _coverage(d, radius_px)
+    if outlined:
+        cover = np.clip(cover - _coverage(d / _F32(0.72), radius_px * 0.72), _F32(0.0), _F32(1.0))
+    img += (colours[2] - img) * cover[..., None]
+    img += rng.normal(0.0, 4.0, size=img.shape).astype(_F32)
+    return np.clip(img + _F32(0.5), 0.0, 255.0).astype(np.uint8)
+
+
 def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
     """JPEG bytes of an (H, W, 3) uint8 array (baseline, 4:2:0, like most photos)."""
     import io
@@ -377,11 +443,12 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _render_to_file(task: tuple) -> tuple[int, int]:
-    index, num_classes, size, seed, quality, out_dir = task
+    index, num_classes, size, seed, quality, out_dir, kind = task
     cls = index % num_classes
     path = Path(out_dir) / class_name(cls) / image_name(index)
     rng = np.random.default_rng([seed, index])
-    data = encode_jpeg(render_image(cls, num_classes, rng, size), quality)
+    render = render_shapes_image if kind == "shapes" else render_image
+    data = encode_jpeg(render(cls, num_classes, rng, size), quality)
     _write_atomic(path, data)
     return index, len(data)
 
@@ -392,9 +459,10 @@ def _render_chunk(tasks: list[tuple]) -> list[tuple[int, int]]:
 
 
 def _params(num_images: int, num_classes: int, size: tuple[int, int], seed: int,
-            quality: int) -> dict[str, Any]:
+            quality: int, kind: str = "photo") -> dict[str, Any]:
     return {
         "format": _FORMAT,
+        "kind": kind,
         "generator_version": GENERATOR_VERSION,
         "num_images": num_images,
         "num_classes": num_classes,
@@ -413,6 +481,7 @@ def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
         return None
     if not isinstance(data, dict) or data.get("format") != _FORMAT:
         return None
+    data.setdefault("kind", "photo")  # manifests written before kinds existed
     return data
 
 
@@ -510,7 +579,7 @@ def _resolve_workers(workers: int, num_tasks: int) -> int:
 
 def generate_synthetic(out_dir: str | Path, num_images: int, num_classes: int = 10,
                        size: tuple[int, int] = (500, 375), seed: int = 0, quality: int = 90,
-                       workers: int = 0, progress: bool = True) -> dict:
+                       workers: int = 0, progress: bool = True, kind: str = "photo") -> dict:
     """Write an ImageFolder (``out_dir/<class_name>/<file>.jpg``) and return its manifest.
 
     Image ``i`` belongs to class ``i % num_classes`` (balanced counts) and is written to
@@ -520,7 +589,8 @@ def generate_synthetic(out_dir: str | Path, num_images: int, num_classes: int = 
     parameters, its manifest is returned without rendering anything (a cache); an interrupted
     run with the same parameters is resumed.
 
-    ``workers``: 0 = ``os.cpu_count()``, 1 = in-process, N > 1 = a process pool of N.
+    ``kind``: ``photo`` (:func:`render_image`) or ``shapes`` (:func:`render_shapes_image`, at most 14
+    classes). ``workers``: 0 = ``os.cpu_count()``, 1 = in-process, N > 1 = a process pool of N.
     Raises :class:`~swav_fast.errors.DataError` if ``out_dir`` is a file or not writable.
     """
     out_dir = Path(out_dir)
@@ -539,9 +609,13 @@ def generate_synthetic(out_dir: str | Path, num_images: int, num_classes: int = 
         raise DataError(f"JPEG quality must be in 1..100, got {quality}")
     if seed < 0:
         raise DataError(f"seed must be >= 0, got {seed}")
+    if kind not in KINDS:
+        raise DataError(f"unknown synthetic dataset kind {kind!r}; kinds: {', '.join(KINDS)}")
+    if kind == "shapes" and num_classes > 2 * len(SHAPES):
+        raise DataError(f"the shapes kind has {2 * len(SHAPES)} classes at most, got {num_classes}")
 
     _check_out_dir(out_dir)
-    params = _params(num_images, num_classes, size, seed, quality)
+    params = _params(num_images, num_classes, size, seed, quality, kind)
     old = _read_manifest(out_dir)
     if old is not None and _same_params(old, params) and _cache_valid(out_dir, old):
         return old
@@ -567,7 +641,7 @@ def generate_synthetic(out_dir: str | Path, num_images: int, num_classes: int = 
         raise DataError(f"cannot write to synthetic dataset directory {str(out_dir)!r}: "
                         f"{exc.strerror or exc}") from None
 
-    tasks = [(i, num_classes, size, seed, quality, str(out_dir)) for i in todo]
+    tasks = [(i, num_classes, size, seed, quality, str(out_dir), kind) for i in todo]
     n_workers = _resolve_workers(workers, len(tasks)) if tasks else 1
     from tqdm import tqdm
 
@@ -609,7 +683,9 @@ def generate_synthetic(out_dir: str | Path, num_images: int, num_classes: int = 
         "height": size[1],
         "total_bytes": total_bytes,
         "mean_bytes": total_bytes / num_images,
-        "families": {names[k]: class_family(k, num_classes) for k in range(num_classes)},
+        "families": {names[k]: (class_family(k, num_classes) if kind == "photo" else
+                                dict(zip(("shape", "outlined"), shape_class(k))))
+                     for k in range(num_classes)},
         "layout": "out_dir/<class>/img_<global index:08d>.jpg; image i has class i % num_classes; "
                   "rng = numpy.random.default_rng([seed, i])",
     }

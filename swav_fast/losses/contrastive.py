@@ -135,32 +135,43 @@ def estimate_log_z(scores: torch.Tensor, temperature: float, num_data: int) -> t
     return math.log(num_data) + torch.logsumexp(s, dim=0) - math.log(s.numel())
 
 
+#: lemniscate's ``NCECriterion`` epsilon (added to the denominators :math:`P + m P_n`)
+NCE_EPS = 1e-7
+
+
 @full_precision
 def nce_loss(scores: torch.Tensor, temperature: float, log_z: torch.Tensor | float,
-             num_data: int) -> torch.Tensor:
+             num_data: int, eps: float = NCE_EPS) -> torch.Tensor:
     r"""Noise-contrastive estimation of InstDisc's non-parametric softmax (Wu et al., 2018).
 
     ``scores`` is ``[B, 1 + m]``: column 0 the cosine of each feature :math:`f_b` to its own memory
     entry :math:`v_{i_b}`, the other m columns to uniformly sampled entries (noise,
     :math:`P_n = 1/n`). With :math:`P(i\mid f) = \exp(v_i\cdot f/\tau)/Z` and
-    :math:`h(i, f) = P(i\mid f) / (P(i\mid f) + m P_n)`:
+    :math:`h(i, f) = P(i\mid f) / (P(i\mid f) + m P_n + \epsilon)` and
+    :math:`1 - h \to m P_n / (P + m P_n + \epsilon)` (the official lemniscate ``NCECriterion``,
+    :math:`\epsilon = 10^{-7}`):
 
     .. math:: \mathcal{L} = -\frac{1}{B}\sum_b \Big[\log h(i_b, f_b)
               + \sum_{j=1}^{m} \log\big(1 - h(j_b, f_b)\big)\Big]
 
-    Evaluated stably in log space: :math:`\log h = -\operatorname{softplus}(\log(m/n) - \log P)`,
-    :math:`\log(1 - h) = -\operatorname{softplus}(\log P - \log(m/n))`.
+    Evaluated stably in log space with :math:`c = \log(m P_n + \epsilon)`:
+    :math:`\log h = \log P - c - \operatorname{softplus}(\log P - c)`,
+    :math:`\log(1 - h) = \log(m P_n) - c - \operatorname{softplus}(\log P - c)`
+    (with :math:`\epsilon = 0`, the exact :math:`-\operatorname{softplus}(\pm(\log P - \log m P_n))`).
 
     Args:
         scores: ``[B, 1 + m]`` cosines, positive first.
         temperature: :math:`\tau`. log_z: :math:`\log Z` (see :func:`estimate_log_z`).
         num_data: the number of rows the noise is drawn from (:math:`P_n = 1/\text{num\_data}`).
+        eps: :math:`\epsilon` (lemniscate's 1e-7; 0 = the paper's formula exactly).
     Returns:
         float32 scalar.
     """
     num_noise = scores.shape[1] - 1
     log_p = scores / temperature - log_z
     log_noise = math.log(num_noise / num_data)
-    log_h_pos = -F.softplus(log_noise - log_p[:, 0])
-    log_not_h_neg = -F.softplus(log_p[:, 1:] - log_noise)
+    c = math.log(num_noise / num_data + eps)
+    log_den = c + F.softplus(log_p - c)  # log(P + m Pn + eps)
+    log_h_pos = log_p[:, 0] - log_den[:, 0]
+    log_not_h_neg = log_noise - log_den[:, 1:]
     return -(log_h_pos + log_not_h_neg.sum(dim=1)).mean()

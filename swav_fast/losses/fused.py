@@ -109,12 +109,13 @@ def swapped_loss_from_codes(scores: torch.Tensor, codes: torch.Tensor, crops_for
         x = scores.to(dtype) / temperature
         q = codes.detach().to(dtype)
         lse = torch.logsumexp(x, dim=-1)  # [V, B]
-        dots = torch.einsum("abk,vbk->av", q, x)  # [A, V]
-        lse_terms = torch.einsum("ab,vb->av", q.sum(dim=-1), lse)  # [A, V]
+        # the sums over b (and k) accumulated in float64: the loss keeps float32 accuracy
+        dots = torch.einsum("abk,vbk->av", q.double(), x.double())  # [A, V]
+        lse_terms = torch.einsum("ab,vb->av", q.sum(dim=-1).double(), lse.double())  # [A, V]
         cross = (lse_terms - dots) / batch
         # the pairs (j, a_j) are left out: subtract them (Python indices, nothing copied to the device)
         own = sum(cross[j, view] for j, view in enumerate(crops_for_assign))
-        return (cross.sum() - own) / (num_views - 1) / len(crops_for_assign)
+        return ((cross.sum() - own) / (num_views - 1) / len(crops_for_assign)).to(dtype)
 
 
 def fused_swav_loss(scores: torch.Tensor, crops_for_assign: Sequence[int], temperature: float = 0.1,

@@ -29,14 +29,20 @@ def swapped_prediction_loss(
         crops_for_assign: which views the codes come from (default the two global crops).
         temperature: softmax temperature :math:`\tau`.
     Returns:
-        Scalar loss (float32).
+        Scalar loss, float32 (float64 for float64 scores).
+
+    Computed outside autocast: the log-softmax in float32 (float64 stays float64) and the sums over
+    :math:`b, k` (``A x V x B x K`` terms, 768k for 2 + 6 views at batch 64 and K = 3000) accumulated in
+    float64, so the value keeps float32 accuracy.
     """
     num_views = scores.shape[0]
-    log_p = F.log_softmax(scores.float() / temperature, dim=-1)  # V x B x K
-    codes = codes.detach().float()
-    # cross[j, v] = -mean_b sum_k q_j log p_v
-    cross = -torch.einsum("abk,vbk->av", codes, log_p) / scores.shape[1]
-    keep = torch.ones_like(cross)
-    for j, view in enumerate(crops_for_assign):
-        keep[j, view] = 0.0
-    return (cross * keep).sum() / (num_views - 1) / len(crops_for_assign)
+    dtype = torch.promote_types(scores.dtype, torch.float32)
+    with torch.autocast(device_type=scores.device.type, enabled=False):
+        log_p = F.log_softmax(scores.to(dtype) / temperature, dim=-1)  # V x B x K
+        q = codes.detach().to(dtype)
+        # cross[j, v] = -mean_b sum_k q_j log p_v, accumulated in float64
+        cross = -torch.einsum("abk,vbk->av", q.double(), log_p.double()) / scores.shape[1]
+        keep = torch.ones_like(cross)
+        for j, view in enumerate(crops_for_assign):
+            keep[j, view] = 0.0
+        return ((cross * keep).sum() / (num_views - 1) / len(crops_for_assign)).to(dtype)

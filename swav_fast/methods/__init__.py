@@ -7,8 +7,10 @@ import importlib
 
 #: the modules that register a method (imported, with ``base``, on first access to a name below)
 _METHOD_MODULES = ("swav", "barlow", "byol", "dino", "instdisc", "moco", "simclr", "simsiam")
-_LAZY = {"Method": "base", "available_methods": "base", "build_method": "base", "register_method": "base",
-         "validate_method": "base", "SwAVMethod": "swav", "SwAVObjective": "swav"}
+_LAZY = {"Method": "base", "MethodInfo": "base", "METHODS": "base", "available_methods": "base",
+         "build_method": "base", "register_method": "base", "validate_method": "base", "method_info": "base",
+         "head_sizes": "base", "exclude_bias_and_norm": "base", "HealthReport": "base",
+         "SwAVMethod": "swav", "SwAVObjective": "swav"}
 
 
 def __getattr__(name: str):
@@ -22,5 +24,6 @@ def __getattr__(name: str):
     return value
 
 
-__all__ = ["Method", "SwAVMethod", "SwAVObjective", "available_methods", "build_method", "register_method",
+__all__ = ["HealthReport", "METHODS", "Method", "MethodInfo", "SwAVMethod", "SwAVObjective", "available_methods",
+           "build_method", "exclude_bias_and_norm", "head_sizes", "method_info", "register_method",
            "validate_method"]

@@ -7,8 +7,8 @@ import torch
 
 from swav_fast.distributed import sum_over_ranks
 from swav_fast.losses.barlow import barlow_twins_loss
-from swav_fast.methods.base import Method, per_view, register_method
-from swav_fast.methods.configs import method_config, num_global_views
+from swav_fast.methods.base import Method, head_sizes, per_view, register_method
+from swav_fast.methods.configs import BarlowTwinsConfig, method_config, num_global_views
 from swav_fast.models.predictor import EncoderNet, MLPHead
 
 
@@ -39,10 +39,14 @@ class BarlowTwins(Method):
                    for i, j in pairs) / len(pairs)
 
 
-@register_method("barlow_twins")
+@register_method("barlow_twins", optim="exclude_bias_and_norm", heads=(8192, 8192), config=BarlowTwinsConfig,
+                 paper="Zbontar et al. 2021, Barlow Twins: Self-Supervised Learning via Redundancy Reduction",
+                 state="nothing besides the online network",
+                 ddp="the cross-correlation and the batch statistics summed over ranks; nothing per rank")
 def build_barlow_twins(cfg: Any) -> BarlowTwins:
     mc = method_config(cfg, "barlow_twins")
     m = cfg.model
-    model = EncoderNet(m.arch, lambda d: MLPHead(d, m.hidden_dim, m.feat_dim, mc.projector_layers,
+    hidden, feat = head_sizes(cfg, "barlow_twins")
+    model = EncoderNet(m.arch, lambda d: MLPHead(d, hidden, feat, mc.projector_layers,
                                                  last_bias=False))
     return BarlowTwins(model, num_global_views(cfg), mc.lambd)

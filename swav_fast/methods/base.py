@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
+from pipelines.registry import Registry
 from swav_fast.errors import ConfigError
 
 
@@ -117,41 +118,80 @@ class Method(nn.Module):
 MethodFactory = Callable[..., Method]
 ConfigCheck = Callable[[Any], None]
 
+#: LARS conventions (:func:`swav_fast.optim.lars_param_groups`): ``all`` = LARC over every parameter,
+#: biases and norm weights included, weight decay on all (official SwAV, InstDisc's lemniscate, MoCo v2,
+#: SimSiam); ``exclude_bias_and_norm`` = biases and norm weights get neither adaptation nor weight decay
+#: (SimCLR, BYOL, Barlow Twins, MoCo v3, DINO).
+LARS_CONVENTIONS = ("all", "exclude_bias_and_norm")
+
 
 @dataclass(frozen=True)
-class _Entry:
+class MethodInfo:
+    """Everything a method declares about itself at registration (:func:`register_method`).
+
+    ``heads`` are the paper's ResNet-50 projector sizes ``(model.hidden_dim, model.feat_dim)`` used when
+    the config leaves them unset; ``optim`` is the official code's LARS convention (one of
+    :data:`LARS_CONVENTIONS`), used when ``optim.exclude_bias_and_norm=auto``; ``config`` is its
+    ``methods.<name>`` dataclass (torch-free, in :mod:`swav_fast.methods.configs`); ``state`` and
+    ``ddp`` say in a line what it checkpoints besides the online network and what is per rank or
+    gathered under several processes (docs/methods.md lists them)."""
     factory: MethodFactory
-    min_views: int
-    check: ConfigCheck | None
+    min_views: int = 2
+    check: ConfigCheck | None = None
+    optim: str = "exclude_bias_and_norm"
+    heads: tuple[int, int] = (2048, 128)
+    config: type | None = None
+    paper: str = ""
+    state: str = ""
+    ddp: str = ""
 
 
-_METHODS: dict[str, _Entry] = {}
+def _load_methods() -> None:
+    """Import the built-in method modules (each registers itself)."""
+    import importlib
+
+    from swav_fast import methods as package
+
+    for module in package._METHOD_MODULES:
+        importlib.import_module(f"{package.__name__}.{module}")
 
 
-def register_method(name: str, *, min_views: int = 2,
-                    check: ConfigCheck | None = None) -> Callable[[MethodFactory], MethodFactory]:
-    """Decorator: register ``factory(cfg) -> Method`` under ``name``.
+#: name -> :class:`MethodInfo`; filled by the method modules on first lookup
+METHODS: Registry[MethodInfo] = Registry("method", loader=_load_methods)
+
+
+def register_method(name: str, *, min_views: int = 2, check: ConfigCheck | None = None,
+                    optim: str = "exclude_bias_and_norm", heads: tuple[int, int] = (2048, 128),
+                    config: type | None = None, paper: str = "", state: str = "",
+                    ddp: str = "") -> Callable[[MethodFactory], MethodFactory]:
+    """Decorator: register ``factory(cfg) -> Method`` under ``name`` with its :class:`MethodInfo`.
 
     ``min_views`` is the fewest views per sample the method can learn from (2 for every method that
     compares views of one image); ``check(cfg)`` raises :class:`ConfigError` for settings of the
     method that the config alone shows to be impossible. Both run in :func:`validate_method`, from
     ``Config.validate`` (before any work) and from :func:`build_method`."""
+    if optim not in LARS_CONVENTIONS:
+        raise ValueError(f"register_method({name!r}): optim={optim!r} is not one of {LARS_CONVENTIONS}")
 
     def deco(factory: MethodFactory) -> MethodFactory:
-        _METHODS[name] = _Entry(factory, min_views, check)
+        METHODS.register(name, MethodInfo(factory, min_views, check, optim, tuple(heads), config, paper,
+                                          state, ddp))
         return factory
 
     return deco
 
 
 def available_methods() -> list[str]:
-    return sorted(_METHODS)
+    return METHODS.names()
 
 
-def _entry(name: str) -> _Entry:
-    if name not in _METHODS:
-        raise ConfigError(f"unknown method {name!r}; valid: {', '.join(available_methods())}")
-    return _METHODS[name]
+def method_info(name: str) -> MethodInfo:
+    """The declaration of method ``name`` (ConfigError naming the valid ones when unknown)."""
+    return METHODS.get(name)
+
+
+def _entry(name: str) -> MethodInfo:
+    return METHODS.get(name)
 
 
 def validate_method(name: str, cfg: Any) -> None:
@@ -164,6 +204,24 @@ def validate_method(name: str, cfg: Any) -> None:
                           f"{reason}, but data.crops.num_crops={crops} gives {sum(crops)}")
     if entry.check is not None:
         entry.check(cfg)
+
+
+def head_sizes(cfg: Any, name: str | None = None) -> tuple[int, int]:
+    """``(hidden_dim, feat_dim)`` of the projector: ``model.hidden_dim`` / ``model.feat_dim`` where set,
+    else the method's own (the paper's) sizes from its registration."""
+    hidden, feat = method_info(name or cfg.train.method).heads
+    m = cfg.model
+    return (hidden if m.hidden_dim is None else int(m.hidden_dim),
+            feat if m.feat_dim is None else int(m.feat_dim))
+
+
+def exclude_bias_and_norm(cfg: Any, name: str | None = None) -> bool:
+    """Whether LARS / weight decay skip biases and norm weights: ``optim.exclude_bias_and_norm`` when
+    true or false; ``auto`` = the convention of the method's official code (:attr:`MethodInfo.optim`)."""
+    value = cfg.optim.exclude_bias_and_norm
+    if value == "auto":
+        return method_info(name or cfg.train.method).optim == "exclude_bias_and_norm"
+    return bool(value)
 
 
 def build_method(name: str, cfg: Any) -> Method:

@@ -7,8 +7,8 @@ import torch
 
 from swav_fast.losses.contrastive import view_pairs
 from swav_fast.losses.regression import normalized_mse_loss
-from swav_fast.methods.base import Method, per_view, register_method
-from swav_fast.methods.configs import estimated_total_steps, method_config, num_global_views
+from swav_fast.methods.base import Method, head_sizes, per_view, register_method
+from swav_fast.methods.configs import BYOLConfig, estimated_total_steps, method_config, num_global_views
 from swav_fast.methods.momentum import EMATarget
 from swav_fast.models.predictor import EncoderNet, MLPHead
 
@@ -51,10 +51,14 @@ class BYOL(Method):
         self.target.schedule.set_total_steps(total_steps)
 
 
-@register_method("byol")
+@register_method("byol", optim="exclude_bias_and_norm", heads=(4096, 256), config=BYOLConfig,
+                 paper="Grill et al. 2020, Bootstrap Your Own Latent",
+                 state="the EMA target network (trunk + projector) and its momentum schedule",
+                 ddp="the loss is per sample (no gather); target updated identically on every rank")
 def build_byol(cfg: Any) -> BYOL:
     mc = method_config(cfg, "byol")
     m = cfg.model
-    model = EncoderNet(m.arch, lambda d: MLPHead(d, m.hidden_dim, m.feat_dim, mc.projector_layers),
-                       predictor=MLPHead(m.feat_dim, mc.predictor_hidden_dim, m.feat_dim, 2))
+    hidden, feat = head_sizes(cfg, "byol")
+    model = EncoderNet(m.arch, lambda d: MLPHead(d, hidden, feat, mc.projector_layers),
+                       predictor=MLPHead(feat, mc.predictor_hidden_dim, feat, 2))
     return BYOL(model, num_global_views(cfg), mc.base_momentum, mc.final_momentum, estimated_total_steps(cfg))

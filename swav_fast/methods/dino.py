@@ -7,8 +7,8 @@ import torch
 
 from swav_fast.distributed import all_reduce_, world_size
 from swav_fast.losses.dino import dino_loss, updated_center
-from swav_fast.methods.base import Method, per_view, register_method
-from swav_fast.methods.configs import estimated_total_steps, method_config, num_global_views
+from swav_fast.methods.base import Method, head_sizes, per_view, register_method
+from swav_fast.methods.configs import DINOConfig, estimated_total_steps, method_config, num_global_views
 from swav_fast.methods.momentum import EMATarget
 from swav_fast.models.predictor import DINOHead, EncoderNet
 
@@ -97,12 +97,16 @@ class DINO(Method):
         self.steps_per_epoch = total_steps // self.epochs
 
 
-@register_method("dino")
+@register_method("dino", optim="exclude_bias_and_norm", heads=(2048, 256), config=DINOConfig,
+                 paper="Caron et al. 2021, Emerging Properties in Self-Supervised Vision Transformers",
+                 state="the EMA teacher, the centre and the momentum schedule",
+                 ddp="the centre's batch mean all-reduced; teacher updated identically on every rank")
 def build_dino(cfg: Any) -> DINO:
     mc = method_config(cfg, "dino")
     m = cfg.model
+    hidden, feat = head_sizes(cfg, "dino")
     model = EncoderNet(m.arch, lambda d: DINOHead(
-        d, m.hidden_dim, m.feat_dim, mc.out_dim, mc.projector_layers, batch_norm=mc.batch_norm,
+        d, hidden, feat, mc.out_dim, mc.projector_layers, batch_norm=mc.batch_norm,
         norm_last_layer=mc.norm_last_layer))
     return DINO(model, mc.out_dim, num_global_views(cfg), mc.student_temp, mc.teacher_temp,
                 mc.warmup_teacher_temp, mc.warmup_teacher_temp_epochs, mc.center_momentum, mc.base_momentum,

@@ -11,8 +11,8 @@ from swav_fast.distributed import all_gather_cat, all_reduce_mean
 from swav_fast.errors import ConfigError, DataError
 from swav_fast.losses.contrastive import estimate_log_z, nce_loss
 from swav_fast.memory import MemoryBank
-from swav_fast.methods.base import Method, per_view, register_method
-from swav_fast.methods.configs import estimated_num_samples, method_config, num_global_views
+from swav_fast.methods.base import Method, head_sizes, per_view, register_method
+from swav_fast.methods.configs import InstDiscConfig, estimated_num_samples, method_config, num_global_views
 from swav_fast.models.predictor import EncoderNet, MLPHead
 
 
@@ -94,12 +94,18 @@ class InstDisc(Method):
                               f"set ({num_samples} images); set it to 0 (automatic) or >= {num_samples}")
 
 
-@register_method("instdisc", min_views=1)  # one view is compared with the memory bank
+@register_method("instdisc", min_views=1,  # one view is compared with the memory bank
+                 optim="all", heads=(2048, 128), config=InstDiscConfig,
+                 paper="Wu et al. 2018, Unsupervised Feature Learning via Non-Parametric Instance "
+                       "Discrimination",
+                 state="the memory bank (one unit vector per training sample) and the NCE normaliser Z",
+                 ddp="embeddings and indices all-gathered to update the bank, which every rank holds whole")
 def build_instdisc(cfg: Any) -> InstDisc:
     mc = method_config(cfg, "instdisc")
     m = cfg.model
+    hidden, feat = head_sizes(cfg, "instdisc")
     size = mc.memory_size or estimated_num_samples(cfg) or 1  # resized by on_train_start when unknown
-    model = EncoderNet(m.arch, lambda d: MLPHead(d, m.hidden_dim, m.feat_dim, mc.projector_layers))
-    return InstDisc(model, size, m.feat_dim, num_global_views(cfg), mc.temperature, mc.num_negatives,
+    model = EncoderNet(m.arch, lambda d: MLPHead(d, hidden, feat, mc.projector_layers))
+    return InstDisc(model, size, feat, num_global_views(cfg), mc.temperature, mc.num_negatives,
                     mc.memory_momentum, auto_size=mc.memory_size == 0,
                     z_momentum=mc.z_momentum)

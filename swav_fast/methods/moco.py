@@ -17,8 +17,9 @@ from swav_fast.distributed import all_gather_cat, gather_samples, rank
 from swav_fast.errors import ConfigError
 from swav_fast.losses.contrastive import info_nce_loss, view_pairs
 from swav_fast.memory import KeyQueue
-from swav_fast.methods.base import Method, per_view, register_method
-from swav_fast.methods.configs import estimated_total_steps, method_config, num_global_views
+from swav_fast.methods.base import Method, head_sizes, per_view, register_method
+from swav_fast.methods.configs import (MoCoV2Config, MoCoV3Config, estimated_total_steps, method_config,
+                                       num_global_views)
 from swav_fast.methods.momentum import EMATarget
 from swav_fast.models.predictor import EncoderNet, MLPHead
 
@@ -143,7 +144,11 @@ class MoCoV3(Method):
         self.target.schedule.set_total_steps(total_steps)
 
 
-@register_method("moco_v2")
+@register_method("moco_v2", optim="all", heads=(2048, 128), config=MoCoV2Config,
+                 paper="Chen et al. 2020, Improved Baselines with Momentum Contrastive Learning",
+                 state="the EMA key encoder and the key queue",
+                 ddp="keys all-gathered into the queue (the same on every rank); the key encoder's "
+                     "shuffle BN statistics per rank")
 def build_moco_v2(cfg: Any) -> MoCoV2:
     mc = method_config(cfg, "moco_v2")
     num_views = sum(cfg.data.crops.num_crops)
@@ -154,20 +159,25 @@ def build_moco_v2(cfg: Any) -> MoCoV2:
         raise ConfigError(f"methods.moco_v2.queue_length={mc.queue_length} is shorter than the {per_step} "
                           f"keys one step pushes (optim.batch_size {cfg.optim.batch_size} x {len(key_views)} "
                           f"key views)")
+    hidden, feat = head_sizes(cfg, "moco_v2")
     # the paper's MLP head has no batch norm (2048-ReLU-128)
-    model = EncoderNet(m.arch, lambda d: MLPHead(d, m.hidden_dim, m.feat_dim, mc.projector_layers,
-                                                 batch_norm=False))
-    return MoCoV2(model, m.feat_dim, num_global_views(cfg), mc.temperature, mc.queue_length, mc.momentum,
+    model = EncoderNet(m.arch, lambda d: MLPHead(d, hidden, feat, mc.projector_layers, batch_norm=False))
+    return MoCoV2(model, feat, num_global_views(cfg), mc.temperature, mc.queue_length, mc.momentum,
                   mc.symmetric, mc.shuffle_bn_batch)
 
 
-@register_method("moco_v3")
+@register_method("moco_v3", optim="exclude_bias_and_norm", heads=(4096, 256), config=MoCoV3Config,
+                 paper="Chen, Xie & He 2021, An Empirical Study of Training Self-Supervised Vision "
+                       "Transformers",
+                 state="the EMA key encoder and its momentum schedule",
+                 ddp="keys all-gathered for the in-batch negatives; nothing per rank")
 def build_moco_v3(cfg: Any) -> MoCoV3:
     mc = method_config(cfg, "moco_v3")
     m = cfg.model
+    hidden, feat = head_sizes(cfg, "moco_v3")
     # official ResNet recipe: Linear-BN-ReLU blocks, projector ends in an affine-free BN, predictor does not
-    model = EncoderNet(m.arch, lambda d: MLPHead(d, m.hidden_dim, m.feat_dim, mc.projector_layers,
+    model = EncoderNet(m.arch, lambda d: MLPHead(d, hidden, feat, mc.projector_layers,
                                                  last_batch_norm=True, last_affine=False),
-                       predictor=MLPHead(m.feat_dim, mc.predictor_hidden_dim, m.feat_dim, 2, last_bias=False))
+                       predictor=MLPHead(feat, mc.predictor_hidden_dim, feat, 2, last_bias=False))
     return MoCoV3(model, num_global_views(cfg), mc.temperature, mc.base_momentum, mc.final_momentum,
                   estimated_total_steps(cfg))

@@ -7,8 +7,8 @@ import torch
 
 from swav_fast.distributed import gather_samples, rank
 from swav_fast.losses.contrastive import nt_xent_loss
-from swav_fast.methods.base import Method, per_view, register_method
-from swav_fast.methods.configs import method_config
+from swav_fast.methods.base import Method, head_sizes, per_view, register_method
+from swav_fast.methods.configs import SimCLRConfig, method_config
 from swav_fast.models.predictor import EncoderNet, MLPHead
 
 
@@ -31,9 +31,13 @@ class SimCLR(Method):
         return nt_xent_loss(gather_samples(z, with_grad=True), self.temperature, anchors)
 
 
-@register_method("simclr")
+@register_method("simclr", optim="exclude_bias_and_norm", heads=(2048, 128), config=SimCLRConfig,
+                 paper="Chen et al. 2020, A Simple Framework for Contrastive Learning",
+                 state="nothing besides the online network",
+                 ddp="embeddings all-gathered (with gradients) for the negatives; nothing per rank")
 def build_simclr(cfg: Any) -> SimCLR:
     mc = method_config(cfg, "simclr")
     m = cfg.model
-    model = EncoderNet(m.arch, lambda d: MLPHead(d, m.hidden_dim, m.feat_dim, mc.projector_layers))
+    hidden, feat = head_sizes(cfg, "simclr")
+    model = EncoderNet(m.arch, lambda d: MLPHead(d, hidden, feat, mc.projector_layers))
     return SimCLR(model, mc.temperature)

@@ -7,8 +7,8 @@ import torch
 
 from swav_fast.losses.contrastive import view_pairs
 from swav_fast.losses.regression import negative_cosine_loss
-from swav_fast.methods.base import Method, per_view, register_method
-from swav_fast.methods.configs import method_config, num_global_views
+from swav_fast.methods.base import Method, head_sizes, per_view, register_method
+from swav_fast.methods.configs import SimSiamConfig, method_config, num_global_views
 from swav_fast.models.predictor import EncoderNet, MLPHead
 
 
@@ -39,12 +39,16 @@ class SimSiam(Method):
         return sum(negative_cosine_loss(p[v], z[g].detach()) for g, v in pairs) / len(pairs)
 
 
-@register_method("simsiam")
+@register_method("simsiam", optim="all", heads=(2048, 2048), config=SimSiamConfig,
+                 paper="Chen & He 2021, Exploring Simple Siamese Representation Learning",
+                 state="nothing besides the online network (projector and predictor)",
+                 ddp="the loss is per sample (no gather); nothing per rank")
 def build_simsiam(cfg: Any) -> SimSiam:
     mc = method_config(cfg, "simsiam")
     m = cfg.model
+    hidden, feat = head_sizes(cfg, "simsiam")
     # projector: BN on every layer, the output BN without affine parameters (as the official code)
-    model = EncoderNet(m.arch, lambda d: MLPHead(d, m.hidden_dim, m.feat_dim, mc.projector_layers,
+    model = EncoderNet(m.arch, lambda d: MLPHead(d, hidden, feat, mc.projector_layers,
                                                  last_batch_norm=True, last_affine=False),
-                       predictor=MLPHead(m.feat_dim, mc.predictor_hidden_dim, m.feat_dim, 2))
+                       predictor=MLPHead(feat, mc.predictor_hidden_dim, feat, 2))
     return SimSiam(model, num_global_views(cfg))

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from swav_fast.errors import ConfigError
 from swav_fast.losses import sinkhorn_knopp, swapped_prediction_loss
 from swav_fast.losses.fused import fused_swav_loss
-from swav_fast.methods.base import HealthReport, Method, register_method
-from swav_fast.methods.configs import method_config
+from swav_fast.methods.base import HealthReport, Method, head_sizes, register_method
+from swav_fast.methods.configs import SwAVConfig, method_config
 from swav_fast.models import SwAVModel
+from swav_fast.models.heads import prototype_scores
 from swav_fast.queue import FeatureQueue
 
 
@@ -115,7 +116,7 @@ class SwAVObjective(nn.Module):
         for j, view in enumerate(self.crops_for_assign):
             s = scores[view].detach()
             if use_queue:
-                queue_scores = self.queue.items[j] @ prototypes.detach().t()
+                queue_scores = prototype_scores(self.queue.items[j], prototypes.detach())
                 s = torch.cat([queue_scores.to(s.dtype), s])
             q = sinkhorn_knopp(s, self.epsilon, self.sinkhorn_iterations)
             out.append(q[-scores.shape[1]:])
@@ -136,7 +137,8 @@ class SwAVObjective(nn.Module):
         """:meth:`forward` with device-side queue decisions (``z`` ``[V, B, D]``, scores ``[V, B, K]``)."""
         queue_scores = use_queue = None
         if self.queue is not None:
-            queue_scores = self.queue.items @ prototypes.detach().t()  # [A, L, K]
+            queue_scores = prototype_scores(self.queue.items.flatten(0, 1), prototypes.detach()).view(
+                *self.queue.items.shape[:2], -1)  # [A, L, K], float32
             use_queue = self.queue_on & self.queue.full()
         loss = fused_swav_loss(scores, self.crops_for_assign, self.temperature, self.epsilon,
                                self.sinkhorn_iterations, queue_scores, use_queue)
@@ -219,13 +221,19 @@ def check_swav(cfg: Any) -> None:
                           f"[0, {num_views - 1}] (there are {num_views} crops)")
 
 
-@register_method("swav", check=check_swav)
+@register_method("swav", check=check_swav, optim="all", heads=(2048, 128), config=SwAVConfig,
+                 paper="Caron et al. 2020, Unsupervised Learning of Visual Features by Contrasting Cluster "
+                       "Assignments",
+                 state="the prototypes (in the online network) and the feature queue",
+                 ddp="Sinkhorn's sums all-reduced over ranks; the feature queue per rank (gathered into "
+                     "checkpoints as objective_ranks, reset on another world size)")
 def build_swav(cfg: Any) -> SwAVMethod:
     """SwAV from a :class:`swav_fast.config.Config` (``model`` and ``methods.swav`` sections)."""
     from swav_fast.distributed import world_size
 
     m, s = cfg.model, method_config(cfg, "swav")
-    model = SwAVModel(m.arch, m.hidden_dim, m.feat_dim, m.num_prototypes)
+    hidden, feat = head_sizes(cfg, "swav")
+    model = SwAVModel(m.arch, hidden, feat, m.num_prototypes)
     objective = SwAVObjective(sum(cfg.data.crops.num_crops), s.crops_for_assign, s.temperature, s.epsilon,
-                              s.sinkhorn_iterations, s.queue_length // world_size(), m.feat_dim)
+                              s.sinkhorn_iterations, s.queue_length // world_size(), feat)
     return SwAVMethod(model, objective, s.freeze_prototypes_niters, s.epoch_queue_starts)

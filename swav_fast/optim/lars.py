@@ -1,4 +1,18 @@
-"""LARS: SGD with momentum whose step is scaled per layer by a trust ratio."""
+"""LARS: SGD with momentum whose step is scaled per layer by a trust ratio.
+
+Two conventions for biases and normalisation weights, declared by each method
+(``register_method(..., optim=...)``, used when ``optim.exclude_bias_and_norm=auto``):
+
+- ``all``: LARS over every parameter, biases and BN weights included, weight decay on all. Official
+  SwAV (apex ``LARC(SGD(model.parameters()), trust_coefficient=0.001, clip=False)``); InstDisc, MoCo v2
+  and SimSiam train with plain SGD and weight decay on all parameters, so ``all`` is their convention
+  when LARS is on.
+- ``exclude_bias_and_norm``: biases and norm weights (1-d parameters) get neither adaptation nor weight
+  decay (SimCLR, BYOL, Barlow Twins, MoCo v3's LARS recipes; DINO's optimiser groups).
+
+The quick CPU recipes of InstDisc, MoCo v2 and SimSiam set ``exclude_bias_and_norm: true`` explicitly
+(their learning tests were tuned with it); the paper recipes of SwAV take the official ``all``.
+"""
 from __future__ import annotations
 
 from typing import Iterable

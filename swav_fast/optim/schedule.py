@@ -14,11 +14,12 @@ def warmup_cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: fl
         \text{final} + \tfrac12(\text{base}-\text{final})\left(1+\cos\frac{\pi (t-W)}{T-W}\right) & t \ge W
         \end{cases}
 
-    (the warmup is ``linspace(start, base, W)``, as in the official SwAV code).
+    (the warmup is ``np.linspace(start, base, W)``, as in the official SwAV code: a one-iteration warmup
+    is ``[start]``, so iteration 0 runs at ``start_warmup`` whatever ``W``).
     """
     if step < warmup_steps:
         if warmup_steps == 1:
-            return base_lr
+            return start_warmup_lr
         return start_warmup_lr + (base_lr - start_warmup_lr) * step / (warmup_steps - 1)
     decay_steps = max(1, total_steps - warmup_steps)
     t = min(step - warmup_steps, decay_steps)
