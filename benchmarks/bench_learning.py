@@ -189,7 +189,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def prepare_dataset(method: str, dataset: str, overrides: Sequence[str], scratch: Path) -> None:
     """Generate the built-in set once, before parallel runs would each start generating it."""
-    from swav_fast.train import synthetic_root
+    from swav_fast.run import synthetic_root
 
     cfg = run_config(method, dataset, 0, overrides, scratch / "prepare", None)
     if cfg.data.path is None:

@@ -15,7 +15,7 @@ from swav_fast.losses.contrastive import NCE_EPS
 from swav_fast.memory import MemoryBank
 from swav_fast.methods import available_methods, build_method, exclude_bias_and_norm, head_sizes, method_info
 from swav_fast.optim import LARS, lars_param_groups, warmup_cosine_lr
-from swav_fast.train import build_optimizer
+from swav_fast.run import build_optimizer
 
 #: the official code's convention: LARC / weight decay over all parameters, or biases and norms excluded
 OFFICIAL_LARS = {"swav": "all", "instdisc": "all", "moco_v2": "all", "simsiam": "all",
