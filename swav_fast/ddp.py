@@ -12,7 +12,7 @@ per-rank state.
   :class:`CPUSyncBatchNorm`, the same maths with differentiable all-reduces, so CPU multi-process
   runs (and tests) can use ``model.sync_bn``.
 * :func:`per_rank_prefixes`, :func:`gather_per_rank`: state that differs between ranks (modules of
-  type :class:`~swav_fast.queue.FeatureQueue`, or any module with ``per_rank_state = True``) is
+  SwAV's :class:`~swav_fast.methods.swav.FeatureQueue`, or any module with ``per_rank_state = True``) is
   gathered from every rank into the checkpoint and restored rank by rank.
 """
 from __future__ import annotations
@@ -26,7 +26,6 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from swav_fast.distributed import is_dist, world_size
-from swav_fast.queue import FeatureQueue
 
 
 class MethodDDP(DistributedDataParallel):
@@ -155,7 +154,7 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device | str = "cpu"
 def per_rank_prefixes(method: nn.Module) -> list[str]:
     """State-dict prefixes (``"objective.queue."``) of the modules whose state is per rank."""
     return [f"{name}." for name, m in method.named_modules()
-            if name and (isinstance(m, FeatureQueue) or getattr(m, "per_rank_state", False))]
+            if name and getattr(m, "per_rank_state", False)]
 
 
 def split_per_rank(state: dict[str, Any], prefixes: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:

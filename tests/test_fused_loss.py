@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from swav_fast.losses import sinkhorn_knopp, swapped_prediction_loss
 from swav_fast.losses.fused import compiled, fused_swav_loss, sinkhorn_codes, swapped_loss_from_codes
 from swav_fast.methods.swav import SwAVObjective
-from swav_fast.queue import FeatureQueue
+from swav_fast.methods.swav import FeatureQueue
 
 
 def reference_sinkhorn(scores: np.ndarray, eps: float, iters: int) -> np.ndarray:

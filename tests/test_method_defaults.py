@@ -201,3 +201,31 @@ def test_a_method_is_one_file(tmp_path):
     finally:
         METHODS._entries.pop("align_uniform", None)
         METHODS._meta.pop("align_uniform", None)
+
+
+def test_method_modules_and_sections_are_discovered():
+    """No hand-kept lists: every module of swav_fast/methods/ (bar the framework) is a method module
+    that registers at least one method, and MethodsConfig's fields are the @method_section dataclasses,
+    each the config a registered method declares."""
+    import importlib
+    import pkgutil
+    from dataclasses import fields
+
+    import swav_fast.methods as package
+    from swav_fast.methods import METHODS, method_modules
+    from swav_fast.methods.configs import _SECTIONS, METHOD_SECTIONS, MethodsConfig, method_section
+
+    on_disk = {m.name for m in pkgutil.iter_modules(package.__path__)}
+    assert set(method_modules()) == on_disk - {"base", "configs", "momentum"}
+    available_methods()  # loads them all
+    for name in method_modules():
+        module = importlib.import_module(f"swav_fast.methods.{name}")
+        registered = [n for n in METHODS.names() if METHODS.get(n).factory.__module__ == module.__name__]
+        assert registered, f"swav_fast/methods/{name}.py registers no method"
+    assert METHOD_SECTIONS == tuple(_SECTIONS) == tuple(f.name for f in fields(MethodsConfig))
+    assert {n: type(getattr(MethodsConfig(), n)) for n in METHOD_SECTIONS} == _SECTIONS
+    for n in available_methods():
+        if method_info(n).config is not None:
+            assert _SECTIONS[n] is method_info(n).config
+    with pytest.raises(ValueError, match="declared twice"):
+        method_section("byol")(type("Again", (), {}))

@@ -3,7 +3,7 @@ import torch
 
 from swav_fast.losses import sinkhorn_knopp, swapped_prediction_loss
 from swav_fast.methods.swav import SwAVObjective
-from swav_fast.queue import FeatureQueue
+from swav_fast.methods.swav import FeatureQueue
 
 
 def test_fifo_and_full():

@@ -152,7 +152,7 @@ def _load_methods() -> None:
 
     from swav_fast import methods as package
 
-    for module in package._METHOD_MODULES:
+    for module in package.method_modules():
         importlib.import_module(f"{package.__name__}.{module}")
 
 

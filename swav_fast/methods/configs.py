@@ -4,13 +4,35 @@ The projector's width and output size come from ``model.hidden_dim`` / ``model.f
 trunk from ``model.arch``; everything specific to one method is here, under ``methods.<name>``
 (e.g. ``methods.byol.base_momentum=0.99`` on the command line). Values are checked when the
 dataclass is built, so a bad override fails before any work with a message naming the key.
+
+A method's settings are one dataclass here, declared with ``@method_section("<name>")``;
+:class:`MethodsConfig` is made from the declared sections, so nothing else lists them. Why here and
+not in the method's own file: the method files import torch, and the config layer (``--help``,
+``train --list-keys``, argument errors, recipe and checkpoint loading) must not; Python cannot read
+a dataclass out of a module without running the module's imports. So a method with settings of its
+own touches two files: its method file under ``swav_fast/methods/`` (found automatically, see
+``swav_fast.methods.method_modules``) and one decorated dataclass in this file.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any, Callable
 
 from swav_fast.errors import ConfigError
+
+
+#: section name -> its dataclass, filled by :func:`method_section` (the fields of :class:`MethodsConfig`)
+_SECTIONS: dict[str, type] = {}
+
+
+def method_section(name: str) -> Callable[[type], type]:
+    """Class decorator: the dataclass is the settings of ``methods.<name>`` (a field of ``MethodsConfig``)."""
+    def register(cls: type) -> type:
+        if name in _SECTIONS:
+            raise ValueError(f"methods section {name!r} declared twice ({_SECTIONS[name].__name__}, {cls.__name__})")
+        _SECTIONS[name] = cls
+        return cls
+    return register
 
 
 def _check(section: str, obj: Any, positive: tuple[str, ...] = (), unit: tuple[str, ...] = (),
@@ -30,6 +52,7 @@ def _check(section: str, obj: Any, positive: tuple[str, ...] = (), unit: tuple[s
             raise ConfigError(f"methods.{section}.{name}={getattr(obj, name)} must be >= 0")
 
 
+@method_section("swav")
 @dataclass
 class SwAVConfig:
     """Caron et al. 2020 (ResNet-50, batch 4096): swapped prediction at T 0.1, Sinkhorn-Knopp with
@@ -49,6 +72,7 @@ class SwAVConfig:
                non_negative=("queue_length", "epoch_queue_starts", "freeze_prototypes_niters"))
 
 
+@method_section("instdisc")
 @dataclass
 class InstDiscConfig:
     """Wu et al. 2018: linear projection to ``feat_dim`` (128), NCE with 4096 noise samples."""
@@ -69,6 +93,7 @@ class InstDiscConfig:
             raise ConfigError(f"methods.instdisc.memory_momentum={self.memory_momentum} must be in [0, 1)")
 
 
+@method_section("moco_v2")
 @dataclass
 class MoCoV2Config:
     """Chen et al. 2020: MLP projector (no BN), key encoder EMA 0.999, queue 65536, InfoNCE T 0.2."""
@@ -84,6 +109,7 @@ class MoCoV2Config:
                at_least_one=("queue_length", "projector_layers", "shuffle_bn_batch"))
 
 
+@method_section("moco_v3")
 @dataclass
 class MoCoV3Config:
     """Chen, Xie & He 2021 (ResNet-50 recipe): projector and predictor MLPs 4096 wide with BN,
@@ -99,6 +125,7 @@ class MoCoV3Config:
                at_least_one=("projector_layers", "predictor_hidden_dim"))
 
 
+@method_section("simclr")
 @dataclass
 class SimCLRConfig:
     """Chen et al. 2020: 2-layer projector with BN, NT-Xent (0.1 at batch 4096; 0.5 suits small batches)."""
@@ -109,6 +136,7 @@ class SimCLRConfig:
         _check("simclr", self, positive=("temperature",), at_least_one=("projector_layers",))
 
 
+@method_section("byol")
 @dataclass
 class BYOLConfig:
     """Grill et al. 2020: projector and predictor 4096-BN-ReLU-256, target EMA 0.996 -> 1 (cosine)."""
@@ -122,6 +150,7 @@ class BYOLConfig:
                at_least_one=("projector_layers", "predictor_hidden_dim"))
 
 
+@method_section("simsiam")
 @dataclass
 class SimSiamConfig:
     """Chen & He 2021: 3-layer projector 2048 with BN on every layer, predictor 2048-512-2048."""
@@ -132,6 +161,7 @@ class SimSiamConfig:
         _check("simsiam", self, at_least_one=("projector_layers", "predictor_hidden_dim"))
 
 
+@method_section("barlow_twins")
 @dataclass
 class BarlowTwinsConfig:
     """Zbontar et al. 2021: 3-layer projector 8192 wide, off-diagonal weight lambda 5e-3."""
@@ -142,6 +172,7 @@ class BarlowTwinsConfig:
         _check("barlow_twins", self, non_negative=("lambd",), at_least_one=("projector_layers",))
 
 
+@method_section("dino")
 @dataclass
 class DINOConfig:
     """Caron et al. 2021: 3-layer head (2048, GELU, no BN) to a 256 bottleneck (``model.feat_dim``),
@@ -168,19 +199,11 @@ class DINOConfig:
                non_negative=("warmup_teacher_temp_epochs", "freeze_last_layer_epochs", "clip_grad"))
 
 
-@dataclass
-class MethodsConfig:
-    """``methods.<name>``: one section per method of the family."""
-    swav: SwAVConfig = field(default_factory=SwAVConfig)
-    instdisc: InstDiscConfig = field(default_factory=InstDiscConfig)
-    moco_v2: MoCoV2Config = field(default_factory=MoCoV2Config)
-    moco_v3: MoCoV3Config = field(default_factory=MoCoV3Config)
-    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
-    byol: BYOLConfig = field(default_factory=BYOLConfig)
-    simsiam: SimSiamConfig = field(default_factory=SimSiamConfig)
-    barlow_twins: BarlowTwinsConfig = field(default_factory=BarlowTwinsConfig)
-    dino: DINOConfig = field(default_factory=DINOConfig)
-
+#: ``methods.<name>``: one section per method of the family, in the order the sections are declared
+MethodsConfig = make_dataclass(
+    "MethodsConfig", [(name, cls, field(default_factory=cls)) for name, cls in _SECTIONS.items()],
+    namespace={"__doc__": "``methods.<name>``: one section per method of the family (see :func:`method_section`)."})
+MethodsConfig.__module__ = __name__  # pickles and prints as swav_fast.methods.configs.MethodsConfig
 
 METHOD_SECTIONS = tuple(f.name for f in fields(MethodsConfig))
 
