@@ -165,8 +165,8 @@ def bench_prepare(
 
 def python_read_decode(split: Path) -> tuple[int, float]:
     """Images/s of reading every sample and decoding it with PIL, one process (a baseline)."""
-    from swav_fast.prepare.beton import read_beton_tables
-    from swav_fast.prepare.records import decode_example, iter_tfrecord_offsets, read_tfrecord_payload
+    from pipelines.formats.beton import read_beton_tables
+    from pipelines.formats.tfrecord import decode_example, iter_tfrecord_offsets, read_tfrecord_payload
     import tarfile
 
     m = read_manifest(split)

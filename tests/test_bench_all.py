@@ -187,7 +187,7 @@ import sys
 sys.modules["crc32c"] = None
 sys.modules["google_crc32c"] = None
 import benchmarks.gpu_check, benchmarks.record, swav_fast.cli, pipelines.dali_backend
-from swav_fast.prepare import records
+from pipelines.formats import tfrecord as records
 assert records.crc32c is records._crc32c_fallback
 assert records.crc32c(b"123456789") == 0xE3069283
 assert records.crc32c(b"") == 0 and records.crc32c(bytes(32)) == 0x8A9136AA

@@ -19,10 +19,10 @@ from PIL import Image, ImageOps
 
 from swav_fast.errors import DataError
 from swav_fast.prepare import prepare_dataset, read_manifest, shard_paths
-from swav_fast.prepare.beton import read_beton_tables
+from pipelines.formats.beton import read_beton_tables
 from swav_fast.prepare.core import PAUSE_ENV, PAUSE_MESSAGE
-from swav_fast.prepare.manifest import sha256_file
-from swav_fast.prepare.records import (
+from pipelines.formats.manifest import sha256_file
+from pipelines.formats.tfrecord import (
     _crc32c_python,
     crc32c,
     decode_example,

@@ -150,7 +150,7 @@ def stored_labels(split: Path) -> list[int]:
     """Labels in source order (the beton stores samples in source order, the others by source index)."""
     m = read_manifest(split)
     if m["format"] == "beton":
-        from swav_fast.prepare.beton import read_beton_tables
+        from pipelines.formats.beton import read_beton_tables
 
         return [int(v) for v in read_beton_tables(split / m["shards"][0]["path"])[2]["f1"]]
     samples = read_samples(split)

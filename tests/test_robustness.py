@@ -77,14 +77,14 @@ def test_prepare_twice_gives_identical_bytes(tmp_path, fmt):
         trees.append(tree_bytes(tmp_path / run))
     assert trees[0] == trees[1]
     if fmt == "beton":  # the struct padding of every metadata row is written as zeros
-        from swav_fast.prepare.beton import SAMPLE_META, read_beton_tables
+        from pipelines.formats.beton import SAMPLE_META, read_beton_tables
         _, _, meta, _ = read_beton_tables(tmp_path / "a" / "train" / "train.beton")
         raw = np.ascontiguousarray(meta).view(np.uint8).reshape(len(meta), SAMPLE_META.itemsize)
         assert raw[:, 13:16].tobytes() == bytes(3 * len(meta))
 
 
 def test_join_rows_zeroes_the_padding():
-    from swav_fast.prepare.beton import SAMPLE_META, join_rows
+    from pipelines.formats.beton import SAMPLE_META, join_rows
     chunk = np.zeros(4, dtype=SAMPLE_META)
     chunk["f1"] = np.arange(4)
     for _ in range(3):

@@ -6,7 +6,7 @@
 
 from .core import DEFAULT_SHARD_SIZE, prepare_dataset
 from .inspect import InspectReport, inspect_dataset
-from .manifest import FORMATS, MANIFEST_NAME, read_manifest, shard_paths
+from pipelines.formats.manifest import FORMATS, MANIFEST_NAME, read_manifest, shard_paths
 
 __all__ = [
     "DEFAULT_SHARD_SIZE",
