@@ -4,7 +4,7 @@ Importing the package is light (no torch): the loader API and the backends are i
 of one of their names, so that ``swav-fast --help`` and config parsing need not load torch.
 """
 
-import importlib
+from .formats.lazy import lazy_names
 
 from .folder import IMAGE_EXTENSIONS, ImageFolderIndex, scan_image_folder
 from .spec import MultiCropSpec
@@ -17,14 +17,7 @@ _LAZY = {"MultiCropBatch": "loader", "MultiCropLoader": "loader", "available_bac
          "BackendOptions": "options", "PilOptions": "options", "TorchOptions": "options",
          "DaliOptions": "options", "FfcvOptions": "options"}
 
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, globals(), _LAZY)
 
 
 __all__ = [

@@ -211,3 +211,31 @@ def test_options_import_light() -> None:
     code = ("import sys, pipelines.options; "
             "assert 'torch' not in sys.modules and 'swav_fast' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_packages_import_light_and_load_their_names_on_first_use() -> None:
+    """``pipelines`` and ``pipelines.formats`` (``pipelines.formats.lazy.lazy_names``): importing them
+    loads no torch; a lazy name imports its submodule once and is then a plain global; an unknown name
+    is an AttributeError that names the package."""
+    code = (
+        "import sys, pipelines, pipelines.formats\n"
+        "assert 'torch' not in sys.modules and 'pipelines.formats.sources' not in sys.modules\n"
+        "f = pipelines.formats.open_source\n"
+        "assert 'pipelines.formats.sources' in sys.modules and 'torch' not in sys.modules\n"
+        "assert pipelines.formats.__dict__['open_source'] is f\n"
+        "from pipelines.formats.sources import open_source\n"
+        "assert f is open_source\n"
+        "for pkg in (pipelines, pipelines.formats):\n"
+        "    try:\n"
+        "        pkg.no_such_name\n"
+        "    except AttributeError as e:\n"
+        "        assert repr(pkg.__name__) in str(e) and 'no_such_name' in str(e), e\n"
+        "    else:\n"
+        "        raise SystemExit('no AttributeError')\n"
+        "b = pipelines.build_loader\n"
+        "assert 'torch' in sys.modules and pipelines.__dict__['build_loader'] is b\n"
+        "assert set(pipelines.formats.__all__) <= set(dir(pipelines.formats)) | set(pipelines.formats._LAZY)\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "ok"

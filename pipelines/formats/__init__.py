@@ -15,19 +15,12 @@ manifest   :mod:`.manifest`                       ``read_manifest`` / ``write_js
 Nothing here imports torch or anything of ``swav_fast``.
 """
 
-import importlib
+from .lazy import lazy_names
 
 _LAZY = {"open_source": "sources", "detect_format": "sources", "ALL_FORMATS": "sources",
          "SampleSource": "sources", "BadImage": "probe", "image_size": "probe", "MAX_PIXELS": "probe"}
 
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, globals(), _LAZY)
 
 
 __all__ = sorted(_LAZY)
