@@ -107,7 +107,7 @@ def describe_run(trainer: Any) -> list[str]:
     stats = trainer.step_fn.stats
     end = min(trainer.total_steps, t.max_steps) if t.max_steps else trainer.total_steps
     steps = (f"{trainer.total_steps} ({cfg.optim.epochs} epochs x {trainer.steps_per_epoch} steps); "
-             f"this run: step {trainer.step} -> {end}")
+             f"this run: step {trainer.pos.step} -> {end}")
     if t.max_steps and t.max_steps < trainer.total_steps:
         steps += f" (train.max_steps={t.max_steps}; the schedule is unchanged)"
     when = ([f"every {t.checkpoint_every_epochs} epoch(s)"] if t.checkpoint_every_epochs else []) + (

@@ -178,31 +178,6 @@ class Trainer:
         self.rollbacks, self.lr_scale = 0, 1.0  # rollbacks lower the learning rate by lr_scale
         self._blowup_steps = frozenset(t.debug_blowup_steps)  # testing only
 
-    # -- the position in the run (``self.pos``, saved in checkpoints) ---------------------------------
-    @property
-    def epoch(self) -> int:
-        return self.pos.epoch
-
-    @epoch.setter
-    def epoch(self, value: int) -> None:
-        self.pos.epoch = value
-
-    @property
-    def step(self) -> int:
-        return self.pos.step
-
-    @step.setter
-    def step(self, value: int) -> None:
-        self.pos.step = value
-
-    @property
-    def batch_in_epoch(self) -> int:
-        return self.pos.batch_in_epoch
-
-    @batch_in_epoch.setter
-    def batch_in_epoch(self, value: int) -> None:
-        self.pos.batch_in_epoch = value
-
     def close(self, barrier: bool = False) -> None:
         """End the process group if this trainer created it (from the launcher's environment); with
         ``barrier`` (a clean end) after every rank got here."""
@@ -216,7 +191,7 @@ class Trainer:
 
     def _done(self) -> bool:
         max_steps = self.cfg.train.max_steps
-        return self.step >= self.total_steps or bool(max_steps and self.step >= max_steps)
+        return self.pos.step >= self.total_steps or bool(max_steps and self.pos.step >= max_steps)
 
     # -- the run -------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -228,36 +203,36 @@ class Trainer:
                 save_config(cfg, self.run_dir / "config.yaml")
         except OSError as exc:
             raise DataError(f"cannot write {self.run_dir / 'config.yaml'}: {exc.strerror or exc}") from exc
-        start_time, start_step, self.images = time.perf_counter(), self.step, 0
+        start_time, start_step, self.images = time.perf_counter(), self.pos.step, 0
         self._fit_start = (start_time, start_step)  # for the progress bar's ETA
         if self.is_main:
             log.info("run:\n  %s", "\n  ".join(describe_run(self)))
-        self.runlog.write("start", step=self.step, epoch=self.epoch,
-                          resumed=self._continuing and self.step > 0)
+        self.runlog.write("start", step=self.pos.step, epoch=self.pos.epoch,
+                          resumed=self._continuing and self.pos.step > 0)
         try:
-            self.health.trusted(self.step, self.model.parameters())  # trusted start
+            self.health.trusted(self.pos.step, self.model.parameters())  # trusted start
             with StopSignals() as signals:
                 stop = StopAgreement(signals)  # all ranks stop at the same step
                 while True:
                     try:
                         while not self._done() and not stop.agree():  # also agreed between epochs
                             self._run_epoch(stop)
-                        if not self.checkpoints.exists(self.step):
+                        if not self.checkpoints.exists(self.pos.step):
                             self.save_checkpoint()
                         break
                     except DivergenceDetected as exc:  # every rank sees it at the same step
                         self.handle_divergence(exc)  # stops (TrainingDiverged) or rolls back
             seconds = time.perf_counter() - start_time
             # a checkpoint at an epoch's last step holds that epoch as unfinished (batch_in_epoch full)
-            epochs = self.epoch + int(self.batch_in_epoch >= self.steps_per_epoch)
-            result = TrainResult(str(self.run_dir), self.step, epochs, seconds,
-                                 self.images / max(seconds, 1e-9) if self.step > start_step else 0.0,
+            epochs = self.pos.epoch + int(self.pos.batch_in_epoch >= self.steps_per_epoch)
+            result = TrainResult(str(self.run_dir), self.pos.step, epochs, seconds,
+                                 self.images / max(seconds, 1e-9) if self.pos.step > start_step else 0.0,
                                  self.last_loss, distinct_bad_files(self.loader),
                                  self.step_fn.guard.counts().total,
                                  stop.signum, is_main=self.is_main)
             if stop.requested:
-                log.warning("stopped by %s at step %d; continue with --resume auto", stop.name, self.step)
-                self.runlog.write("preempted", step=self.step, epoch=self.epoch, signal=stop.name)
+                log.warning("stopped by %s at step %d; continue with --resume auto", stop.name, self.pos.step)
+                self.runlog.write("preempted", step=self.pos.step, epoch=self.pos.epoch, signal=stop.name)
                 return result
             if cfg.eval.at_end and self.knn_data is not None and self.is_main:
                 result.knn = self.evaluate_knn()
@@ -272,50 +247,51 @@ class Trainer:
         """The rest of the current epoch (from ``batch_in_epoch``), up to max_steps or a stop request."""
         cfg, t = self.cfg, self.cfg.train
         batch = self.global_batch  # images per step over all ranks
-        epoch_start_step = self.step
-        self.method.on_epoch_start(self.epoch)
-        self.loader.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
-        bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch,
+        epoch_start_step = self.pos.step
+        self.method.on_epoch_start(self.pos.epoch)
+        self.loader.set_epoch(self.pos.epoch, start_batch=self.pos.batch_in_epoch)
+        bar = tqdm(total=self.steps_per_epoch, initial=self.pos.batch_in_epoch,
                    disable=not (t.progress and self.is_main), dynamic_ncols=True, leave=False,
-                   desc=progress_desc(self.epoch, cfg.optim.epochs))
+                   desc=progress_desc(self.pos.epoch, cfg.optim.epochs))
         tick, tick_images = time.perf_counter(), 0
         wait, fetch_start = 0.0, tick  # time spent waiting for the loader since the last log step
         for data in until_stopped(self.loader, stop):
             wait += time.perf_counter() - fetch_start
-            lr = self.lr_at(self.step)
+            lr = self.lr_at(self.pos.step)
             if self._blowup_steps:
-                faults.blow_up_weights(list(self.model.parameters()), self.step, self._blowup_steps)
-            loss = self.step_fn(data.views, lr, self.step, data.indices)
-            self.step += 1
-            self.batch_in_epoch += 1
+                faults.blow_up_weights(list(self.model.parameters()), self.pos.step, self._blowup_steps)
+            loss = self.step_fn(data.views, lr, self.pos.step, data.indices)
+            self.pos.step += 1
+            self.pos.batch_in_epoch += 1
             self.images += batch
             tick_images += batch
             bar.update(1)
-            if self.step % t.log_every == 0 or self.batch_in_epoch == self.steps_per_epoch:
+            if self.pos.step % t.log_every == 0 or self.pos.batch_in_epoch == self.steps_per_epoch:
                 loss_value = float(all_reduce_mean(loss))  # mean over ranks; syncs the device
                 now = time.perf_counter()
                 ips = tick_images / max(now - tick, 1e-9)
                 wait_fraction = min(1.0, wait / max(now - tick, 1e-9))
                 tick, tick_images, wait = now, 0, 0.0
                 self._log_step(loss_value, lr, ips, wait_fraction, bar)
-            if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0:
+            if t.checkpoint_every_steps and self.pos.step % t.checkpoint_every_steps == 0:
                 self.save_checkpoint()
             if self._done() or stop.requested:
                 break
             fetch_start = time.perf_counter()
         bar.close()
-        if self.batch_in_epoch >= self.steps_per_epoch:
-            self.runlog.write("epoch", step=self.step, epoch=self.epoch, loss=self.last_loss,
-                              steps=self.step - epoch_start_step, bad_images=self.loader.num_bad)
-            log.info("epoch %d done: step %d, loss %.4f, unreadable images so far %d", self.epoch, self.step,
-                     self.last_loss, distinct_bad_files(self.loader))
-            self.epoch += 1
-            self.batch_in_epoch = 0
-            if self.is_main and self.knn_data is not None and knn_due(self.epoch, cfg.eval.knn_every_epochs):
+        if self.pos.batch_in_epoch >= self.steps_per_epoch:
+            self.runlog.write("epoch", step=self.pos.step, epoch=self.pos.epoch, loss=self.last_loss,
+                              steps=self.pos.step - epoch_start_step, bad_images=self.loader.num_bad)
+            log.info("epoch %d done: step %d, loss %.4f, unreadable images so far %d", self.pos.epoch,
+                     self.pos.step, self.last_loss, distinct_bad_files(self.loader))
+            self.pos.epoch += 1
+            self.pos.batch_in_epoch = 0
+            every = cfg.eval.knn_every_epochs
+            if self.is_main and self.knn_data is not None and knn_due(self.pos.epoch, every):
                 out = periodic_knn(self.model.trunk, self.knn_data, cfg.eval, self.device)
-                self.runlog.write("knn", step=self.step, epoch=self.epoch, periodic=True, **out)
-                log.info("kNN top-1 after epoch %d: %.2f%%", self.epoch, out["top1"])
-            if t.checkpoint_every_epochs and self.epoch % t.checkpoint_every_epochs == 0:
+                self.runlog.write("knn", step=self.pos.step, epoch=self.pos.epoch, periodic=True, **out)
+                log.info("kNN top-1 after epoch %d: %.2f%%", self.pos.epoch, out["top1"])
+            if t.checkpoint_every_epochs and self.pos.epoch % t.checkpoint_every_epochs == 0:
                 self.save_checkpoint()
 
     def _log_step(self, loss: float, lr: float, images_per_s: float, loader_wait: float, bar: tqdm) -> None:
@@ -326,15 +302,15 @@ class Trainer:
         finite = math.isfinite(loss)
         if finite:
             self.last_loss = loss
-        start_time, start_step = getattr(self, "_fit_start", (time.perf_counter(), self.step))
+        start_time, start_step = getattr(self, "_fit_start", (time.perf_counter(), self.pos.step))
         end = min(self.total_steps, self.cfg.train.max_steps or self.total_steps)
-        eta = eta_text(self.step - start_step, time.perf_counter() - start_time, end - self.step)
+        eta = eta_text(self.pos.step - start_step, time.perf_counter() - start_time, end - self.pos.step)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.4g}", img_s=f"{images_per_s:.1f}", eta=eta)
-        self.runlog.write("step", step=self.step, epoch=self.epoch, loss=loss if finite else None, lr=lr,
-                          images_per_s=round(images_per_s, 2), loader_wait_fraction=round(loader_wait, 4),
-                          bad_images=self.loader.num_bad,
+        self.runlog.write("step", step=self.pos.step, epoch=self.pos.epoch, loss=loss if finite else None,
+                          lr=lr, images_per_s=round(images_per_s, 2),
+                          loader_wait_fraction=round(loader_wait, 4), bad_images=self.loader.num_bad,
                           nonfinite_steps=counts.total)
-        self.health.check_method(self.step, loss)
+        self.health.check_method(self.pos.step, loss)
 
     def evaluate_knn(self) -> dict[str, Any]:
         """kNN top-1 of the trained trunk and of the same trunk at its random initialisation."""
@@ -346,17 +322,17 @@ class Trainer:
         random_init = knn_eval(build_model(self.cfg).to(self.device).trunk, self.knn_data, **kw)
         out = {"trained_top1": trained.top1, "random_init_top1": random_init.top1, **{
             k: v for k, v in trained.as_dict().items() if k != "top1"}}
-        self.runlog.write("knn", step=self.step, **out)
+        self.runlog.write("knn", step=self.pos.step, **out)
         return out
 
     # -- health ----------------------------------------------------------------------------------------
     def check_divergence(self, loss: float | None) -> None:
         """:class:`DivergenceDetected` when the loss (if given) or the weight norm has run away."""
-        self.health.check_divergence(self.step, loss, self.model.parameters())
+        self.health.check_divergence(self.pos.step, loss, self.model.parameters())
 
     def check_nonfinite(self) -> NonFiniteCounts:
         """Report newly skipped NaN/inf steps; TrainingDiverged after too many in a row."""
-        return self.health.check_nonfinite(self.step)
+        return self.health.check_nonfinite(self.pos.step)
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -382,10 +358,11 @@ class Trainer:
         path, state = found
         step_before = state["step"]
         self.load_state_dict(state)
-        if self.step < step_before:  # renumbered downwards (another global batch): newer ones would shadow it
-            self.checkpoints.set_aside_above(self.step, f"before-resize-world{int(state.get('world_size', 1))}")
-        log.info("resumed from %s (epoch %d, step %d)", path, self.epoch, self.step)
-        self.runlog.write("resume", step=self.step, epoch=self.epoch, path=str(path))
+        if self.pos.step < step_before:  # renumbered down (another global batch): newer ones would shadow
+            world = int(state.get("world_size", 1))
+            self.checkpoints.set_aside_above(self.pos.step, f"before-resize-world{world}")
+        log.info("resumed from %s (epoch %d, step %d)", path, self.pos.epoch, self.pos.step)
+        self.runlog.write("resume", step=self.pos.step, epoch=self.pos.epoch, path=str(path))
         return True
 
     def save_checkpoint(self) -> Path | None:
@@ -393,23 +370,23 @@ class Trainer:
         previous checkpoint stays and ``train.on_checkpoint_error`` says whether to stop."""
         self.check_divergence(None)
         self.check_nonfinite()
-        path = self.checkpoints.path(self.step)
-        if self._save_attempted_at == self.step:  # e.g. a step that is also an epoch end
+        path = self.checkpoints.path(self.pos.step)
+        if self._save_attempted_at == self.pos.step:  # e.g. a step that is also an epoch end
             return path if path.exists() else None
-        self._save_attempted_at = self.step
+        self._save_attempted_at = self.pos.step
         state = self.state_dict()  # every rank (gathers the per-rank state); rank 0 writes
         try:
-            self.checkpoints.save(state, self.step)
+            self.checkpoints.save(state, self.pos.step)
         except CheckpointError as exc:
             self._checkpoint_failed(path, exc)
             return None
-        self.runlog.write("checkpoint", step=self.step, epoch=self.epoch, path=str(path))
+        self.runlog.write("checkpoint", step=self.pos.step, epoch=self.pos.epoch, path=str(path))
         return path
 
     def _checkpoint_failed(self, path: Path, exc: CheckpointError) -> None:
         policy, kept = self.cfg.train.on_checkpoint_error, self._last_checkpoint_note()
-        self.runlog.write("checkpoint_error", step=self.step, epoch=self.epoch, path=str(path), error=str(exc),
-                          policy=policy)
+        self.runlog.write("checkpoint_error", step=self.pos.step, epoch=self.pos.epoch, path=str(path),
+                          error=str(exc), policy=policy)
         if policy == "stop":
             raise CheckpointError(f"{exc}; {kept}. Stopping (train.on_checkpoint_error=stop): free space or "
                                   "fix the folder, then continue with --resume auto") from exc
@@ -468,17 +445,17 @@ class Trainer:
             raise self._divergence_stop(exc, "nothing to roll back to")
         rollbacks, lr_scale = self.rollbacks + 1, self.lr_scale * t.rollback_lr_factor
         self.load_state_dict(self.checkpoints.load_file(healthy))
-        restored = self.step
+        restored = self.pos.step
         self.rollbacks, self.lr_scale = rollbacks, lr_scale
         # skip the batches that led to the divergence: the data position jumps to where it was detected
         step = min(exc.step, self.total_steps)
         self.pos = Position(step // self.steps_per_epoch, step, step % self.steps_per_epoch)
         self._save_attempted_at = None
-        self.health.trusted(self.step, self.model.parameters())
+        self.health.trusted(self.pos.step, self.model.parameters())
         log.warning("step %d: %s; rolled back to %s (step %d), skipping the batches of steps %d-%d, "
                     "learning rate x %.4g (rollback %d of at most %d)", exc.step, exc.reason, healthy,
                     restored, restored + 1, exc.step, self.lr_scale, self.rollbacks, t.max_rollbacks)
-        self.runlog.write("rollback", step=self.step, detected_at=exc.step, reason=exc.reason,
+        self.runlog.write("rollback", step=self.pos.step, detected_at=exc.step, reason=exc.reason,
                           checkpoint=healthy, restored_step=restored, skipped_steps=[restored + 1, exc.step],
                           lr_scale=self.lr_scale, rollbacks=self.rollbacks)
 

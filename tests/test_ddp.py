@@ -70,7 +70,7 @@ def _free_port() -> int:
 def _state(trainer: Trainer) -> dict:
     q = trainer.method.objective.queue
     return {"model": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
-            "queue": q.items.clone(), "count": q.count.clone(), "step": trainer.step}
+            "queue": q.items.clone(), "count": q.count.clone(), "step": trainer.pos.step}
 
 
 # -- the two-rank jobs --------------------------------------------------------------------------------
@@ -94,7 +94,7 @@ def _stop_job(rank: int, data: Path, out: Path) -> None:
     trainer = Trainer(_cfg(data, out / "stop"))
     if rank == 1:
         def kill_when_running() -> None:
-            while trainer.step < 2:
+            while trainer.pos.step < 2:
                 time.sleep(0.005)
             os.kill(os.getpid(), signal.SIGTERM)
         threading.Thread(target=kill_when_running, daemon=True).start()
@@ -194,7 +194,7 @@ def _worker(rank: int, ports: list[int], data: Path, out: Path) -> None:
     first.close()
     os.environ["MASTER_PORT"] = str(ports[3])
     second = Trainer(_cfg(data, out / "split"))
-    assert second.resume("auto") and second.step == 4
+    assert second.resume("auto") and second.pos.step == 4
     second.fit()
     torch.save(_state(second), out / f"resumed.{rank}.pt")
     second.close()
@@ -258,7 +258,7 @@ def test_two_ranks_match_one_process_on_the_concatenated_batch(runs, tmp_path):
     data, out = runs
     single = Trainer(tiny_config(data, tmp_path / "single", *COMMON, "optim.batch_size=8"))
     single.fit()
-    assert single.step == 9
+    assert single.pos.step == 9
     # the loss logged by rank 0 is the mean over ranks: the single process's loss on the union
     two = [r["loss"] for r in read_log(out / "straight") if r["kind"] == "step"]
     one = [r["loss"] for r in read_log(tmp_path / "single") if r["kind"] == "step"]
@@ -322,9 +322,9 @@ def test_two_rank_checkpoint_resumes_in_one_process_with_queue_reset(runs, tmp_p
     for k, v in state["model"].items():
         assert torch.equal(trainer.model.state_dict()[k], v)
     # 8 samples of epoch 1 were seen (1 step x 8): batch 2 of 6 here, step 1 x 6 + 2
-    assert (trainer.epoch, trainer.batch_in_epoch, trainer.step) == (1, 2, 8)
+    assert (trainer.pos.epoch, trainer.pos.batch_in_epoch, trainer.pos.step) == (1, 2, 8)
     trainer.fit()
-    assert trainer.step == 10
+    assert trainer.pos.step == 10
 
 
 def test_resume_with_a_larger_global_batch_sets_newer_checkpoints_aside(tmp_path):
@@ -336,13 +336,13 @@ def test_resume_with_a_larger_global_batch_sets_newer_checkpoints_aside(tmp_path
     second = Trainer(tiny_config(data, run, *COMMON, "optim.batch_size=8"))  # 3 steps per epoch
     assert second.resume("auto")
     # step 8 = epoch 1, batch 2 (8 samples) -> batch 1 of epoch 1 at batch 8: step 4
-    assert (second.epoch, second.batch_in_epoch, second.step) == (1, 1, 4)
+    assert (second.pos.epoch, second.pos.batch_in_epoch, second.pos.step) == (1, 1, 4)
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["ckpt-000000004.pt"]
     aside = sorted(p.name for p in (run / "checkpoints" / "before-resize-world1").iterdir())
     assert aside == ["ckpt-000000006.pt", "ckpt-000000006.pt.sha256", "ckpt-000000008.pt",
                      "ckpt-000000008.pt.sha256"]
     second.fit()
-    assert second.step == 9 and ckpt.list_checkpoints(run)[-1].name == "ckpt-000000009.pt"
+    assert second.pos.step == 9 and ckpt.list_checkpoints(run)[-1].name == "ckpt-000000009.pt"
 
 
 def test_sigterm_to_one_rank_stops_both_at_the_same_step(runs):

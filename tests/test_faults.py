@@ -296,7 +296,7 @@ def test_checkpoint_that_would_run_code_is_refused(data, tmp_path):
     trainer = Trainer(tiny_config(data, run, *FAST))
     with pytest.raises(CheckpointError, match="ckpt-000000099.pt"):
         trainer.resume(str(evil))
-    assert trainer.resume("auto") and trainer.step == 1  # auto skips it, takes the good one
+    assert trainer.resume("auto") and trainer.pos.step == 1  # auto skips it, takes the good one
     assert not marker.exists(), "unpickling ran code"
 
 
@@ -389,7 +389,7 @@ def test_sigint_writes_checkpoint_and_returns(data, tmp_path, monkeypatch):
     assert ckpt.list_checkpoints(run)[-1].name == "ckpt-000000002.pt"
     assert read_log(run)[-1]["kind"] == "preempted"
     again = Trainer(tiny_config(data, run, *FAST, "optim.epochs=2"))
-    assert again.resume("auto") and again.step == 2 and again.fit().steps == 6
+    assert again.resume("auto") and again.pos.step == 2 and again.fit().steps == 6
 
 
 # -- dataset files that must not crash the loader -------------------------------------------------------

@@ -82,7 +82,7 @@ def test_checkpoint_written_before_the_move_resumes(tmp_path, caplog):
         old_names = (o.replace("methods.swav.", "swav.") for o in common)
         second = Trainer(tiny_config(data, tmp_path / "b", *old_names))
     assert saved.methods.swav.queue_length == 16 and "deprecated" in caplog.text
-    assert second.resume("auto") and second.step == 4
+    assert second.resume("auto") and second.pos.step == 4
     second.fit()
     a, b = straight.model.state_dict(), second.model.state_dict()
     for k in a:

@@ -38,16 +38,16 @@ def test_resume_is_exact(tmp_path):
     common = ("optim.epochs=3", "methods.swav.queue_length=16", "methods.swav.epoch_queue_starts=1")
     straight = Trainer(tiny_config(data, tmp_path / "a", *common))
     straight.fit()
-    assert straight.step == 9
+    assert straight.pos.step == 9
 
     first = Trainer(tiny_config(data, tmp_path / "b", *common, "train.max_steps=4",
                                 "train.checkpoint_every_steps=2"))
     first.fit()
-    assert first.step == 4 and first.epoch == 1 and first.batch_in_epoch == 1
+    assert first.pos.step == 4 and first.pos.epoch == 1 and first.pos.batch_in_epoch == 1
     del first
     second = Trainer(tiny_config(data, tmp_path / "b", *common))
     assert second.resume("auto")
-    assert second.step == 4
+    assert second.pos.step == 4
     second.fit()
     a, b = _params(straight.model), _params(second.model)
     assert a.keys() == b.keys()
@@ -112,7 +112,7 @@ def test_family_resume_is_exact(tmp_path, method):
     first.fit()
     del first
     second = Trainer(tiny_config(data, tmp_path / "b", *common))
-    assert second.resume("auto") and second.step == 4
+    assert second.resume("auto") and second.pos.step == 4
     second.fit()
     a, b = _all_state(straight), _all_state(second)
     assert a.keys() == b.keys()

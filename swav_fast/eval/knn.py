@@ -216,13 +216,13 @@ def periodic_knn(trunk: nn.Module, data: str | Path, cfg_eval, device: str | tor
     ``batch_size``). The trunk's train/eval mode is restored afterwards, its weights are untouched.
     Returns ``{"top1", "k", "temperature", "num_train", "num_val", "num_classes", "seconds"}``.
 
-    Wiring (``Trainer.fit``, rank 0, right after an epoch completes and ``self.epoch`` is
+    Wiring (``Trainer.fit``, rank 0, right after an epoch completes and ``self.pos.epoch`` is
     incremented)::
 
         every = self.cfg.eval.knn_every_epochs
-        if self.knn_data is not None and knn_due(self.epoch, every):
+        if self.knn_data is not None and knn_due(self.pos.epoch, every):
             out = periodic_knn(self.model.trunk, self.knn_data, self.cfg.eval, self.device)
-            self.runlog.write("knn", step=self.step, epoch=self.epoch, periodic=True, **out)
+            self.runlog.write("knn", step=self.pos.step, epoch=self.pos.epoch, periodic=True, **out)
 
     ``RunLog`` then also writes the TensorBoard scalar ``knn/top1``; ``swav-fast report`` plots
     ``top1`` of periodic records (and ``trained_top1`` of the end-of-training record) against steps.
