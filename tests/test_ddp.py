@@ -67,6 +67,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _fresh_port(out: Path, tag: str, rank: int) -> int:
+    """A port for the next process group, picked by rank 0 just before the group is made and handed to
+    the other ranks through ``out/port.<tag>``: ports picked minutes ahead (one per group, at the start)
+    can be taken meanwhile by another test's process (EADDRINUSE)."""
+    path = out / f"port.{tag}"
+    if rank == 0:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(str(_free_port()))
+        tmp.rename(path)
+    deadline = time.monotonic() + 300
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: rank 0 never wrote {path}")
+        time.sleep(0.01)
+    return int(path.read_text())
+
+
 def _state(trainer: Trainer) -> dict:
     q = trainer.method.objective.queue
     return {"model": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
@@ -162,25 +179,25 @@ def _gathered_job(rank: int, out: Path) -> None:
     torch.save({name: _gathered_loss(name, half, sync=True) for name in GATHERED}, out / f"gathered.{rank}.pt")
 
 
-def _in_process_group(port: int, rank: int, job, *args) -> None:
-    """``job(rank, *args)`` inside a gloo group of its own (jobs that build no Trainer)."""
-    os.environ["MASTER_PORT"] = str(port)
+def _in_process_group(tag: str, rank: int, job, out: Path, *args) -> None:
+    """``job(rank, out, *args)`` inside a gloo group of its own (jobs that build no Trainer)."""
+    os.environ["MASTER_PORT"] = str(_fresh_port(out, tag, rank))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        job(rank, *args)
+        job(rank, out, *args)
     finally:
         dist.destroy_process_group()
 
 
-def _worker(rank: int, ports: list[int], data: Path, out: Path) -> None:
+def _worker(rank: int, data: Path, out: Path) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1")
     torch.set_num_threads(1)
 
-    _in_process_group(ports[0], rank, _sync_bn_job, out)
+    _in_process_group("sync_bn", rank, _sync_bn_job, out)
 
     # 9 steps straight (checkpoints at the epoch ends 3, 6, 9)
-    os.environ["MASTER_PORT"] = str(ports[1])
+    os.environ["MASTER_PORT"] = str(_fresh_port(out, "straight", rank))
     straight = Trainer(_cfg(data, out / "straight"))
     assert straight.world == WORLD and straight.rank == rank
     straight.fit()
@@ -188,22 +205,22 @@ def _worker(rank: int, ports: list[int], data: Path, out: Path) -> None:
     straight.close()
 
     # 4 steps (checkpoints at 2 and 4), then a new process group resumes and runs to 9
-    os.environ["MASTER_PORT"] = str(ports[2])
+    os.environ["MASTER_PORT"] = str(_fresh_port(out, "first", rank))
     first = Trainer(_cfg(data, out / "split", "train.max_steps=4", "train.checkpoint_every_steps=2"))
     first.fit()
     first.close()
-    os.environ["MASTER_PORT"] = str(ports[3])
+    os.environ["MASTER_PORT"] = str(_fresh_port(out, "second", rank))
     second = Trainer(_cfg(data, out / "split"))
     assert second.resume("auto") and second.pos.step == 4
     second.fit()
     torch.save(_state(second), out / f"resumed.{rank}.pt")
     second.close()
 
-    os.environ["MASTER_PORT"] = str(ports[4])
+    os.environ["MASTER_PORT"] = str(_fresh_port(out, "stop", rank))
     _stop_job(rank, data, out)
 
-    _in_process_group(ports[5], rank, _family_job, out)
-    _in_process_group(ports[6], rank, _gathered_job, out)
+    _in_process_group("family", rank, _family_job, out)
+    _in_process_group("gathered", rank, _gathered_job, out)
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +229,7 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
     data = write_image_folder(root / "data")
     out = root / "out"
     out.mkdir()
-    mp.spawn(_worker, args=([_free_port() for _ in range(7)], data, out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(data, out), nprocs=WORLD, join=True)
     return data, out
 
 

@@ -172,7 +172,7 @@ def test_divergence_rolls_back_to_the_checkpoint_before_it(tmp_path, monkeypatch
 
     def spy(self, exc):
         original(self, exc)
-        after_rollback.update({k: v.clone() for k, v in self.model.state_dict().items()}, step=self.step)
+        after_rollback.update({k: v.clone() for k, v in self.model.state_dict().items()}, step=self.pos.step)
 
     monkeypatch.setattr(Trainer, "handle_divergence", spy)
     result = train(cfg)
