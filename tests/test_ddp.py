@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from pipelines.atomic import atomic_write
 from swav_fast import checkpoint as ckpt
 from swav_fast.config import load_config, resolve_batch
 from swav_fast.ddp import CPUSyncBatchNorm, convert_sync_batchnorm
@@ -67,21 +68,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _fresh_port(out: Path, tag: str, rank: int) -> int:
-    """A port for the next process group, picked by rank 0 just before the group is made and handed to
-    the other ranks through ``out/port.<tag>``: ports picked minutes ahead (one per group, at the start)
-    can be taken meanwhile by another test's process (EADDRINUSE)."""
+def _use_fresh_port(out: Path, tag: str, rank: int) -> None:
+    """``MASTER_PORT`` for the next process group: a port picked by rank 0 just before the group is made
+    and handed to the other ranks through ``out/port.<tag>``. Ports picked minutes ahead (one per group,
+    at the start) can be taken meanwhile by another test's process (EADDRINUSE)."""
     path = out / f"port.{tag}"
     if rank == 0:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(str(_free_port()))
-        tmp.rename(path)
+        atomic_write(path, str(_free_port()))
     deadline = time.monotonic() + 300
     while not path.exists():
         if time.monotonic() > deadline:
             raise TimeoutError(f"rank {rank}: rank 0 never wrote {path}")
         time.sleep(0.01)
-    return int(path.read_text())
+    os.environ["MASTER_PORT"] = path.read_text()
 
 
 def _state(trainer: Trainer) -> dict:
@@ -181,7 +180,7 @@ def _gathered_job(rank: int, out: Path) -> None:
 
 def _in_process_group(tag: str, rank: int, job, out: Path, *args) -> None:
     """``job(rank, out, *args)`` inside a gloo group of its own (jobs that build no Trainer)."""
-    os.environ["MASTER_PORT"] = str(_fresh_port(out, tag, rank))
+    _use_fresh_port(out, tag, rank)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         job(rank, out, *args)
@@ -197,7 +196,7 @@ def _worker(rank: int, data: Path, out: Path) -> None:
     _in_process_group("sync_bn", rank, _sync_bn_job, out)
 
     # 9 steps straight (checkpoints at the epoch ends 3, 6, 9)
-    os.environ["MASTER_PORT"] = str(_fresh_port(out, "straight", rank))
+    _use_fresh_port(out, "straight", rank)
     straight = Trainer(_cfg(data, out / "straight"))
     assert straight.world == WORLD and straight.rank == rank
     straight.fit()
@@ -205,18 +204,18 @@ def _worker(rank: int, data: Path, out: Path) -> None:
     straight.close()
 
     # 4 steps (checkpoints at 2 and 4), then a new process group resumes and runs to 9
-    os.environ["MASTER_PORT"] = str(_fresh_port(out, "first", rank))
+    _use_fresh_port(out, "first", rank)
     first = Trainer(_cfg(data, out / "split", "train.max_steps=4", "train.checkpoint_every_steps=2"))
     first.fit()
     first.close()
-    os.environ["MASTER_PORT"] = str(_fresh_port(out, "second", rank))
+    _use_fresh_port(out, "second", rank)
     second = Trainer(_cfg(data, out / "split"))
     assert second.resume("auto") and second.pos.step == 4
     second.fit()
     torch.save(_state(second), out / f"resumed.{rank}.pt")
     second.close()
 
-    os.environ["MASTER_PORT"] = str(_fresh_port(out, "stop", rank))
+    _use_fresh_port(out, "stop", rank)
     _stop_job(rank, data, out)
 
     _in_process_group("family", rank, _family_job, out)
