@@ -6,7 +6,9 @@
 (also ``swav-fast bench step ...``). Every variant is ``MODE:PRECISION``; MODE is a step mode
 (``eager``, ``compile``, ``graph``) or ``plain-compile`` (``torch.compile`` of the eager forward and
 eager loss functions, the baseline the fused loss is measured against). Channels-last is on for
-bf16/fp16 on CUDA and off for fp32 unless ``--channels-last on|off``. The step is the full SwAV step
+bf16/fp16 on CUDA and off for fp32 there, and on for the CPU (the trainer's defaults), unless
+``--channels-last on|off``; ``--channels-last both`` runs every variant in both layouts (the
+``ch-last`` column tells them apart; e.g. ``--device cpu --channels-last both`` for the CPU's NHWC gain). The step is the full SwAV step
 of the trainer (trunk once per resolution, projection head, 3000 prototypes, Sinkhorn, swapped loss,
 backward, LARS, prototype re-normalisation, NaN guard). Inputs are two pre-made batches of random
 crops on the device, used alternately (so graph mode copies its inputs as in training). Reported:
@@ -206,18 +208,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--hidden-dim", type=int, default=2048)
     p.add_argument("--feat-dim", type=int, default=128)
     p.add_argument("--queue", type=int, default=0, help="queue length (0: none; used from the first step)")
-    p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
-                   help="auto: on for bf16/fp16 on CUDA, off for fp32")
+    p.add_argument("--channels-last", choices=["auto", "on", "off", "both"], default="auto",
+                   help="auto: on for bf16/fp16 on CUDA, off for fp32 there, on for the CPU; both: each "
+                        "variant in both layouts")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CUDA, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; 1 on CPU)")
     return parse_with_common(p, argv)
 
 
+def layouts(choice: str, precision: str, device: torch.device) -> list[bool]:
+    """The channels-last settings a variant runs with (``--channels-last``)."""
+    if choice == "both":
+        return [False, True]
+    if choice == "auto":
+        return [device.type != "cuda" or precision != "fp32"]
+    return [choice == "on"]
+
+
 def bench_one(mode: str, precision: str, arch: str, batch: int, args: argparse.Namespace,
-              device: torch.device, crops: list[tuple[int, int]]) -> dict[str, Any]:
-    cuda = device.type == "cuda"
-    channels_last = cuda and (args.channels_last == "on"
-                              or (args.channels_last == "auto" and precision != "fp32"))
+              device: torch.device, crops: list[tuple[int, int]], channels_last: bool) -> dict[str, Any]:
     row: dict[str, Any] = {"variant": f"{mode}:{precision}", "arch": arch, "batch": batch,
                            "channels_last": channels_last, "precision": precision, "requested_mode": mode}
     reset_memory(device)
@@ -257,14 +266,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for arch in archs:
         for batch in batches:
             for mode, precision in variants:
-                try:
-                    rows.append(bench_one(mode, precision, arch, batch, args, device, crops))
-                except (RuntimeError, SwavFastError) as exc:  # e.g. out of memory: a row says so
-                    log.warning("%s:%s %s batch %d failed: %s", mode, precision, arch, batch,
-                                short_error(exc))
-                    rows.append({"variant": f"{mode}:{precision}", "arch": arch, "batch": batch,
-                                 "note": short_error(exc)})
-                reset_memory(device)
+                for channels_last in layouts(args.channels_last, precision, device):
+                    try:
+                        rows.append(bench_one(mode, precision, arch, batch, args, device, crops, channels_last))
+                    except (RuntimeError, SwavFastError) as exc:  # e.g. out of memory: a row says so
+                        log.warning("%s:%s %s batch %d failed: %s", mode, precision, arch, batch,
+                                    short_error(exc))
+                        rows.append({"variant": f"{mode}:{precision}", "arch": arch, "batch": batch,
+                                     "channels_last": channels_last, "note": short_error(exc)})
+                    reset_memory(device)
     return {
         "benchmark": "step", "env": env_info(device), **time_split(rows, started),
         "command": "python3 benchmarks/bench_step.py " + shlex.join(args.argv),
@@ -272,7 +282,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "batches": batches,
                    "variants": [f"{m}:{p}" for m, p in variants], "prototypes": args.prototypes,
                    "hidden_dim": args.hidden_dim, "feat_dim": args.feat_dim, "queue": args.queue,
-                   "steps": args.steps, "warmup": args.warmup,
+                   "steps": args.steps, "warmup": args.warmup, "channels_last": args.channels_last,
                    "compile_backend": args.compile_backend or "inductor"},
         "results": rows,
     }

@@ -152,7 +152,7 @@ class TrainConfig:
     seed: int = 31
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
-    channels_last: bool = True  # on GPU
+    channels_last: bool = True  # GPU and CPU (oneDNN's convolutions are faster in NHWC on most CPUs)
     log_every: int = 10
     checkpoint_every_steps: int = 0  # 0 = only at epoch ends
     checkpoint_every_epochs: int = 1
@@ -665,11 +665,13 @@ KEY_HELP: dict[str, str] = {
     # keys whose inline comment is a note rather than a description
     "optim.batch_size": "images per step per process (global batch = batch_size x processes)",
     "data.path": "training ImageFolder (or prepared dataset); null = the built-in synthetic dataset",
-    "train.channels_last": "channels-last memory format for the model and views (GPU only)",
+    "train.channels_last": "channels-last memory format for the model and views (GPU and CPU)",
     "train.checkpoint_every_steps": "also write a checkpoint every N steps (0 = only at epoch ends)",
     "train.threads": "torch CPU threads; 0 = auto: the usable cores (affinity, cgroup quota) minus loader "
                      "workers",
     "methods.instdisc.projector_layers": "InstDisc: layers of the projection (1 = the paper's linear layer)",
+    "methods.instdisc.loss": "InstDisc: nce (noise samples, the paper's large-dataset choice) or softmax "
+                             "(the exact non-parametric softmax over the whole bank)",
     "methods.moco_v2.symmetric": "MoCo v2: symmetric loss (false = the paper: queries from view 0, keys "
                                  "from view 1)",
     "methods.moco_v2.shuffle_bn_batch": "MoCo v2: key encoder's BN sub-batch on a shuffled batch (paper: 32 "

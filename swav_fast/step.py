@@ -112,7 +112,7 @@ class TrainStep:
         optimizer: over ``method.trainable()``'s parameters; its param groups' ``lr`` is set each call.
         device: where views are moved.
         precision: ``auto``/``fp32``/``bf16``/``fp16`` autocast.
-        channels_last: convert views to channels-last memory format (GPU).
+        channels_last: convert views to channels-last memory format (the model is converted by the caller).
         mode: ``eager``, ``compile`` or ``graph``.
         debug_nan_steps: TESTING ONLY: iterations whose inputs are replaced by NaN.
         compile_options: keyword arguments of ``torch.compile`` (default: inductor, static shapes).

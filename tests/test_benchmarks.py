@@ -53,6 +53,18 @@ def test_bench_step(tmp_path, capsys):
     assert data["compile_total_s"] == pytest.approx(compiled) and data["wall_s"] > compiled
 
 
+def test_bench_step_both_layouts_on_the_cpu(tmp_path):
+    out = tmp_path / "step.json"
+    assert bench_step.main([*TINY_MODEL, "--variants", "eager:fp32", "--channels-last", "both",
+                            "--json", str(out)]) == 0
+    rows = _read(out)["results"]
+    assert [(r["variant"], r["channels_last"]) for r in rows] == [("eager:fp32", False), ("eager:fp32", True)]
+    # the same step in another memory layout: the same losses up to float32 summation order
+    assert rows[1]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-4) and rows[1]["step_ms"] > 0
+    auto = bench_step.main([*TINY_MODEL, "--variants", "eager:fp32", "--json", str(out)])
+    assert auto == 0 and _read(out)["results"][0]["channels_last"] is True  # the trainer's CPU default
+
+
 def test_bench_methods_runs_every_method_through_the_trainer_step(tmp_path, capsys):
     out = tmp_path / "methods.json"
     assert cli_main(["bench", "methods", "--device", "cpu", "--batch", "4", "--crops", "2x32,2x16",

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from swav_fast.losses.barlow import barlow_twins_loss, cross_correlation
-from swav_fast.losses.contrastive import estimate_log_z, info_nce_loss, nce_loss, nt_xent_loss, view_pairs
+from swav_fast.losses.contrastive import (bank_softmax_loss, estimate_log_z, info_nce_loss, nce_loss,
+                                         nt_xent_loss, view_pairs)
 from swav_fast.losses.dino import dino_loss, teacher_probabilities, updated_center
 from swav_fast.losses.regression import negative_cosine_loss, normalized_mse_loss
 
@@ -88,6 +89,12 @@ def ref_nce(scores, tau, z_const, n, eps=0.0):
     p = np.exp(scores / tau) / z_const
     den = p + m / n + eps
     return -np.mean(np.log(p[:, 0] / den[:, 0]) + np.sum(np.log((m / n) / den[:, 1:]), axis=1))
+
+
+def ref_bank_softmax(scores, targets, tau):
+    """InstDisc Eq. (2) over the whole bank: P(i|f) = exp(v_i.f/t) / sum_j exp(v_j.f/t),
+    J = -E[log P(i|f)]."""
+    return -np.mean([scores[b, i] / tau - _logsumexp(scores[b] / tau) for b, i in enumerate(targets)])
 
 
 def ref_barlow(za, zb, lambd, eps=1e-5):
@@ -190,6 +197,19 @@ def test_nce_matches_formula_and_z_estimate():
     assert not math.isclose(got.item(), exact.item(), rel_tol=1e-9)  # the epsilon is really there
 
 
+def test_bank_softmax_matches_formula_and_is_stable_in_float32():
+    rng = _rng(5)
+    scores = np.clip(rng.normal(0, 0.4, size=(6, 30)), -1, 1)
+    targets = rng.integers(0, 30, size=6)
+    got = bank_softmax_loss(_t(scores), torch.tensor(targets), 0.07)
+    assert math.isclose(got.item(), ref_bank_softmax(scores, targets, 0.07), rel_tol=RTOL)
+    # exp(1 / 0.01) overflows float32: the float32 loss is still finite and right
+    sharp = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.9, 0.1]])
+    loss = bank_softmax_loss(sharp, torch.tensor([0, 2]), 0.01)
+    assert loss.dtype == torch.float32
+    assert math.isclose(loss.item(), ref_bank_softmax(sharp.double().numpy(), [0, 2], 0.01), rel_tol=1e-6)
+
+
 def test_nce_is_stable_where_the_direct_formula_overflows_float32():
     scores = torch.tensor([[1.0, 0.0, -1.0]])  # exp(1/0.01) overflows float32, not float64
     loss = nce_loss(scores, 0.01, torch.tensor(5.0), 1000)
@@ -280,6 +300,7 @@ def _loss_cases():
         "info_nce_batch": (lambda q, k: info_nce_loss(q, k, None, 0.5), (r(3, 4), r(3, 4))),
         "nt_xent": (lambda z: nt_xent_loss(z, 0.3), (r(3, 3, 4),)),
         "nce": (lambda s: nce_loss(s, 0.1, 2.0, 20), (scores,)),
+        "bank_softmax": (lambda s: bank_softmax_loss(s, torch.tensor([4, 0, 2]), 0.1), (scores,)),
         "byol": (normalized_mse_loss, (r(4, 3), r(4, 3))),
         "simsiam": (negative_cosine_loss, (r(4, 3), r(4, 3))),
         "barlow": (lambda a, b: barlow_twins_loss(a, b, 0.1), (r(6, 3), r(6, 3))),

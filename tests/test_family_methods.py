@@ -365,6 +365,32 @@ def test_instdisc_memory_and_normaliser():
     assert not torch.equal(moving.log_z, z0)
 
 
+def test_instdisc_exact_softmax_over_the_bank():
+    torch.manual_seed(0)
+    cfg = family_config(num_crops=(2,), sizes=(32,))
+    cfg.methods.instdisc = InstDiscConfig(loss="softmax")
+    method = build_method("instdisc", cfg)
+    method.on_train_start(37, 10)
+    indices = torch.tensor([0, 3, 5, 8, 13, 21, 34, 36])
+    views = views_for(cfg)
+    bank = method.memory.bank.clone().double()
+    loss = method(views, indices)
+    with torch.no_grad():  # float64 from the formula: -mean over views and samples of log P(i_b | f_b)
+        z = F.normalize(method.model(views).double(), dim=1).reshape(len(views), len(indices), -1)
+        logits = z @ bank.T / cfg.methods.instdisc.temperature
+        ref = -(logits[:, torch.arange(len(indices)), indices] - torch.logsumexp(logits, dim=2)).mean()
+    assert math.isclose(loss.item(), ref.item(), rel_tol=1e-5)
+    assert torch.isnan(method.log_z)  # no normaliser estimate
+    old = method.memory.bank.clone()
+    loss.backward()
+    assert all(p.grad is not None for p in method.model.parameters() if p.requires_grad)
+    method.after_update(torch.tensor(0))
+    changed = (method.memory.bank != old).any(dim=1)
+    assert changed[indices].all() and changed.sum() == len(indices)
+    with pytest.raises(ConfigError, match="methods.instdisc.loss"):
+        InstDiscConfig(loss="exact")
+
+
 def test_instdisc_explicit_memory_size_must_hold_the_dataset():
     cfg = family_config()
     cfg.methods.instdisc = InstDiscConfig(memory_size=20)

@@ -1,4 +1,5 @@
-"""Contrastive losses: InfoNCE (MoCo v2/v3), NT-Xent (SimCLR) and NCE over a memory bank (InstDisc).
+"""Contrastive losses: InfoNCE (MoCo v2/v3), NT-Xent (SimCLR), and NCE or the exact non-parametric
+softmax over a memory bank (InstDisc).
 
 All similarities are cosines (inputs are L2-normalised here, except stored negatives, which are kept
 unit-norm by their queue or bank). Every loss of the family is wrapped in :func:`full_precision`.
@@ -175,3 +176,22 @@ def nce_loss(scores: torch.Tensor, temperature: float, log_z: torch.Tensor | flo
     log_h_pos = log_p[:, 0] - log_den[:, 0]
     log_not_h_neg = log_noise - log_den[:, 1:]
     return -(log_h_pos + log_not_h_neg.sum(dim=1)).mean()
+
+
+@full_precision
+def bank_softmax_loss(scores: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    r"""InstDisc's non-parametric softmax computed exactly over the whole memory bank (Wu et al. 2018,
+    eq. 2, which NCE approximates when the bank is too large to score):
+
+    .. math:: P(i\mid f) = \frac{\exp(v_i\cdot f/\tau)}{\sum_{j=1}^{n}\exp(v_j\cdot f/\tau)}, \qquad
+              \mathcal{L} = -\frac{1}{B}\sum_b \log P(i_b\mid f_b)
+
+    Args:
+        scores: ``[B, n]`` cosines of each feature :math:`f_b` to every bank entry :math:`v_j`.
+        targets: ``[B]`` each feature's own row :math:`i_b`.
+        temperature: :math:`\tau`.
+    Returns:
+        float32 scalar.
+    """
+    return F.cross_entropy(scores / temperature, targets)
+

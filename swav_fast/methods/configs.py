@@ -72,6 +72,10 @@ class SwAVConfig:
                non_negative=("queue_length", "epoch_queue_starts", "freeze_prototypes_niters"))
 
 
+#: InstDisc's objectives (``methods.instdisc.loss``)
+INSTDISC_LOSSES = ("nce", "softmax")
+
+
 @method_section("instdisc")
 @dataclass
 class InstDiscConfig:
@@ -84,8 +88,15 @@ class InstDiscConfig:
     # NCE normaliser Z: 1.0 = estimated on the first batch, then fixed (the paper); below 1, a moving
     # average of per-batch estimates (needed on small datasets, where the bank fills within steps)
     z_momentum: float = 1.0
+    # nce: NCE with num_negatives noise rows (the paper's choice for 1.28 M images); softmax: the exact
+    # non-parametric softmax over every row of the bank (its eq. 2; affordable for a small training set,
+    # where num_negatives and z_momentum are unused)
+    loss: str = "nce"
 
     def __post_init__(self) -> None:
+        if self.loss not in INSTDISC_LOSSES:
+            raise ConfigError(f"methods.instdisc.loss={self.loss!r} must be one of "
+                              f"{', '.join(INSTDISC_LOSSES)}")
         _check("instdisc", self, positive=("temperature",), unit=("z_momentum",),
                at_least_one=("num_negatives", "projector_layers"),
                non_negative=("memory_size",))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from swav_fast.distributed import all_gather_cat, all_reduce_mean
 from swav_fast.errors import ConfigError, DataError
-from swav_fast.losses.contrastive import estimate_log_z, nce_loss
+from swav_fast.losses.contrastive import bank_softmax_loss, estimate_log_z, nce_loss
 from swav_fast.memory import MemoryBank
 from swav_fast.methods.base import Method, head_sizes, per_view, register_method
 from swav_fast.methods.configs import InstDiscConfig, estimated_num_samples, method_config, num_global_views
@@ -31,13 +31,17 @@ class InstDisc(Method):
     entries of this batch's samples move towards the mean of their global views' features
     (momentum 0.5); under ``torch.distributed`` every rank applies the rows of every rank, so the
     banks stay identical.
+
+    With ``loss="softmax"`` the non-parametric softmax is computed exactly over every bank row
+    (:func:`~swav_fast.losses.contrastive.bank_softmax_loss`, the paper's eq. 2): no noise draw and no
+    normaliser estimate, at the cost of scoring the whole bank (cheap for a small training set).
     """
 
     name = "instdisc"
 
     def __init__(self, model: EncoderNet, memory_size: int, embed_dim: int, num_globals: int = 1,
                  temperature: float = 0.07, num_negatives: int = 4096, memory_momentum: float = 0.5,
-                 auto_size: bool = True, z_momentum: float = 1.0):
+                 auto_size: bool = True, z_momentum: float = 1.0, loss: str = "nce"):
         super().__init__()
         if memory_size < 2:
             memory_size = 2  # placeholder until on_train_start sizes it
@@ -48,6 +52,7 @@ class InstDisc(Method):
         self.num_negatives = num_negatives
         self.auto_size = auto_size
         self.z_momentum = z_momentum
+        self.loss = loss
         self.register_buffer("log_z", torch.tensor(float("nan")))
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -58,6 +63,13 @@ class InstDisc(Method):
         z = F.normalize(self.model(views).float(), dim=1)
         z = per_view(z, num_views)
         indices = indices.to(z.device)
+        self._pending = (indices, F.normalize(z[:num_globals].mean(dim=0), dim=1).detach())
+        if self.loss == "softmax":
+            bank = self.memory.bank.to(z.dtype)  # n x D, no gradient
+            with torch.autocast(z.device.type, enabled=False):
+                scores = torch.einsum("vbd,nd->vbn", z, bank)
+            return sum(bank_softmax_loss(scores[v], indices, self.temperature)
+                       for v in range(num_views)) / num_views
         rows = torch.cat([indices[:, None], self.memory.sample_excluding(indices, self.num_negatives)], dim=1)
         weights = self.memory.get(rows).to(z.dtype)  # B x (1+m) x D, no gradient
         with torch.autocast(z.device.type, enabled=False):  # cosines / 0.07 need float32
@@ -68,7 +80,6 @@ class InstDisc(Method):
             self.log_z.copy_(torch.where(torch.isnan(self.log_z), estimate, self._z_average(estimate)))
         noise_rows = self.memory.size - 1  # P_n = 1 / (n - 1): a sample's own row is never noise
         loss = sum(nce_loss(scores[v], self.temperature, self.log_z, noise_rows) for v in range(num_views))
-        self._pending = (indices, F.normalize(z[:num_globals].mean(dim=0), dim=1).detach())
         return loss / num_views
 
     def _z_average(self, estimate: torch.Tensor) -> torch.Tensor:
@@ -108,4 +119,4 @@ def build_instdisc(cfg: Any) -> InstDisc:
     model = EncoderNet(m.arch, lambda d: MLPHead(d, hidden, feat, mc.projector_layers))
     return InstDisc(model, size, feat, num_global_views(cfg), mc.temperature, mc.num_negatives,
                     mc.memory_momentum, auto_size=mc.memory_size == 0,
-                    z_momentum=mc.z_momentum)
+                    z_momentum=mc.z_momentum, loss=mc.loss)
