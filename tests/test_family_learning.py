@@ -29,17 +29,6 @@ MIN_SPREAD = 0.3
 #: every registered method but SwAV (tests/test_learning.py): a new method needs a quick recipe
 METHODS = [m for m in available_methods() if m != "swav"]
 
-#: quick recipes that stopped clearing the bar at seed 0 when the augmentation draws moved to the one
-#: counter-based generator (issue 19.4, 2026-12-02): same recipe, other random views. They are as fragile
-#: to a change of the random draws as issue 22 reports for a change of seed; the runs still happen and
-#: print their figures; their collapse check still asserts, and a gain below the bar is an xfail with the
-#: figures until issue 22's recipe work lands (a run that clears the bar passes).
-FRAGILE = {
-    "instdisc": "issue 22: trained 30.2% vs random init 38.4% at seed 0 after the draws changed (was 48.4%)",
-    "simsiam": "issue 22: trained 43.6% vs random init 42.4% at seed 0 after the draws changed (was 51.0%)",
-}
-
-
 def embedding_spread(z: torch.Tensor) -> float:
     z = F.normalize(z.float(), dim=1)
     return (z.std(dim=0).mean() * math.sqrt(z.shape[1])).item()
@@ -65,6 +54,4 @@ def test_quick_recipe_of_each_method_learns(tmp_path, synthetic_cache, method, c
         print(f"\n[learning] {method}: kNN top-1 trained {trained:.2f}% vs random init {random_init:.2f}% "
               f"(chance 10%), embedding spread {spread:.3f}, {result.steps} steps")
     assert spread > MIN_SPREAD, f"{method}: embedding spread {spread:.3f} (collapse)"
-    if method in FRAGILE and trained < random_init + MIN_GAIN:
-        pytest.xfail(f"{FRAGILE[method]}; this run {trained:.1f}% vs {random_init:.1f}%")
     assert trained >= random_init + MIN_GAIN, (method, trained, random_init)
