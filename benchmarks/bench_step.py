@@ -8,10 +8,11 @@
 eager loss functions, the baseline the fused loss is measured against). Channels-last is on for
 bf16/fp16 on CUDA and off for fp32 there, and on for the CPU (the trainer's defaults), unless
 ``--channels-last on|off``; ``--channels-last both`` runs every variant in both layouts (the
-``ch-last`` column tells them apart; e.g. ``--device cpu --channels-last both`` for the CPU's NHWC gain). The step is the full SwAV step
-of the trainer (trunk once per resolution, projection head, 3000 prototypes, Sinkhorn, swapped loss,
-backward, LARS, prototype re-normalisation, NaN guard). Inputs are two pre-made batches of random
-crops on the device, used alternately (so graph mode copies its inputs as in training). Reported:
+``ch-last`` column tells them apart; e.g. ``--device cpu --channels-last both`` for the CPU's NHWC
+gain). The step is the full SwAV step of the trainer (trunk once per resolution, projection head,
+3000 prototypes, Sinkhorn, swapped loss, backward, LARS, prototype re-normalisation, NaN guard).
+Inputs are two pre-made batches of random crops on the device, used alternately (so graph mode
+copies its inputs as in training). Reported:
 images/s and ms per step over ``--steps`` timed steps after ``--warmup`` untimed ones, peak GPU memory,
 the first step's time and, separately, compilation (first compiled step) and capture time; the
 headline gives the whole run's wall time and how much of it was compilation. The defaults (three bf16
@@ -268,7 +269,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for mode, precision in variants:
                 for channels_last in layouts(args.channels_last, precision, device):
                     try:
-                        rows.append(bench_one(mode, precision, arch, batch, args, device, crops, channels_last))
+                        rows.append(bench_one(mode, precision, arch, batch, args, device, crops,
+                                              channels_last))
                     except (RuntimeError, SwavFastError) as exc:  # e.g. out of memory: a row says so
                         log.warning("%s:%s %s batch %d failed: %s", mode, precision, arch, batch,
                                     short_error(exc))

@@ -194,4 +194,3 @@ def bank_softmax_loss(scores: torch.Tensor, targets: torch.Tensor, temperature: 
         float32 scalar.
     """
     return F.cross_entropy(scores / temperature, targets)
-
