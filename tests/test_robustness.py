@@ -361,7 +361,10 @@ def test_a_checkpoint_without_its_sidecar_is_still_verified(tmp_path):
     ckpt.digest_path(path).unlink()
     blob = bytearray(path.read_bytes())
     weight = state["model"][next(k for k, v in state["model"].items() if v.numel() > 1000)]
-    at = bytes(blob).find(weight.numpy().tobytes()[:256])
+    # the bytes as stored (a channels-last weight's storage order is not its logical order)
+    storage = weight.untyped_storage()
+    raw = torch.tensor([], dtype=weight.dtype).set_(storage, 0, (storage.nbytes() // weight.element_size(),))
+    at = bytes(blob).find(raw.numpy().tobytes()[:256])
     assert at > 0
     blob[at + 100] ^= 0x10  # one flipped bit inside a weight
     path.write_bytes(bytes(blob))
