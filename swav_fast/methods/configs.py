@@ -36,8 +36,13 @@ def method_section(name: str) -> Callable[[type], type]:
 
 
 def _check(section: str, obj: Any, positive: tuple[str, ...] = (), unit: tuple[str, ...] = (),
-           at_least_one: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
-    """Raise ConfigError for the first field out of its range."""
+           at_least_one: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+           choices: dict[str, tuple[str, ...]] | None = None) -> None:
+    """Raise ConfigError for the first field out of its range (or, for ``choices``, not among its values)."""
+    for name, valid in (choices or {}).items():
+        if getattr(obj, name) not in valid:
+            raise ConfigError(f"methods.{section}.{name}={getattr(obj, name)!r} must be one of "
+                              f"{', '.join(valid)}")
     for name in positive:
         if not getattr(obj, name) > 0:
             raise ConfigError(f"methods.{section}.{name}={getattr(obj, name)} must be > 0")
@@ -94,10 +99,8 @@ class InstDiscConfig:
     loss: str = "nce"
 
     def __post_init__(self) -> None:
-        if self.loss not in INSTDISC_LOSSES:
-            raise ConfigError(f"methods.instdisc.loss={self.loss!r} must be one of "
-                              f"{', '.join(INSTDISC_LOSSES)}")
-        _check("instdisc", self, positive=("temperature",), unit=("z_momentum",),
+        _check("instdisc", self, choices={"loss": INSTDISC_LOSSES}, positive=("temperature",),
+               unit=("z_momentum",),
                at_least_one=("num_negatives", "projector_layers"),
                non_negative=("memory_size",))
         if not 0.0 <= self.memory_momentum < 1.0:
