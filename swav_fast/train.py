@@ -319,7 +319,10 @@ class Trainer:
                   batch_size=e.batch_size, device=self.device)
         trained = knn_eval(self.model.trunk, self.knn_data, **kw)
         torch.manual_seed(self.cfg.train.seed)
-        random_init = knn_eval(build_model(self.cfg).to(self.device).trunk, self.knn_data, **kw)
+        initial = build_model(self.cfg).to(self.device)  # in the trained trunk's layout (same arithmetic)
+        if self.run.channels_last:
+            initial = initial.to(memory_format=torch.channels_last)
+        random_init = knn_eval(initial.trunk, self.knn_data, **kw)
         out = {"trained_top1": trained.top1, "random_init_top1": random_init.top1, **{
             k: v for k, v in trained.as_dict().items() if k != "top1"}}
         self.runlog.write("knn", step=self.pos.step, **out)

@@ -166,3 +166,25 @@ def test_periodic_knn_for_the_trainer(tmp_path):
     json.dumps(out)  # a flat, loggable record
     assert [e for e in range(1, 10) if knn_due(e, 3)] == [3, 6, 9]
     assert not any(knn_due(e, 0) for e in range(5)) and not knn_due(0, 1)
+
+
+def test_features_feed_a_channels_last_trunk_channels_last(tmp_path, monkeypatch):
+    """A trunk stored channels-last (``train.channels_last``) gets its inputs in that layout, and its
+    features equal the contiguous trunk's to float32 rounding."""
+    from swav_fast.eval import knn as knn_mod
+
+    data = tmp_path / "data"
+    write_image_folder(data / "train", classes=3, per_class=4)
+    torch.manual_seed(0)
+    plain = build_trunk("resnet10_half")
+    cl = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    assert knn_mod.input_memory_format(plain) == torch.contiguous_format
+    assert knn_mod.input_memory_format(cl) == torch.channels_last
+    assert knn_mod.input_memory_format(torch.nn.Linear(3, 2)) == torch.contiguous_format
+    seen = []
+    cl.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)
+                                                            and not args[0].is_contiguous()))
+    f_plain, y_plain = knn_mod.extract_features(plain, data / "train", image_size=32, batch_size=5)
+    f_cl, y_cl = knn_mod.extract_features(cl, data / "train", image_size=32, batch_size=5)
+    assert seen == [True, True, True] and torch.equal(y_plain, y_cl)
+    assert torch.allclose(f_plain, f_cl, atol=1e-5)

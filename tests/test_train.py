@@ -87,6 +87,37 @@ def test_periodic_knn_and_loader_wait_are_logged(tmp_path):
     assert waits and all(0.0 <= w <= 1.0 for w in waits) and max(waits) > 0.0
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_final_knn_measures_both_trunks_in_the_run_layout(tmp_path, monkeypatch, channels_last):
+    """The end-of-run kNN evaluates the trained trunk and the same trunk at its random initialisation
+    in one layout, the run's (``train.channels_last``), and the random one is the seed's init."""
+    import swav_fast.train as train_mod
+    from swav_fast.eval.knn import KNNResult
+
+    data = write_image_folder(tmp_path / "knn" / "train")
+    write_image_folder(tmp_path / "knn" / "val", per_class=3, seed=1)
+    seen = []
+
+    def fake_knn(trunk, data, **kw):
+        w = trunk.conv1.weight
+        seen.append((w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous(),
+                     w.detach().clone()))
+        return KNNResult(50.0, 20, 0.07, 24, 9, 3)
+
+    monkeypatch.setattr(train_mod, "knn_eval", fake_knn)
+    cfg = tiny_config(data, tmp_path / "run", "optim.epochs=1", f"eval.knn_data={tmp_path / 'knn'}",
+                      "eval.at_end=true", "eval.image_size=32", f"train.channels_last={str(channels_last).lower()}")
+    trainer = Trainer(cfg)
+    try:
+        torch.manual_seed(0)
+        init = train_mod.build_model(cfg).trunk.conv1.weight.detach().clone()
+        trainer.fit()
+    finally:
+        trainer.close()
+    assert [layout for layout, _ in seen] == [channels_last, channels_last]
+    assert torch.equal(seen[1][1], init) and not torch.equal(seen[0][1], init)
+
+
 def _all_state(trainer):
     """Online and target networks plus the method's extra state (memory bank, queue, centre, ...)."""
     out = {f"method.{k}": v.detach().clone() for k, v in trainer.method.state_dict().items()}

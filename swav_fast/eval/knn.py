@@ -122,6 +122,16 @@ def _collate(items):
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
+def input_memory_format(module: nn.Module) -> torch.memory_format:
+    """The layout to feed ``module``: channels-last when its first convolution weight is stored so
+    (a trunk trained with ``train.channels_last``), else contiguous."""
+    for p in module.parameters():
+        if p.dim() == 4:
+            cl = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+            return torch.channels_last if cl else torch.contiguous_format
+    return torch.contiguous_format
+
+
 @torch.no_grad()
 def extract_features(trunk: nn.Module, folder: str | Path | ImageFolderIndex | Any, image_size: int = 224,
                      batch_size: int = 128, device: str | torch.device = "cpu",
@@ -140,12 +150,14 @@ def extract_features(trunk: nn.Module, folder: str | Path | ImageFolderIndex | A
     device = torch.device(device)
     bar = tqdm(loader, desc=f"features {Path(source.root).name}", unit="batch", disable=not progress,
                dynamic_ncols=True, leave=False)
+    fmt = input_memory_format(trunk)
     for batch in bar:
         if batch is None:
             continue
         x, y = batch
+        x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            f = trunk(x.to(device, non_blocking=True))
+            f = trunk(x)
         feats.append(F.normalize(f.float(), dim=1).cpu())
         labels.append(y)
     trunk.train(was_training)
