@@ -47,6 +47,7 @@ import torch
 from benchmarks.common import benchmark_main, env_info, synchronize, timed
 from pipelines import MultiCropSpec, available_backends, build_loader, scan_image_folder
 from pipelines.folder import ImageFolderIndex
+from swav_fast.config import load_config
 from swav_fast.errors import SwavFastError
 
 log = logging.getLogger("benchmarks")
@@ -79,6 +80,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="also time a SwAV ResNet-50 step (fwd+bwd, bf16, channels-last) per image")
     p.add_argument("--profile", action="store_true",
                    help="CUDA: one extra profiled pass (summed kernel time of decode + augment)")
+    p.add_argument("--recipe", default=None,
+                   help="take the views and augmentations from this recipe's data.crops (e.g. quick: "
+                        "2x64); default: the paper's 2x224+6x96")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path", help="write the results here (JSON)")
     args = p.parse_args(argv)
@@ -210,8 +214,22 @@ def torch_stages(index: ImageFolderIndex, spec: MultiCropSpec, args: argparse.Na
 
 def pil_stages(index: ImageFolderIndex, spec: MultiCropSpec, args: argparse.Namespace,
                device: torch.device) -> dict[str, Any]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker (several threads make the per-view ops slower)
+    try:
+        stages = _pil_worker_stages(index, spec, args)
+    finally:
+        torch.set_num_threads(threads)
+    ratio = stages.pop("fetch_ratio")
+    total = total_throughput("pil", index, spec, args, device)
+    return {**stages, "total": total, "gpu_ms_per_image": None,
+            "note": f"stages in one 1-thread process; batched fetch {ratio:.2f}x per-sample; "
+                    f"total with {workers('pil', args)} workers"}
+
+
+def _pil_worker_stages(index: ImageFolderIndex, spec: MultiCropSpec, args: argparse.Namespace) -> dict[str, Any]:
     from pipelines.params import sample_params
-    from pipelines.pil import augment_view, decode_rgb
+    from pipelines.pil import PILMultiCropDataset, augment_view, decode_rgb
 
     n_stage = max(8, min(64, args.batch_size))  # single-process stages: a smaller sample is enough
     ids = list(range(min(n_stage, len(index))))
@@ -231,10 +249,22 @@ def pil_stages(index: ImageFolderIndex, spec: MultiCropSpec, args: argparse.Name
         for p in sample_params(spec, args.seed, 0, i, img.width, img.height):
             augment_view(img, p, mean, std)
     t_aug = time.perf_counter() - t0
-    total = total_throughput("pil", index, spec, args, device)
+    # one worker's fetch of a batch as the loader does it (the parameters of the batch drawn in one
+    # call) against one sample at a time: the same bits, the ratio is what drawing per batch buys
+    # (CPU time of this one-thread process, interleaved, the best of three each: the ratio should not
+    # depend on what else the machine runs)
+    ds = PILMultiCropDataset(index, spec, seed=args.seed)
+    t_one = t_many = float("inf")
+    for _ in range(3):
+        t0 = time.process_time()
+        for i in ids:
+            ds.load(i)
+        t_one = min(t_one, time.process_time() - t0)
+        t0 = time.process_time()
+        ds.load_many(ids)
+        t_many = min(t_many, time.process_time() - t0)
     return {"read": len(ids) / t_read, "decode": len(ids) / t_dec, "augment": len(ids) / t_aug,
-            "total": total, "gpu_ms_per_image": None,
-            "note": f"stages per process; total with {workers('pil', args)} workers"}
+            "fetch_per_sample": len(ids) / t_one, "fetch_batched": len(ids) / t_many, "fetch_ratio": t_one / t_many}
 
 
 def workers(backend: str, args: argparse.Namespace) -> int:
@@ -325,7 +355,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if len(index) < need:
         raise SystemExit(f"bench loader: {root} has {len(index)} images; need {need} "
                          f"(batch {args.batch_size} x (warmup {args.warmup} + batches {args.batches}))")
-    spec = MultiCropSpec(dtype=args.dtype or ("bfloat16" if cuda else "float32"), channels_last=cuda)
+    crops = load_config(args.recipe).data.crops if args.recipe else MultiCropSpec()
+    spec = crops.replace(dtype=args.dtype or ("bfloat16" if cuda else "float32"), channels_last=cuda)
     rows: list[dict[str, Any]] = []
     for backend in wanted:
         row: dict[str, Any] = {"backend": backend, "device": str(device), "workers": workers(backend, args)}

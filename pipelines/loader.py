@@ -201,6 +201,24 @@ class _EpochItems(Dataset):
             s.params = []  # not asked for; keep IPC small
         return s
 
+    def __getitems__(self, keys: list[tuple[int, int, bool]]) -> list[Sample | _WorkerFailure]:
+        """A whole batch at once (the DataLoader's fetcher calls this when it exists): the samples of
+        :meth:`__getitem__`, their parameters drawn in one call."""
+        by_epoch: dict[int, list[int]] = {}
+        for epoch, i, _ in keys:
+            by_epoch.setdefault(int(epoch), []).append(int(i))
+        try:
+            loaded = {e: iter(self.dataset.load_many(idx, e)) for e, idx in by_epoch.items()}
+        except SwavFastError as exc:
+            return [_WorkerFailure(type(exc), str(exc))]
+        out: list[Sample | _WorkerFailure] = []
+        for epoch, _, record in keys:
+            s = next(loaded[int(epoch)])
+            if not record:
+                s.params = []
+            out.append(s)
+        return out
+
 
 class _BatchList:
     """A batch sampler whose batches are replaced before every pass."""

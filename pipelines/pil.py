@@ -19,7 +19,7 @@ from pipelines.errors import DataError
 from .badsamples import MAX_REPLACEMENTS, BadSamples
 from .formats.probe import MAX_PIXELS, ORIENTATION_TAG
 from .formats.sources import open_source
-from .params import ViewParams, sample_params
+from .params import ViewParams, sample_params, sample_params_for_indices
 from .spec import MultiCropSpec
 
 log = logging.getLogger("pipelines")
@@ -27,7 +27,7 @@ log = logging.getLogger("pipelines")
 #: What this backend reads (:mod:`pipelines.formats`); the README's backend table lists it.
 FORMATS = ("folder", "tfrecord", "wds")
 __all__ = ["FORMATS", "MAX_PIXELS", "MAX_REPLACEMENTS", "PILMultiCropDataset", "Sample", "augment_view",
-           "decode_rgb"]
+           "decode_rgb", "normalise"]
 #: EXIF orientation tag: every loader applies it (``pipelines.exif``), as ``swav-fast prepare`` does.
 EXIF_ORIENTATION = ORIENTATION_TAG
 _JITTER_FNS = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
@@ -79,8 +79,15 @@ def augment_view(img: Image.Image, p: ViewParams, mean: torch.Tensor, std: torch
         out = out.filter(ImageFilter.GaussianBlur(radius=p.blur_sigma))
     if p.solarize:
         out = ImageOps.solarize(out, threshold=128)
-    t = F.pil_to_tensor(out).float().div_(255.0)
-    return t.sub_(mean).div_(std)
+    return normalise(F.pil_to_tensor(out), mean, std)
+
+
+def normalise(t: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (``[..., 3, H, W]``) to float32 ``(x / 255 - mean) / std`` (``mean``, ``std``: [3, 1, 1]),
+    contiguous. ``pil_to_tensor`` gives an HWC buffer seen as CHW: made contiguous first, the three
+    broadcast ops take half the CPU time at 96-224 px (the same bits: they are elementwise; about even
+    at 64 px). Per view, not per stacked batch: a view's buffer stays in cache between the ops."""
+    return t.contiguous().float().div_(255.0).sub_(mean).div_(std)
 
 
 class PILMultiCropDataset(Dataset):
@@ -142,3 +149,32 @@ class PILMultiCropDataset(Dataset):
         params = sample_params(self.spec, self.seed, epoch, j, img.width, img.height)
         views = [augment_view(img, p, self._mean, self._std) for p in params]
         return Sample(views, label, i, not bad, bad, params)
+
+    def load_many(self, indices: list[int], epoch: int | None = None) -> list[Sample]:
+        """:meth:`load` of every index in ``indices``, the same samples bit for bit, with the
+        augmentation parameters of the whole list drawn in one vectorised call (per sample, the
+        numpy overhead of :func:`~pipelines.params.sample_params` is a fifth of the work at 64 px)."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        n = len(self)
+        decoded: list[tuple[int, int, Any, list[str]]] = []  # (requested i, decoded j, (img, label) | None, bad)
+        for i in indices:
+            i = int(i)
+            if not 0 <= i < n:
+                raise IndexError(f"sample index {i} out of range for {n} samples")
+            j, got, bad = self.bad.resolve(i, n, self._decode, self.source.name)
+            decoded.append((i, j, got, bad))
+        rows = [k for k, d in enumerate(decoded) if d[2] is not None]
+        drawn = sample_params_for_indices(
+            self.spec, self.seed, epoch, [decoded[k][1] for k in rows],
+            [decoded[k][2][0].width for k in rows], [decoded[k][2][0].height for k in rows]) if rows else []
+        out: list[Sample] = []
+        row = {k: r for r, k in enumerate(rows)}
+        for k, (i, j, got, bad) in enumerate(decoded):
+            if got is None:  # skipped
+                out.append(Sample([], -1, i, False, bad, []))
+                continue
+            img, label = got
+            params = [view.row(row[k]) for view in drawn]
+            views = [augment_view(img, p, self._mean, self._std) for p in params]
+            out.append(Sample(views, label, i, not bad, bad, params))
+        return out

@@ -131,7 +131,15 @@ def test_bench_loader_stages_and_workers(tmp_path, capsys):
         r = rows[name]
         assert r["read"] > 0 and r["decode"] > 0 and r["augment"] > 0 and r["total"] > 0, r
         assert r["gpu_ms_per_image"] is None and r["workers"] == 0  # no CUDA: no GPU figure
+    assert rows["pil"]["fetch_per_sample"] > 0 and rows["pil"]["fetch_batched"] > 0
+    assert "batched fetch" in rows["pil"]["note"]
     assert rows["dali"]["workers"] == 0 and (rows["dali"].get("total") or "unavailable" in rows["dali"]["note"])
+    assert data["config"]["spec"]["size_crops"] == [224, 96]  # the paper's views by default
+    assert bench_loader.main(["--data", str(data_dir), "--device", "cpu", "--backends", "pil", "--recipe", "quick",
+                              "--batch-size", "4", "--batches", "1", "--warmup", "0", "--workers", "0",
+                              "--json", str(out)]) == 0
+    spec = _read(out)["config"]["spec"]  # --recipe: that recipe's views and augmentations
+    assert spec["num_crops"] == [2] and spec["size_crops"] == [64] and spec["jitter_strength"] == 0.3
     args = bench_loader.parse_args([])
     assert bench_loader.workers("dali", args) == bench_loader.workers("pil", args) == (os.cpu_count() or 1)
     assert bench_loader.workers("torch", args) == 0  # the torch loader's own read threads

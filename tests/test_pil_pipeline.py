@@ -160,3 +160,70 @@ def test_oversized_image_is_bad(folder: Path, monkeypatch: pytest.MonkeyPatch) -
         ds[0]
     monkeypatch.setattr(pil_mod, "MAX_PIXELS", 10**9)
     assert ds[0][3]
+
+
+@pytest.mark.parametrize("policy", ["replace", "skip"])
+def test_batched_load_is_the_per_sample_load_bit_for_bit(folder: Path, policy: str) -> None:
+    """The loader draws a batch's parameters in one call (``load_many``): the same samples,
+    parameters, float32 bits and bad-file bookkeeping as one ``load`` per index, corrupt files included."""
+    bad = _make_bad_files(folder)
+    index = scan_image_folder(folder)
+    one = PILMultiCropDataset(index, SMALL, seed=3, bad_samples=policy)
+    many = PILMultiCropDataset(index, SMALL, seed=3, bad_samples=policy)
+    order = [8, 0, 5, 2, 7, 1, 6, 3, 4]  # bad files among them (a replacement can repeat a good one)
+    expected = [one.load(i, epoch=2) for i in order]
+    assert sum(not s.ok for s in expected) == 3
+    got = many.load_many(order, epoch=2)
+    assert [(s.index, s.label, s.ok, s.bad_paths) for s in got] == \
+        [(s.index, s.label, s.ok, s.bad_paths) for s in expected]
+    for s, e in zip(got, expected):
+        assert s.params == e.params and len(s.views) == len(e.views)
+        assert all(v.dtype == torch.float32 and torch.equal(v, w) for v, w in zip(s.views, e.views))
+    assert many.bad.summary() == one.bad.summary()
+    with pytest.raises(IndexError):
+        many.load_many([0, len(many)])
+
+
+def test_normalise_is_the_formula_in_any_layout() -> None:
+    """``(x / 255 - mean) / std`` on uint8 CHW, the same bits from an HWC buffer seen as CHW (what
+    ``pil_to_tensor`` gives) as from a contiguous one, and equal to a float64 reference."""
+    rng = np.random.default_rng(0)
+    hwc = torch.from_numpy(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.228, 0.224, 0.225]).view(3, 1, 1)
+    seen = hwc.permute(2, 0, 1)
+    out = pil_mod.normalise(seen, mean, std)
+    assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (3, 20, 24)
+    assert torch.equal(out, pil_mod.normalise(seen.contiguous(), mean, std))
+    ref = (seen.double() / 255 - mean.double()) / std.double()
+    assert (out.double() - ref).abs().max() < 1e-6
+
+
+def test_loader_batches_equal_per_sample_batches(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The PIL loader's batched fetch (``__getitems__``) and the DataLoader's one-key-at-a-time fetch
+    give identical batches: views (bits and memory format), labels, indices and parameters."""
+    from pipelines import build_loader
+    from pipelines import loader as loader_mod
+
+    spec = SMALL.replace(channels_last=True)
+
+    def batches() -> list:
+        ld = build_loader(folder, spec, batch_size=2, seed=4)
+        ld.record_params = True
+        ld.set_epoch(1)
+        try:
+            return list(ld)
+        finally:
+            ld.close()
+
+    fast = batches()
+    monkeypatch.setattr(loader_mod._EpochItems, "__getitems__", None)  # the fetcher's per-key path
+    slow = batches()
+    assert len(fast) == len(slow) == 3
+    for a, b in zip(fast, slow):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.labels, b.labels)
+        for x, y in zip(a.views, b.views):
+            assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(x, y) and x.stride() == y.stride()
+        assert all(np.array_equal(getattr(p, f), getattr(q, f)) for p, q in zip(a.params, b.params)
+                   for f in ("top", "left", "height", "width", "flip", "brightness", "hue", "jitter_order"))
