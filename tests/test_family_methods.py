@@ -2,6 +2,7 @@
 method's forward / backward / hooks on a tiny trunk, and a short training loop per method that keeps
 the embedding from collapsing."""
 import copy
+import logging
 import math
 
 import pytest
@@ -380,7 +381,8 @@ def test_instdisc_exact_softmax_over_the_bank():
         logits = z @ bank.T / cfg.methods.instdisc.temperature
         ref = -(logits[:, torch.arange(len(indices)), indices] - torch.logsumexp(logits, dim=2)).mean()
     assert math.isclose(loss.item(), ref.item(), rel_tol=1e-5)
-    assert torch.isnan(method.log_z)  # no normaliser estimate
+    # log_z: the exact normaliser log sum_j exp(v_j . f / T), averaged over views and samples
+    assert math.isclose(method.log_z.item(), torch.logsumexp(logits, dim=2).mean().item(), rel_tol=1e-5)
     old = method.memory.bank.clone()
     loss.backward()
     assert all(p.grad is not None for p in method.model.parameters() if p.requires_grad)
@@ -389,6 +391,23 @@ def test_instdisc_exact_softmax_over_the_bank():
     assert changed[indices].all() and changed.sum() == len(indices)
     with pytest.raises(ConfigError, match="methods.instdisc.loss"):
         InstDiscConfig(loss="exact")
+
+
+def test_instdisc_softmax_warns_about_the_nce_settings_it_ignores(caplog):
+    cfg = family_config(num_crops=(2,), sizes=(32,))
+    for settings, unused in (({}, []), ({"num_negatives": 64}, ["num_negatives=64"]),
+                             ({"num_negatives": 64, "z_momentum": 0.9}, ["num_negatives=64", "z_momentum=0.9"])):
+        caplog.clear()
+        cfg.methods.instdisc = InstDiscConfig(loss="softmax", **settings)
+        with caplog.at_level(logging.WARNING, logger="swav_fast"):
+            build_method("instdisc", cfg)
+        lines = [r.getMessage() for r in caplog.records if "unused with loss=softmax" in r.getMessage()]
+        assert len(lines) == (1 if unused else 0) and all(u in lines[0] for u in unused), lines
+    caplog.clear()
+    cfg.methods.instdisc = InstDiscConfig(loss="nce", num_negatives=64, z_momentum=0.9)
+    with caplog.at_level(logging.WARNING, logger="swav_fast"):
+        build_method("instdisc", cfg)
+    assert not [r for r in caplog.records if "unused" in r.getMessage()]
 
 
 def test_instdisc_explicit_memory_size_must_hold_the_dataset():

@@ -1,6 +1,7 @@
 """Instance discrimination (Wu et al., 2018): a non-parametric softmax over a memory bank, by NCE."""
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Sequence
 
@@ -14,6 +15,19 @@ from swav_fast.memory import MemoryBank
 from swav_fast.methods.base import Method, head_sizes, per_view, register_method
 from swav_fast.methods.configs import InstDiscConfig, estimated_num_samples, method_config, num_global_views
 from swav_fast.models.predictor import EncoderNet, MLPHead
+
+log = logging.getLogger("swav_fast")
+
+
+def bank_cosines(z: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+    """``[V, B, k]`` cosines of the unit features ``z`` [V, B, D] to memory-bank entries: ``entries``
+    [B, k, D] (each sample's own rows) or [n, D] (the whole bank, the same for every sample), in
+    float32 whatever the autocast (cosines / 0.07 need it); no gradient flows into the bank."""
+    entries = entries.detach().to(z.dtype)
+    with torch.autocast(z.device.type, enabled=False):
+        if entries.dim() == 2:
+            return torch.einsum("vbd,nd->vbn", z, entries)
+        return torch.einsum("vbd,bkd->vbk", z, entries)
 
 
 class InstDisc(Method):
@@ -34,7 +48,9 @@ class InstDisc(Method):
 
     With ``loss="softmax"`` the non-parametric softmax is computed exactly over every bank row
     (:func:`~swav_fast.losses.contrastive.bank_softmax_loss`, the paper's eq. 2): no noise draw and no
-    normaliser estimate, at the cost of scoring the whole bank (cheap for a small training set).
+    normaliser estimate, at the cost of scoring the whole bank (cheap for a small training set);
+    ``log_z`` then holds the exact :math:`\log Z` of the last batch (mean over its views and samples),
+    and ``num_negatives`` / ``z_momentum`` are unused (a warning says so when they are set).
     """
 
     name = "instdisc"
@@ -64,16 +80,15 @@ class InstDisc(Method):
         z = per_view(z, num_views)
         indices = indices.to(z.device)
         self._pending = (indices, F.normalize(z[:num_globals].mean(dim=0), dim=1).detach())
-        if self.loss == "softmax":
-            bank = self.memory.bank.to(z.dtype)  # n x D, no gradient
-            with torch.autocast(z.device.type, enabled=False):
-                scores = torch.einsum("vbd,nd->vbn", z, bank)
+        if self.loss == "softmax":  # every row of the bank: [V, B, n]
+            scores = bank_cosines(z, self.memory.bank)
+            with torch.no_grad():  # the exact normaliser, logged as the NCE estimate is (mean over ranks)
+                self.log_z.copy_(all_reduce_mean(torch.logsumexp(scores / self.temperature, dim=2).mean()))
             return sum(bank_softmax_loss(scores[v], indices, self.temperature)
                        for v in range(num_views)) / num_views
+        # its own row and num_negatives noise rows per sample: [V, B, 1 + m]
         rows = torch.cat([indices[:, None], self.memory.sample_excluding(indices, self.num_negatives)], dim=1)
-        weights = self.memory.get(rows).to(z.dtype)  # B x (1+m) x D, no gradient
-        with torch.autocast(z.device.type, enabled=False):  # cosines / 0.07 need float32
-            scores = torch.einsum("vbd,bkd->vbk", z, weights)
+        scores = bank_cosines(z, self.memory.get(rows))
         with torch.no_grad():
             # the mean over ranks: every rank keeps the same normaliser
             estimate = all_reduce_mean(estimate_log_z(scores, self.temperature, self.memory.size))
@@ -116,6 +131,12 @@ def build_instdisc(cfg: Any) -> InstDisc:
     m = cfg.model
     hidden, feat = head_sizes(cfg, "instdisc")
     size = mc.memory_size or estimated_num_samples(cfg) or 1  # resized by on_train_start when unknown
+    if mc.loss == "softmax":
+        unused = [f"{k}={getattr(mc, k)}" for k in ("num_negatives", "z_momentum")
+                  if getattr(mc, k) != getattr(InstDiscConfig, k)]
+        if unused:
+            log.warning("methods.instdisc: %s unused with loss=softmax (it scores every row of the bank; "
+                        "they apply to loss=nce)", ", ".join(unused))
     model = EncoderNet(m.arch, lambda d: MLPHead(d, hidden, feat, mc.projector_layers))
     return InstDisc(model, size, feat, num_global_views(cfg), mc.temperature, mc.num_negatives,
                     mc.memory_momentum, auto_size=mc.memory_size == 0,
