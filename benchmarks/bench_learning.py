@@ -1,7 +1,8 @@
 """Learning across seeds: kNN top-1 of each quick recipe's trained trunk vs its random init, per seed.
 
     python3 benchmarks/bench_learning.py [--methods swav|all|swav,simclr,...] [--seeds 0,1,2,3,4]
-        [--dataset builtin,shapes] [--jobs N] [--output DIR] [--json out.json] [KEY=VALUE ...]
+        [--dataset builtin,shapes] [--variant "NAME:KEY=VALUE ..." ...] [--jobs N] [--output DIR]
+        [--json out.json] [KEY=VALUE ...]
 
 (also ``swav-fast bench learning ...``). Each row is one ``swav-fast train`` run of the method's quick
 recipe (``quick`` for SwAV, ``quick_<method>`` for the others) with only ``train.seed`` changed: the
@@ -20,6 +21,12 @@ on 2 CPU cores) per method and seed. ``--dataset builtin`` is the built-in synth
 trains on (``data.synthetic.*``, generated once into its cache); ``--dataset shapes`` the same sizes of
 ``data.synthetic.kind=shapes`` (the class is one object's shape, all colours random, so a random-init
 trunk is closer to chance); ``--dataset builtin,shapes`` runs both.
+
+``--variant "NAME:KEY=VALUE KEY=VALUE"`` (repeatable) compares recipe changes in one run: every method,
+dataset and seed is trained once per variant, with the variant's overrides after the common ones
+(``"recipe:"``, with none, is the recipe itself). The summary then has one line per variant, and
+``vs first`` is the mean over the seeds of each seed's gain minus the first variant's gain on that seed
+(same seed, same random init), so a change is judged seed by seed, not by two noisy means.
 """
 from __future__ import annotations
 
@@ -48,13 +55,16 @@ log = logging.getLogger("benchmarks")
 #: dataset name -> what it is (the overrides it needs are in :func:`dataset_overrides`)
 DATASETS = {"builtin": "the built-in synthetic set of the main job (data.synthetic.*, kind photo)",
             "shapes": "the same sizes, kind shapes: the class is an object's shape, all colours random"}
-COLUMNS = [("method", "method"), ("dataset", "dataset"), ("seed", "seed"), ("trained", "trained %"),
+COLUMNS = [("method", "method"), ("variant", "variant"), ("dataset", "dataset"), ("seed", "seed"),
+           ("trained", "trained %"),
            ("random_init", "random init %"), ("gain", "gain"), ("steps", "steps"), ("seconds", "s"),
            ("note", "note")]
-SUMMARY_COLUMNS = [("method", "method"), ("dataset", "dataset"), ("runs", "seeds"),
+SUMMARY_COLUMNS = [("method", "method"), ("variant", "variant"), ("dataset", "dataset"), ("runs", "seeds"),
                    ("mean_gain", "mean gain"),
                    ("min_gain", "min gain"), ("max_gain", "max gain"), ("worst_seed", "worst seed"),
-                   ("below_random_init", "seeds below random init")]
+                   ("below_random_init", "seeds below random init"), ("vs_first", "vs first")]
+#: the variant name when no --variant is given: the recipe itself
+RECIPE = "recipe"
 
 
 def recipe_of(method: str) -> str:
@@ -98,6 +108,28 @@ def parse_datasets(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``"NAME:KEY=VALUE KEY=VALUE"`` -> ``(NAME, [overrides])`` (shell-style words after the colon)."""
+    name, sep, rest = text.partition(":")
+    name = name.strip()
+    if not sep or not name or not all(c.isalnum() or c in "._-" for c in name):
+        raise ConfigError(f"--variant: expected NAME:KEY=VALUE ... (NAME of letters, digits, . _ -), got {text!r}")
+    overrides = shlex.split(rest)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"--variant {name}: expected KEY=VALUE overrides, got {' '.join(bad)}")
+    return name, overrides
+
+
+def parse_variants(texts: Sequence[str] | None) -> list[tuple[str, list[str]]]:
+    """The ``--variant`` options (default: the recipe alone); names must differ."""
+    variants = [parse_variant(t) for t in texts] if texts else [(RECIPE, [])]
+    names = [n for n, _ in variants]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--variant: names must differ, got {', '.join(names)}")
+    return variants
+
+
 def dataset_overrides(dataset: str) -> list[str]:
     """The overrides that select ``dataset`` (after the recipe, before the user's)."""
     if dataset not in DATASETS:
@@ -122,11 +154,11 @@ def run_config(method: str, dataset: str, seed: int, overrides: Sequence[str], r
 
 
 def train_one(method: str, dataset: str, seed: int, overrides: Sequence[str], run_dir: str,
-              threads: int | None) -> dict[str, Any]:
+              threads: int | None, variant: str = RECIPE) -> dict[str, Any]:
     """One training and its row; a run that fails (e.g. diverges) is a row with the reason."""
     from swav_fast.train import train
 
-    row: dict[str, Any] = {"method": method, "dataset": dataset, "seed": seed}
+    row: dict[str, Any] = {"method": method, "variant": variant, "dataset": dataset, "seed": seed}
     t0 = time.perf_counter()
     try:
         result = train(run_config(method, dataset, seed, overrides, Path(run_dir), threads))
@@ -144,19 +176,27 @@ def train_one(method: str, dataset: str, seed: int, overrides: Sequence[str], ru
 
 
 def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (method, dataset): mean, min, max of the gain over the seeds that finished, the worst seed and
-    how many seeds ended below their random init."""
+    """Per (method, variant, dataset): mean, min, max of the gain over the seeds that finished, the worst
+    seed, how many seeds ended below their random init, and (``vs_first``, variants after the first) the
+    mean over the seeds both finished of this variant's gain minus the first variant's."""
     out = []
-    for key in dict.fromkeys((r["method"], r["dataset"]) for r in rows):
-        group = [r for r in rows if (r["method"], r["dataset"]) == key]
+    first = rows[0].get("variant", RECIPE) if rows else RECIPE
+    gain_of = {(r["method"], r.get("variant", RECIPE), r["dataset"], r["seed"]): r["gain"]
+               for r in rows if r.get("gain") is not None}
+    for key in dict.fromkeys((r["method"], r.get("variant", RECIPE), r["dataset"]) for r in rows):
+        group = [r for r in rows if (r["method"], r.get("variant", RECIPE), r["dataset"]) == key]
         done = [r for r in group if r.get("gain") is not None]
-        entry: dict[str, Any] = {"method": key[0], "dataset": key[1], "runs": len(done),
+        entry: dict[str, Any] = {"method": key[0], "variant": key[1], "dataset": key[2], "runs": len(done),
                                  "failed": len(group) - len(done)}
         if done:
             gains = [r["gain"] for r in done]
             worst = min(done, key=lambda r: r["gain"])
             entry.update(mean_gain=statistics.fmean(gains), min_gain=min(gains), max_gain=max(gains),
                          worst_seed=worst["seed"], below_random_init=sum(g < 0 for g in gains))
+            if key[1] != first:
+                paired = [r["gain"] - gain_of[(key[0], first, key[2], r["seed"])] for r in done
+                          if (key[0], first, key[2], r["seed"]) in gain_of]
+                entry["vs_first"] = statistics.fmean(paired) if paired else None
         out.append(entry)
     return out
 
@@ -174,6 +214,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dataset", default="builtin",
                    help="comma-separated datasets (default builtin): "
                         + "; ".join(f"{k}: {v}" for k, v in DATASETS.items()))
+    p.add_argument("--variant", action="append", dest="variants", metavar="NAME:KEY=VALUE ...",
+                   help="a recipe change to compare (repeatable; the first is the reference, "
+                        "'recipe:' the recipe itself); default: the recipe alone")
     p.add_argument("--jobs", type=int, default=1, help="trainings at once, in separate processes (default 1)")
     p.add_argument("--output", help="keep the run folders here (default: a temporary folder, removed after)")
     p.add_argument("--json", dest="json_path", help="write the results here (JSON)")
@@ -184,6 +227,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise ConfigError(f"expected KEY=VALUE overrides, got {' '.join(bad)}")
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1 (got {args.jobs})")
+    args.variant_list = parse_variants(args.variants)
     return args
 
 
@@ -200,14 +244,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     methods, seeds = parse_methods(args.methods), parse_seeds(args.seeds)
     datasets = parse_datasets(args.dataset)  # refuse an unknown dataset before any work
     started = time.perf_counter()
-    jobs = min(args.jobs, len(methods) * len(datasets) * len(seeds))
+    variants = args.variant_list
+    jobs = min(args.jobs, len(methods) * len(datasets) * len(seeds) * len(variants))
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     with tempfile.TemporaryDirectory(prefix="bench-learning-") as tmp:
         root = Path(args.output) if args.output else Path(tmp)
         for dataset in datasets:
-            prepare_dataset(methods[0], dataset, args.overrides, Path(tmp))
-        specs = [(m, d, s, list(args.overrides), str(root / f"{m}-{d}-seed{s}"), threads)
-                 for m in methods for d in datasets for s in seeds]
+            for _, extra in variants:  # a variant may change data.synthetic.*
+                prepare_dataset(methods[0], dataset, [*args.overrides, *extra], Path(tmp))
+        named = variants != [(RECIPE, [])]  # run folders keep their old names without --variant
+        specs = [(m, d, s, [*args.overrides, *extra],
+                  str(root / (f"{m}-{v}-{d}-seed{s}" if named else f"{m}-{d}-seed{s}")), threads, v)
+                 for m in methods for v, extra in variants for d in datasets for s in seeds]
         if jobs == 1:
             rows = [train_one(*spec) for spec in specs]
         else:  # spawn: no forked torch/loader state; each process imports the library afresh
@@ -218,7 +266,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "learning", "env": env_info("cpu"), "seconds": time.perf_counter() - started,
         "command": "python3 benchmarks/bench_learning.py " + shlex.join(args.argv),
         "config": {"methods": methods, "seeds": seeds, "datasets": datasets, "jobs": jobs,
-                   "overrides": list(args.overrides), "recipes": {m: recipe_of(m) for m in methods}},
+                   "overrides": list(args.overrides), "recipes": {m: recipe_of(m) for m in methods},
+                   "variants": {v: extra for v, extra in variants}},
         "results": rows, "summary": summarise(rows),
     }
 
@@ -226,6 +275,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def headline(result: dict[str, Any]) -> str:
     cfg = result["config"]
     extra = f", overrides {' '.join(cfg['overrides'])}" if cfg["overrides"] else ""
+    if list(cfg.get("variants", {})) != [RECIPE]:
+        extra += ", variants " + "; ".join(f"{v}: {' '.join(o) or '(the recipe)'}" for v, o in cfg["variants"].items())
     return (f"learning across seeds: kNN top-1 of the quick recipes' trunks, trained vs random init "
             f"(gain in points), datasets {','.join(cfg['datasets'])}, "
             f"seeds {','.join(map(str, cfg['seeds']))}{extra}; "

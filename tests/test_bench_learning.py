@@ -61,6 +61,38 @@ def test_bench_learning_table_and_json(tmp_path, capsys):
         [{k: r[k] for k in key} for r in rows if (r["method"], r["dataset"]) == ("swav", "builtin")]
 
 
+def test_variants_run_every_seed_and_compare_seed_by_seed(tmp_path, capsys):
+    out = tmp_path / "variants.json"
+    assert bench_learning.main(["--seeds", "0,1", "--variant", "recipe:", "--variant", "lr:optim.base_lr=0.06",
+                                "--json", str(out), "--output", str(tmp_path / "runs"),
+                                f"data.synthetic.cache_dir={tmp_path / 'cache'}", *TINY]) == 0
+    text = capsys.readouterr().out
+    assert "variants recipe: (the recipe); lr: optim.base_lr=0.06" in text and "vs first" in text
+    result = json.loads(out.read_text())
+    assert result["config"]["variants"] == {"recipe": [], "lr": ["optim.base_lr=0.06"]}
+    rows = result["results"]
+    assert [(r["variant"], r["seed"]) for r in rows] == [("recipe", 0), ("recipe", 1), ("lr", 0), ("lr", 1)]
+    assert "base_lr: 0.06" in (tmp_path / "runs" / "swav-lr-builtin-seed1" / "config.yaml").read_text()
+    assert "base_lr: 0.6" in (tmp_path / "runs" / "swav-recipe-builtin-seed1" / "config.yaml").read_text()
+    # same seed, same random init: the comparison is paired
+    assert rows[0]["random_init"] == rows[2]["random_init"] and rows[1]["random_init"] == rows[3]["random_init"]
+    first, second = result["summary"]
+    assert (first["variant"], second["variant"]) == ("recipe", "lr") and "vs_first" not in first
+    assert second["vs_first"] == pytest.approx(((rows[2]["gain"] - rows[0]["gain"])
+                                                + (rows[3]["gain"] - rows[1]["gain"])) / 2)
+
+
+def test_summary_pairs_variants_on_the_seeds_both_finished():
+    rows = [{"method": "swav", "variant": "a", "dataset": "builtin", "seed": 0, "gain": 10.0},
+            {"method": "swav", "variant": "a", "dataset": "builtin", "seed": 1, "gain": -2.0},
+            {"method": "swav", "variant": "b", "dataset": "builtin", "seed": 0, "gain": 13.0},
+            {"method": "swav", "variant": "b", "dataset": "builtin", "seed": 1, "note": "failed: diverged"},
+            {"method": "swav", "variant": "b", "dataset": "builtin", "seed": 2, "gain": 50.0}]
+    a, b = bench_learning.summarise(rows)
+    assert a["mean_gain"] == 4.0 and "vs_first" not in a
+    assert b["runs"] == 2 and b["failed"] == 1 and b["vs_first"] == 3.0  # only seed 0 has both
+
+
 def test_summary_of_failed_and_finished_runs():
     rows = [{"method": "swav", "dataset": "builtin", "seed": 0, "gain": 14.3},
             {"method": "swav", "dataset": "builtin", "seed": 1, "gain": -16.2},
@@ -84,6 +116,10 @@ def test_methods_all_is_every_quick_recipe():
     (["--dataset", "imagenet"], "unknown 'imagenet'"),
     (["--jobs", "0"], "--jobs"),
     (["optim.epochs"], "KEY=VALUE"),
+    (["--variant", "optim.epochs=8"], "NAME:KEY=VALUE"),
+    (["--variant", "e8:optim.epochs"], "--variant e8: expected KEY=VALUE"),
+    (["--variant", "a:", "--variant", "a:optim.epochs=8"], "names must differ"),
+    (["--variant", "x y:optim.epochs=8"], "NAME:KEY=VALUE"),
 ])
 def test_bench_learning_rejects_bad_arguments(argv, needle, capsys):
     assert cli_main(["bench", "learning", *argv]) == 2
