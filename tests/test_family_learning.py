@@ -3,9 +3,9 @@
 top-1 of the trunk clearly above the same trunk at random initialisation. Each run prints both kNN
 figures and the spread; two to six minutes per method on 2 CPU cores.
 
-SwAV's own run is ``tests/test_learning.py``. SimCLR needs 248 steps, the others 744 (24 epochs:
-with 8 the cosine schedule ends the high learning rate before their trunks' kNN has risen above its
-random initialisation); BYOL and MoCo v3 also need a target EMA starting at 0.5 (their papers'
+SwAV's own run is ``tests/test_learning.py``. Every recipe runs 744 steps (24 epochs: with 8 the
+cosine schedule ends the high learning rate before their trunks' kNN has risen above its random
+initialisation; SimCLR learned in 8 at this seed only); BYOL and MoCo v3 also need a target EMA starting at 0.5 (their papers'
 0.99-0.996 leave a short run's target behind the online network). docs/methods.md lists the
 settings tried and their figures.
 """
