@@ -57,7 +57,8 @@ DATASETS = {"builtin": "the built-in synthetic set of the main job (data.synthet
             "shapes": "the same sizes, kind shapes: the class is an object's shape, all colours random"}
 COLUMNS = [("method", "method"), ("variant", "variant"), ("dataset", "dataset"), ("seed", "seed"),
            ("trained", "trained %"),
-           ("random_init", "random init %"), ("gain", "gain"), ("steps", "steps"), ("seconds", "s"),
+           ("random_init", "random init %"), ("gain", "gain"), ("steps", "steps"),
+           ("unhealthy_checks", "collapse checks"), ("seconds", "s"),
            ("note", "note")]
 SUMMARY_COLUMNS = [("method", "method"), ("variant", "variant"), ("dataset", "dataset"), ("runs", "seeds"),
                    ("mean_gain", "mean gain"),
@@ -171,8 +172,29 @@ def train_one(method: str, dataset: str, seed: int, overrides: Sequence[str], ru
     trained, random_init = float(knn["trained_top1"]), float(knn["random_init_top1"])
     row.update(trained=trained, random_init=random_init, gain=trained - random_init, steps=result.steps,
                seconds=time.perf_counter() - t0, num_classes=int(knn["num_classes"]),
-               num_train=int(knn["num_train"]), num_val=int(knn["num_val"]))
+               num_train=int(knn["num_train"]), num_val=int(knn["num_val"]), **run_trace(Path(run_dir)))
     return row
+
+
+def run_trace(run_dir: Path) -> dict[str, Any]:
+    """What the run's log says about how it went, to tell a failing seed from a good one (issue 22):
+    the loss at the end of every epoch, and the method's health checks that failed (SwAV's collapse
+    signs: how many, the first step, and the signals of the first, e.g. prototypes used and the
+    prediction entropy against ln K)."""
+    from swav_fast.runlog import read_log
+
+    try:
+        records = read_log(run_dir)
+    except (OSError, ValueError):
+        return {}
+    epoch_loss = [None if r.get("loss") is None else round(float(r["loss"]), 4)
+                  for r in records if r.get("kind") == "epoch"]
+    unhealthy = [r for r in records if r.get("kind") == "collapse"]
+    trace: dict[str, Any] = {"epoch_loss": epoch_loss, "unhealthy_checks": len(unhealthy)}
+    if unhealthy:
+        first = unhealthy[0]
+        trace["first_unhealthy"] = {k: v for k, v in first.items() if k not in ("kind", "time", "remedies")}
+    return trace
 
 
 def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -36,6 +36,7 @@ def test_bench_learning_table_and_json(tmp_path, capsys):
         assert r["gain"] == pytest.approx(r["trained"] - r["random_init"])
         assert 0.0 <= r["trained"] <= 100.0 and 0.0 <= r["random_init"] <= 100.0
         assert r["steps"] == 2 and r["num_train"] == 40 and r["num_val"] == 20
+        assert len(r["epoch_loss"]) == 1 and r["unhealthy_checks"] >= 0  # one epoch of 2 steps
         run_dir = tmp_path / "runs" / f"{r['method']}-{r['dataset']}-seed{r['seed']}"
         assert (run_dir / "metrics.jsonl").is_file()
     # the seed reaches the run: each run folder's config has its own train.seed
@@ -91,6 +92,23 @@ def test_summary_pairs_variants_on_the_seeds_both_finished():
     a, b = bench_learning.summarise(rows)
     assert a["mean_gain"] == 4.0 and "vs_first" not in a
     assert b["runs"] == 2 and b["failed"] == 1 and b["vs_first"] == 3.0  # only seed 0 has both
+
+
+def test_run_trace_reads_epoch_losses_and_failed_health_checks(tmp_path):
+    from swav_fast.runlog import RunLog
+
+    log = RunLog(tmp_path)
+    log.write("start", step=0, epoch=0)
+    log.write("epoch", step=31, epoch=0, loss=5.71234567)
+    log.write("collapse", step=40, loss=5.70, ln_k=5.70, prototypes_used=1, prediction_entropy=5.69,
+              signs=["hedging"], remedies=["lower the lr"])
+    log.write("collapse", step=50, loss=5.70, ln_k=5.70, prototypes_used=1)
+    log.write("epoch", step=62, epoch=1, loss=None)
+    trace = bench_learning.run_trace(tmp_path)
+    assert trace["epoch_loss"] == [5.7123, None] and trace["unhealthy_checks"] == 2
+    first = trace["first_unhealthy"]
+    assert first["step"] == 40 and first["prototypes_used"] == 1 and "remedies" not in first
+    assert bench_learning.run_trace(tmp_path / "missing") == {}
 
 
 def test_summary_of_failed_and_finished_runs():
