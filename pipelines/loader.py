@@ -204,20 +204,17 @@ class _EpochItems(Dataset):
     def __getitems__(self, keys: list[tuple[int, int, bool]]) -> list[Sample | _WorkerFailure]:
         """A whole batch at once (the DataLoader's fetcher calls this when it exists): the samples of
         :meth:`__getitem__`, their parameters drawn in one call."""
-        by_epoch: dict[int, list[int]] = {}
-        for epoch, i, _ in keys:
-            by_epoch.setdefault(int(epoch), []).append(int(i))
+        if len({(epoch, record) for epoch, _, record in keys}) != 1:  # PILLoader's batches are uniform
+            return [self[k] for k in keys]
+        epoch, _, record = keys[0]
         try:
-            loaded = {e: iter(self.dataset.load_many(idx, e)) for e, idx in by_epoch.items()}
+            samples = self.dataset.load_many([i for _, i, _ in keys], epoch)
         except SwavFastError as exc:
             return [_WorkerFailure(type(exc), str(exc))]
-        out: list[Sample | _WorkerFailure] = []
-        for epoch, _, record in keys:
-            s = next(loaded[int(epoch)])
-            if not record:
+        if not record:
+            for s in samples:
                 s.params = []
-            out.append(s)
-        return out
+        return list(samples)
 
 
 class _BatchList:

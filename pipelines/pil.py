@@ -19,7 +19,7 @@ from pipelines.errors import DataError
 from .badsamples import MAX_REPLACEMENTS, BadSamples
 from .formats.probe import MAX_PIXELS, ORIENTATION_TAG
 from .formats.sources import open_source
-from .params import ViewParams, sample_params, sample_params_for_indices
+from .params import ViewParams, sample_params_for_indices
 from .spec import MultiCropSpec
 
 log = logging.getLogger("pipelines")
@@ -137,23 +137,12 @@ class PILMultiCropDataset(Dataset):
 
     def load(self, i: int, epoch: int | None = None) -> Sample:
         """Decode and augment sample ``i`` of ``epoch`` (default: the current epoch)."""
-        epoch = self.epoch if epoch is None else int(epoch)
-        n = len(self)
-        i = int(i)
-        if not 0 <= i < n:
-            raise IndexError(f"sample index {i} out of range for {n} samples")
-        j, got, bad = self.bad.resolve(i, n, self._decode, self.source.name)
-        if got is None:  # skipped
-            return Sample([], -1, i, False, bad, [])
-        img, label = got
-        params = sample_params(self.spec, self.seed, epoch, j, img.width, img.height)
-        views = [augment_view(img, p, self._mean, self._std) for p in params]
-        return Sample(views, label, i, not bad, bad, params)
+        return self.load_many([i], epoch)[0]
 
     def load_many(self, indices: list[int], epoch: int | None = None) -> list[Sample]:
-        """:meth:`load` of every index in ``indices``, the same samples bit for bit, with the
-        augmentation parameters of the whole list drawn in one vectorised call (per sample, the
-        numpy overhead of :func:`~pipelines.params.sample_params` is a fifth of the work at 64 px)."""
+        """Decode and augment every sample in ``indices`` of ``epoch`` (default: the current epoch),
+        their augmentation parameters drawn in one vectorised call (the same as one sample at a time:
+        per sample, the numpy overhead of the draw is a fifth of the work at 64 px)."""
         epoch = self.epoch if epoch is None else int(epoch)
         n = len(self)
         decoded: list[tuple[int, int, Any, list[str]]] = []  # (requested i, decoded j, (img, label) | None, bad)
