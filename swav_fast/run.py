@@ -23,7 +23,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -176,6 +176,17 @@ def _log_lr_scaling(cfg: Config, lr_factor: float, global_batch: int, world: int
                     global_batch, o.batch_size, world, o.reference_batch)
 
 
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+def place(module: M, device: torch.device, channels_last: bool) -> M:
+    """``module`` on ``device``, in channels-last memory format if asked: the one layout every trunk of a
+    run has (the trained one, and the random-init one kNN compares it with, so both do the same
+    arithmetic)."""
+    module = module.to(device)
+    return module.to(memory_format=torch.channels_last) if channels_last else module
+
+
 def build_run(cfg: Config, device: torch.device | str | None = None, world: int = 1, rank: int = 0) -> Run:
     """Compose the run of ``cfg`` for process ``rank`` of ``world`` on ``device`` (default
     ``train.device``): checks, data, method, optimiser, step. Under several processes the process group
@@ -216,9 +227,7 @@ def build_run(cfg: Config, device: torch.device | str | None = None, world: int 
     torch.manual_seed(t.seed)  # the same seed gives the same init (Trainer.evaluate_knn relies on it)
     method = build_method(t.method, cfg)
     method.on_train_start(loader.dataset_size, total_steps)  # indices are global
-    method = method.to(device)
-    if channels_last:
-        method = method.to(memory_format=torch.channels_last)
+    method = place(method, device, channels_last)
     if cfg.model.sync_bn and world > 1:  # batch statistics of the global batch
         method.convert_sync_batchnorm_(functools.partial(ddp.convert_sync_batchnorm, device=device))
     optimizer = build_optimizer(cfg, method.trainable())
@@ -231,5 +240,5 @@ def build_run(cfg: Config, device: torch.device | str | None = None, world: int 
 
 
 __all__ = ["Run", "build_model", "build_optimizer", "build_run", "check_choices", "check_config",
-           "loader_options", "per_process_batch", "registry_names", "resolve_device", "seed_everything",
+           "loader_options", "per_process_batch", "place", "registry_names", "resolve_device", "seed_everything",
            "synthetic_root"]

@@ -38,7 +38,7 @@ from swav_fast.guards import DivergenceDetected, Health, NonFiniteCounts
 from swav_fast.preemption import StopSignals
 # moved to swav_fast.run; re-exported here for the callers that import them from swav_fast.train
 from swav_fast.run import (build_model, build_optimizer, build_run, check_config, loader_options,  # noqa: F401
-                           resolve_device, seed_everything, synthetic_root)
+                           place, resolve_device, seed_everything, synthetic_root)
 from swav_fast.runinfo import describe_run, distinct_bad_files, eta_text, progress_desc
 from swav_fast.runlog import RunLog
 from swav_fast.threads import set_cpu_threads
@@ -177,10 +177,16 @@ class Trainer:
         self._save_attempted_at: int | None = None  # one checkpoint attempt per step
         self.rollbacks, self.lr_scale = 0, 1.0  # rollbacks lower the learning rate by lr_scale
         self._blowup_steps = frozenset(t.debug_blowup_steps)  # testing only
+        self._loader_closed = False
 
     def close(self, barrier: bool = False) -> None:
-        """End the process group if this trainer created it (from the launcher's environment); with
-        ``barrier`` (a clean end) after every rank got here."""
+        """Release the loader's workers, and end the process group if this trainer created it (from
+        the launcher's environment); with ``barrier`` (a clean end) after every rank got here. A
+        second call does nothing more. (The PIL loader's workers are persistent: left open they hold
+        their memory until the process ends, one set per Trainer in a process that trains several.)"""
+        if not self._loader_closed:
+            self._loader_closed = True
+            self.loader.close()
         if self.owns_process_group:
             destroy(barrier)
             self.owns_process_group = False
@@ -319,9 +325,7 @@ class Trainer:
                   batch_size=e.batch_size, device=self.device)
         trained = knn_eval(self.model.trunk, self.knn_data, **kw)
         torch.manual_seed(self.cfg.train.seed)
-        initial = build_model(self.cfg).to(self.device)  # in the trained trunk's layout (same arithmetic)
-        if self.run.channels_last:
-            initial = initial.to(memory_format=torch.channels_last)
+        initial = place(build_model(self.cfg), self.device, self.run.channels_last)  # the trained one's layout
         random_init = knn_eval(initial.trunk, self.knn_data, **kw)
         out = {"trained_top1": trained.top1, "random_init_top1": random_init.top1, **{
             k: v for k, v in trained.as_dict().items() if k != "top1"}}

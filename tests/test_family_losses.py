@@ -210,6 +210,21 @@ def test_bank_softmax_matches_formula_and_is_stable_in_float32():
     assert math.isclose(loss.item(), ref_bank_softmax(sharp.double().numpy(), [0, 2], 0.01), rel_tol=1e-6)
 
 
+def test_bank_softmax_over_views_returns_the_normalisers_of_its_own_pass():
+    rng = _rng(6)
+    scores = np.clip(rng.normal(0, 0.4, size=(3, 5, 40)), -1, 1)  # [V, B, n]
+    targets = rng.integers(0, 40, size=5)
+    loss, log_z = bank_softmax_loss(_t(scores), torch.tensor(targets), 0.1, return_log_z=True)
+    # the mean over views of each view's loss (every view discriminates against the same bank)
+    want = np.mean([ref_bank_softmax(scores[v], targets, 0.1) for v in range(3)])
+    assert math.isclose(loss.item(), want, rel_tol=RTOL)
+    assert log_z.shape == (3, 5) and not log_z.requires_grad
+    np.testing.assert_allclose(log_z.numpy(), [[_logsumexp(scores[v, b] / 0.1) for b in range(5)]
+                                               for v in range(3)], rtol=RTOL)
+    assert math.isclose(bank_softmax_loss(_t(scores), torch.tensor(targets), 0.1).item(), loss.item(),
+                        rel_tol=1e-15)
+
+
 def test_nce_is_stable_where_the_direct_formula_overflows_float32():
     scores = torch.tensor([[1.0, 0.0, -1.0]])  # exp(1/0.01) overflows float32, not float64
     loss = nce_loss(scores, 0.01, torch.tensor(5.0), 1000)

@@ -149,3 +149,23 @@ def test_family_resume_is_exact(tmp_path, method):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{method}: {k} differs after resume"
+
+
+def test_train_releases_the_loader_workers_when_it_ends(tmp_path):
+    """The PIL loader's workers are persistent: a process that trains several times (the learning
+    benchmark, the test session) must not keep one set per finished run."""
+    import multiprocessing
+
+    data = write_image_folder(tmp_path / "data")
+    before = set(multiprocessing.active_children())
+    trainer = Trainer(tiny_config(data, tmp_path / "run", "data.workers=1", "optim.epochs=1"))
+    try:
+        trainer.fit()
+        workers = set(multiprocessing.active_children()) - before
+        assert workers, "the run had no loader worker to release"
+    finally:
+        trainer.close()
+    trainer.close()  # a second call does nothing more
+    for w in workers:
+        w.join(timeout=10)
+    assert not any(w.is_alive() for w in workers)

@@ -179,18 +179,26 @@ def nce_loss(scores: torch.Tensor, temperature: float, log_z: torch.Tensor | flo
 
 
 @full_precision
-def bank_softmax_loss(scores: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+def bank_softmax_loss(scores: torch.Tensor, targets: torch.Tensor, temperature: float,
+                      return_log_z: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""InstDisc's non-parametric softmax computed exactly over the whole memory bank (Wu et al. 2018,
     eq. 2, which NCE approximates when the bank is too large to score):
 
-    .. math:: P(i\mid f) = \frac{\exp(v_i\cdot f/\tau)}{\sum_{j=1}^{n}\exp(v_j\cdot f/\tau)}, \qquad
-              \mathcal{L} = -\frac{1}{B}\sum_b \log P(i_b\mid f_b)
+    .. math:: P(i\mid f) = \frac{\exp(v_i\cdot f/\tau)}{Z(f)}, \quad Z(f) = \sum_{j=1}^{n}\exp(v_j\cdot f/\tau),
+              \qquad \mathcal{L} = \frac{1}{VB}\sum_{v,b} \big(\log Z(f_{vb}) - v_{i_b}\cdot f_{vb}/\tau\big)
 
     Args:
-        scores: ``[B, n]`` cosines of each feature :math:`f_b` to every bank entry :math:`v_j`.
+        scores: ``[..., B, n]`` cosines of each feature :math:`f_b` to every bank entry :math:`v_j`
+            (leading dims, e.g. views, share the targets and are averaged over).
         targets: ``[B]`` each feature's own row :math:`i_b`.
         temperature: :math:`\tau`.
+        return_log_z: also return the ``[..., B]`` normalisers :math:`\log Z(f)` of the same pass
+            (detached), so a caller that logs them does not score the bank twice.
     Returns:
-        float32 scalar.
+        float32 scalar, or ``(loss, log_z)``.
     """
-    return F.cross_entropy(scores / temperature, targets)
+    logits = scores / temperature
+    log_z = torch.logsumexp(logits, dim=-1)
+    index = targets.reshape(*([1] * (logits.dim() - 2)), -1, 1).expand(*logits.shape[:-1], 1)
+    loss = (log_z - logits.gather(-1, index).squeeze(-1)).mean()
+    return (loss, log_z.detach()) if return_log_z else loss

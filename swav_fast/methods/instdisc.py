@@ -82,10 +82,10 @@ class InstDisc(Method):
         self._pending = (indices, F.normalize(z[:num_globals].mean(dim=0), dim=1).detach())
         if self.loss == "softmax":  # every row of the bank: [V, B, n]
             scores = bank_cosines(z, self.memory.bank)
-            with torch.no_grad():  # the exact normaliser, logged as the NCE estimate is (mean over ranks)
-                self.log_z.copy_(all_reduce_mean(torch.logsumexp(scores / self.temperature, dim=2).mean()))
-            return sum(bank_softmax_loss(scores[v], indices, self.temperature)
-                       for v in range(num_views)) / num_views
+            loss, log_z = bank_softmax_loss(scores, indices, self.temperature, return_log_z=True)
+            # the exact normaliser of this pass, logged as the NCE estimate is (mean over ranks)
+            self.log_z.copy_(all_reduce_mean(log_z.mean()))
+            return loss
         # its own row and num_negatives noise rows per sample: [V, B, 1 + m]
         rows = torch.cat([indices[:, None], self.memory.sample_excluding(indices, self.num_negatives)], dim=1)
         scores = bank_cosines(z, self.memory.get(rows))
