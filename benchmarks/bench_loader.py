@@ -82,7 +82,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="CUDA: one extra profiled pass (summed kernel time of decode + augment)")
     p.add_argument("--recipe", default=None,
                    help="take the views and augmentations from this recipe's data.crops (e.g. quick: "
-                        "2x64); default: the paper's 2x224+6x96")
+                        "2x48); default: the paper's 2x224+6x96")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path", help="write the results here (JSON)")
     args = p.parse_args(argv)

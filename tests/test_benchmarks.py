@@ -139,7 +139,7 @@ def test_bench_loader_stages_and_workers(tmp_path, capsys):
                               "--batch-size", "4", "--batches", "1", "--warmup", "0", "--workers", "0",
                               "--json", str(out)]) == 0
     spec = _read(out)["config"]["spec"]  # --recipe: that recipe's views and augmentations
-    assert spec["num_crops"] == [2] and spec["size_crops"] == [64] and spec["jitter_strength"] == 0.3
+    assert spec["num_crops"] == [2] and spec["size_crops"] == [48] and spec["jitter_strength"] == 0.3
     args = bench_loader.parse_args([])
     assert bench_loader.workers("dali", args) == bench_loader.workers("pil", args) == (os.cpu_count() or 1)
     assert bench_loader.workers("torch", args) == 0  # the torch loader's own read threads
