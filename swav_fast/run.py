@@ -240,5 +240,5 @@ def build_run(cfg: Config, device: torch.device | str | None = None, world: int 
 
 
 __all__ = ["Run", "build_model", "build_optimizer", "build_run", "check_choices", "check_config",
-           "loader_options", "per_process_batch", "place", "registry_names", "resolve_device", "seed_everything",
-           "synthetic_root"]
+           "loader_options", "per_process_batch", "place", "registry_names", "resolve_device",
+           "seed_everything", "synthetic_root"]

@@ -325,7 +325,8 @@ class Trainer:
                   batch_size=e.batch_size, device=self.device)
         trained = knn_eval(self.model.trunk, self.knn_data, **kw)
         torch.manual_seed(self.cfg.train.seed)
-        initial = place(build_model(self.cfg), self.device, self.run.channels_last)  # the trained one's layout
+        # in the trained trunk's layout (the same arithmetic)
+        initial = place(build_model(self.cfg), self.device, self.run.channels_last)
         random_init = knn_eval(initial.trunk, self.knn_data, **kw)
         out = {"trained_top1": trained.top1, "random_init_top1": random_init.top1, **{
             k: v for k, v in trained.as_dict().items() if k != "top1"}}

@@ -32,7 +32,7 @@ def test_quick_recipe_lifts_knn_above_random_init(tmp_path, synthetic_cache, cap
     assert m, f"no kNN line in the output:\n{out}"
     trained, random_init = float(m.group(1)), float(m.group(2))
     with capsys.disabled():
-        print(f"\n[learning] kNN top-1 after the quick recipe (seed {seed or 31}): trained {trained:.2f}% "
+        print(f"\n[learning] kNN top-1 after the quick recipe (seed {seed if seed is not None else 'of the recipe'}): trained {trained:.2f}% "
               f"vs random init {random_init:.2f}% (chance 10%)")
     # the run log has the same figures
     done = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
